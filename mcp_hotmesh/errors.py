@@ -1,0 +1,73 @@
+"""The exceptions mcp-hotmesh raises.
+
+Every error the package raises is a ``HotMeshError``; no driver exception crosses the public API.
+Database errors are translated in one place, ``mcp_hotmesh.postgres.translate``.
+
+    HotMeshError
+    ├── ConfigError            a setting, name or argument is invalid (raised before any I/O)
+    ├── DatabaseError          the database refused or failed in a way not listed below
+    │   ├── ConnectionFailed   the server cannot be reached, or refused the login
+    │   ├── PermissionDenied   the role may not use this stream or function (SQLSTATE 42501)
+    │   ├── LeaseLost          the message's lease was lost: another worker may own it now
+    │   ├── PayloadTooLarge    arguments, result or schema exceed the configured limit
+    │   ├── InvalidInput       a name, argument or tool registration was refused
+    │   ├── NotFound           no such call, role or message (for this role)
+    │   └── ServerTooOld       PostgreSQL older than 15
+    └── EmbeddedServerError    the embedded PostgreSQL could not be started or stopped
+
+The message of each error is safe to show to an agent: it never carries SQL, a DSN, a password or a
+traceback. The docstring of each class is its default message.
+"""
+
+from __future__ import annotations
+
+
+class HotMeshError(Exception):
+    """mcp-hotmesh failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(HotMeshError):
+    """The configuration is invalid."""
+
+
+class DatabaseError(HotMeshError):
+    """The database could not complete the request."""
+
+
+class ConnectionFailed(DatabaseError):
+    """Could not connect to PostgreSQL."""
+
+
+class PermissionDenied(DatabaseError):
+    """This role is not allowed to do that."""
+
+
+class LeaseLost(DatabaseError):
+    """The message's lease was lost; another worker may be handling it."""
+
+
+class PayloadTooLarge(DatabaseError):
+    """The payload is larger than the configured limit."""
+
+
+class InvalidInput(DatabaseError):
+    """The database refused the value."""
+
+
+class NotFound(DatabaseError):
+    """Not found."""
+
+
+class ServerTooOld(DatabaseError):
+    """mcp-hotmesh needs PostgreSQL 15 or newer."""
+
+
+class EmbeddedServerError(HotMeshError):
+    """The embedded PostgreSQL server could not be started."""

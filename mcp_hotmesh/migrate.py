@@ -1,0 +1,93 @@
+"""Apply the SQL contract in ``sql/``: the bootstrap, then each numbered migration once, in order.
+
+The files name the schema ``hotmesh`` (and its roles ``hotmesh_owner``, ``hotmesh_worker``,
+``hotmesh_caller``); ``render`` writes the chosen schema name in its place. The schema name is checked against
+``^[a-z_][a-z0-9_]{0,39}$`` first, so what is written is always a plain identifier. Everything runs under an
+advisory lock, so concurrent starts migrate once; numbered migrations run as the owner role, so the owner
+owns every object.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from .config import check_schema
+from .postgres import check_server_version, translated
+
+_WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_tools|$)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def _read(name: str) -> str:
+    return importlib.resources.files("mcp_hotmesh.sql").joinpath(name).read_text(encoding="utf-8")
+
+
+def migrations() -> list[Migration]:
+    """The numbered migrations shipped with the package, in order."""
+    found = []
+    for entry in importlib.resources.files("mcp_hotmesh.sql").iterdir():
+        match = re.match(r"^(\d{3})_([a-z0-9_]+)\.sql$", entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def render(sql: str, schema: str) -> str:
+    """The SQL with the schema name (and the role names derived from it) written in."""
+    check_schema(schema)
+    return _WORD.sub(schema, sql)
+
+
+def full_sql(schema: str) -> str:
+    """Everything ``migrate`` would run, for a DBA to read (``mcp-hotmesh sql``)."""
+    parts = [render(_read("bootstrap.sql"), schema)]
+    parts += [f"-- migration {m.version:03d}_{m.name}\nSET ROLE {schema}_owner;\n{render(m.sql, schema)}\nRESET ROLE;"
+              for m in migrations()]
+    return "\n\n".join(parts)
+
+
+async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
+    """Bring ``schema`` up to date; returns the versions applied now. ``conn`` must be the admin's."""
+    check_schema(schema)
+    with translated():
+        await check_server_version(conn)
+        lock_key = f"mcp-hotmesh:migrate:{schema}"
+        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
+        try:
+            async with conn.transaction():
+                await conn.execute(render(_read("bootstrap.sql"), schema))
+            applied = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".migrations')}
+            done = []
+            for m in migrations():
+                if m.version in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
+                    await conn.execute(render(m.sql, schema))
+                    await conn.execute(
+                        f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
+                    )
+                done.append(m.version)
+            return done
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+
+
+async def is_migrated(conn: asyncpg.Connection, schema: str) -> bool:
+    """Whether every shipped migration is recorded in ``schema``."""
+    with translated():
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}".migrations')
+        if not exists:
+            return False
+        applied = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".migrations')}
+    return {m.version for m in migrations()} <= applied

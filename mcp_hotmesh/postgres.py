@@ -1,0 +1,263 @@
+"""PostgreSQL plumbing: pools shared by task queue, the one place database errors are translated, LISTEN.
+
+Nothing outside this module catches an asyncpg exception: ``translated()`` turns each into a
+``HotMeshError`` whose message is safe to show (no SQL, DSN or password).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+
+from .config import redact
+from .errors import (
+    ConnectionFailed,
+    DatabaseError,
+    HotMeshError,
+    InvalidInput,
+    LeaseLost,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServerTooOld,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_SERVER_VERSION = 150000
+APPLICATION_NAME = "mcp-hotmesh"
+
+_OUR_CODES: dict[str, type[DatabaseError]] = {
+    "HM001": LeaseLost,
+    "HM002": InvalidInput,
+    "HM003": PayloadTooLarge,
+    "HM004": InvalidInput,
+    "HM005": NotFound,
+}
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    TimeoutError,
+)
+
+
+def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
+    """The ``HotMeshError`` for a driver or OS error."""
+    if isinstance(exc, HotMeshError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        code = exc.sqlstate or ""
+        if code in _OUR_CODES:
+            return _OUR_CODES[code](str(exc))
+        if code == "42501":
+            if stream is not None and "stream" in str(exc):
+                return PermissionDenied(f"permission denied for stream {_shown(stream)}")
+            return PermissionDenied("permission denied: this role may not do that")
+        if code in ("28P01", "28000"):
+            return ConnectionFailed("PostgreSQL refused the login: wrong user or password, or the role may not log in")
+        if code == "22P05" or code.startswith("22"):
+            return InvalidInput("the database refused a value (for example a \\u0000 character in a string)")
+        if isinstance(exc, _CONNECTION_ERRORS):
+            return ConnectionFailed("the connection to PostgreSQL was lost")
+        log.debug("database error %s: %s", code, exc)
+        return DatabaseError(f"the database could not complete the request (SQLSTATE {code})")
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return ConnectionFailed("could not reach PostgreSQL")
+    return DatabaseError("the database could not complete the request")
+
+
+def _shown(stream: str) -> str:
+    return repr(stream if len(stream) <= 80 else stream[:80] + "...")
+
+
+@contextlib.contextmanager
+def translated(*, stream: str | None = None) -> Iterator[None]:
+    """Re-raise any driver error inside the block as a ``HotMeshError``."""
+    try:
+        yield
+    except HotMeshError:
+        raise
+    except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+        raise translate(exc, stream=stream) from exc
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionFailed) or isinstance(exc, _CONNECTION_ERRORS)
+
+
+async def check_server_version(conn: asyncpg.Connection) -> None:
+    version = conn.get_server_version()
+    number = version.major * 10000 + version.minor
+    if number < MIN_SERVER_VERSION:
+        raise ServerTooOld(
+            f"mcp-hotmesh needs PostgreSQL 15 or newer; this server is {version.major}.{version.minor}"
+        )
+
+
+async def connect(dsn: str, *, timeout: float = 10) -> asyncpg.Connection:
+    """One connection; errors translated."""
+    with translated():
+        try:
+            return await asyncpg.connect(
+                dsn, timeout=timeout, server_settings={"application_name": APPLICATION_NAME}
+            )
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+            log.debug("could not connect to %s", redact(dsn))
+            raise
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    with translated():
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=10,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+    assert pool is not None
+    return pool
+
+
+@dataclass
+class _Shared:
+    pool: asyncpg.Pool
+    users: int = 0
+
+
+@dataclass
+class PoolRegistry:
+    """Pools shared by the components of one process that name the same task queue and DSN.
+
+    ``acquire(task_queue, dsn)`` returns the same pool for the same pair; the pool closes when its last user
+    releases it. Components with no task queue get a pool of their own.
+    """
+
+    _pools: dict[tuple[str, str], _Shared] = field(default_factory=dict)
+    _lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def acquire(self, task_queue: str | None, dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
+        if task_queue is None:
+            return await create_pool(dsn, max_size=max_size)
+        async with self._lock:
+            shared = self._pools.get((task_queue, dsn))
+            if shared is None:
+                shared = self._pools[(task_queue, dsn)] = _Shared(await create_pool(dsn, max_size=max_size))
+            shared.users += 1
+            return shared.pool
+
+    async def release(self, pool: asyncpg.Pool) -> None:
+        async with self._lock:
+            for key, shared in list(self._pools.items()):
+                if shared.pool is pool:
+                    shared.users -= 1
+                    if shared.users > 0:
+                        return
+                    del self._pools[key]
+                    break
+        with contextlib.suppress(Exception):
+            await pool.close()
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+
+pools = PoolRegistry()
+"""The process-wide registry behind ``task_queue`` pooling."""
+
+Handler = Callable[[str, str], None]
+
+
+class Listener:
+    """One LISTEN connection per component, re-established with backoff when it drops.
+
+    ``handler(channel, payload)`` runs for each notification. NOTIFY is only a hint to look again: any role
+    can NOTIFY any channel, so a handler always re-reads through the API functions. After a reconnect the
+    ``on_reconnect`` callback runs, because notifications sent while disconnected are lost.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        channels: list[str],
+        handler: Handler,
+        *,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        check_interval: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._channels = list(channels)
+        self._handler = handler
+        self._on_reconnect = on_reconnect
+        self._check_interval = check_interval
+        self.connected = anyio.Event()
+        self.reconnects = 0
+
+    async def run(self) -> None:
+        """Listen until cancelled."""
+        delay = 0.1
+        first = True
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect(self._dsn)
+                lost = anyio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                for channel in self._channels:
+                    await conn.add_listener(channel, self._dispatch)
+                self.connected.set()
+                if not first:
+                    self.reconnects += 1
+                    log.info("LISTEN connection re-established")
+                    if self._on_reconnect is not None:
+                        await self._on_reconnect()
+                first = False
+                delay = 0.1
+                while not lost.is_set():
+                    with anyio.move_on_after(self._check_interval):
+                        await lost.wait()
+                    if not lost.is_set():  # a silently dead connection shows up here
+                        with anyio.fail_after(self._check_interval):
+                            await conn.execute("SELECT 1")
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:  # reconnect on anything: the listener must outlive the server
+                log.warning("LISTEN connection lost (%s); retrying in %.1fs", type(exc).__name__, delay)
+            finally:
+                self.connected = anyio.Event() if self.connected.is_set() else self.connected
+                if conn is not None:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await conn.close(timeout=1)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        try:
+            self._handler(channel, payload)
+        except Exception:
+            log.exception("notification handler failed")
+
+
+def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
+    """Reconnect delay after ``attempt`` failures: exponential, capped."""
+    return min(cap, base * math.pow(2, attempt))
+
+
+@contextlib.asynccontextmanager
+async def acquired(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    with translated():
+        async with pool.acquire() as conn:
+            yield conn
