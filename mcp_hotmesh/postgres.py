@@ -7,6 +7,7 @@ Nothing outside this module catches an asyncpg exception: ``translated()`` turns
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -58,6 +59,9 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
     """The ``HotMeshError`` for a driver or OS error."""
     if isinstance(exc, HotMeshError):
         return exc
+    if isinstance(exc, (asyncpg.exceptions._base.DataError, TypeError, ValueError)):
+        # a value the driver could not encode (not JSON-serialisable, NaN, the wrong type)
+        return InvalidInput("a value could not be sent to the database: it is not valid JSON or not the right type")
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate or ""
         if code in _OUR_CODES:
@@ -90,7 +94,7 @@ def translated(*, stream: str | None = None) -> Iterator[None]:
         yield
     except HotMeshError:
         raise
-    except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+    except (asyncpg.PostgresError, TypeError, ValueError, *_CONNECTION_ERRORS) as exc:
         raise translate(exc, stream=stream) from exc
 
 
@@ -119,6 +123,16 @@ async def connect(dsn: str, *, timeout: float = 10) -> asyncpg.Connection:
             raise
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Codecs for every pooled connection: json and jsonb travel as Python values."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     with translated():
         pool = await asyncpg.create_pool(
@@ -126,6 +140,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
             min_size=min_size,
             max_size=max_size,
             timeout=10,
+            init=init_connection,
             server_settings={"application_name": APPLICATION_NAME},
         )
     assert pool is not None

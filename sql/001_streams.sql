@@ -213,25 +213,27 @@ BEGIN
     -- own lease_ms plays no part, so nobody can take a lease that is still held.
     FOR r IN
         WITH expired AS MATERIALIZED (
-            SELECT m.id FROM hotmesh.messages m
+            SELECT m.id,
+                   m.reclaims >= v_max_reclaims OR m.cancel_requested OR coalesce(m.deadline <= now(), false)
+                       AS dies
+            FROM hotmesh.messages m
             WHERE m.stream = worker_dequeue.stream AND m.state = 'reserved' AND m.lease_expires_at <= now()
             ORDER BY m.lease_expires_at
             LIMIT v_batch
             FOR UPDATE SKIP LOCKED
         )
         UPDATE hotmesh.messages m SET
-            state = CASE WHEN m.reclaims >= v_max_reclaims OR m.cancel_requested OR m.deadline <= now()
-                         THEN 'dead' ELSE 'ready' END,
+            state = CASE WHEN expired.dies THEN 'dead' ELSE 'ready' END,
             reclaims = m.reclaims + 1,
             lease = NULL, consumer = NULL, lease_expires_at = NULL,
-            is_error = true,
+            is_error = expired.dies,
             error = CASE
+                WHEN NOT expired.dies THEN NULL
                 WHEN m.cancel_requested THEN 'cancelled by the caller'
                 WHEN m.deadline <= now() THEN 'the call''s deadline passed before a worker answered'
                 ELSE 'the worker handling this call stopped responding ' || (m.reclaims + 1)::text || ' time(s)'
             END,
-            finished_at = CASE WHEN m.reclaims >= v_max_reclaims OR m.cancel_requested OR m.deadline <= now()
-                               THEN now() END
+            finished_at = CASE WHEN expired.dies THEN now() END
         FROM expired WHERE m.id = expired.id
         RETURNING m.state, m.owner, m.call_id
     LOOP
@@ -243,7 +245,8 @@ BEGIN
     -- Claim in one statement; calls whose deadline passed while queued are dead-lettered, never run.
     FOR r IN
         WITH candidates AS MATERIALIZED (
-            SELECT m.id FROM hotmesh.messages m
+            SELECT m.id, coalesce(m.deadline <= now(), false) AS late
+            FROM hotmesh.messages m
             WHERE m.stream = worker_dequeue.stream AND m.state = 'ready' AND m.visible_at <= now()
               AND (worker_dequeue.workflows IS NULL OR m.workflow_name = ANY (worker_dequeue.workflows))
             ORDER BY m.id
@@ -251,15 +254,15 @@ BEGIN
             FOR UPDATE SKIP LOCKED
         )
         UPDATE hotmesh.messages m SET
-            state = CASE WHEN m.deadline <= now() THEN 'dead' ELSE 'reserved' END,
-            lease = CASE WHEN m.deadline <= now() THEN NULL ELSE gen_random_uuid() END,
-            consumer = CASE WHEN m.deadline <= now() THEN NULL ELSE worker_dequeue.consumer END,
-            lease_expires_at = CASE WHEN m.deadline <= now() THEN NULL
+            state = CASE WHEN c.late THEN 'dead' ELSE 'reserved' END,
+            lease = CASE WHEN c.late THEN NULL ELSE gen_random_uuid() END,
+            consumer = CASE WHEN c.late THEN NULL ELSE worker_dequeue.consumer END,
+            lease_expires_at = CASE WHEN c.late THEN NULL
                                     ELSE now() + make_interval(secs => v_lease_ms / 1000.0) END,
-            is_error = m.deadline <= now(),
-            error = CASE WHEN m.deadline <= now() THEN 'the call''s deadline passed while it waited in the queue' END,
-            finished_at = CASE WHEN m.deadline <= now() THEN now() END
-        FROM candidates WHERE m.id = candidates.id
+            is_error = c.late,
+            error = CASE WHEN c.late THEN 'the call''s deadline passed while it waited in the queue' END,
+            finished_at = CASE WHEN c.late THEN now() END
+        FROM candidates c WHERE m.id = c.id
         RETURNING m.id, m.lease, m.workflow_name, m.args, m.attempt, m.reclaims, m.deadline, m.state, m.owner,
                   m.call_id
     LOOP

@@ -1,0 +1,280 @@
+"""Scoped roles: provision, rotate, revoke, list. Run with the admin's connection.
+
+A role is a kind, worker or caller, by membership of the group role that holds EXECUTE on that kind's
+functions (``<schema>_worker`` / ``<schema>_caller``); its allow-list is its stored ``app.allowed_streams``
+for this database. Every identifier and literal reaches the server through ``format('%I', '%L')``, done by the
+database itself; passwords are sent as SCRAM verifiers, so the plain text never reaches the server or its logs.
+
+The seed's manual path works too, with no row here: ``CREATE ROLE r LOGIN PASSWORD '…'``,
+``GRANT EXECUTE ON FUNCTION <schema>.worker_dequeue(…), … TO r`` (or ``GRANT <schema>_worker TO r``),
+``GRANT USAGE ON SCHEMA <schema> TO r``, ``ALTER ROLE r SET app.allowed_streams = 'a,b'``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+
+from .config import check_schema, check_stream
+from .errors import ConfigError, NotFound
+from .postgres import translated
+
+Kind = Literal["worker", "caller"]
+KINDS: tuple[Kind, ...] = ("worker", "caller")
+SCRAM_ITERATIONS = 4096
+
+
+@dataclass(frozen=True)
+class ProvisionedRole:
+    """What ``provision --json`` prints: the login to hand to a worker or a gateway."""
+
+    role: str
+    password: str
+    kind: Kind
+    streams: list[str]
+
+    def as_json(self) -> dict[str, object]:
+        return {"role": self.role, "password": self.password, "kind": self.kind, "streams": self.streams}
+
+
+@dataclass(frozen=True)
+class RoleInfo:
+    role: str
+    kind: str
+    streams: list[str]
+    can_login: bool
+    managed: bool  # provisioned by mcp-hotmesh (False: made by hand, found by its grants)
+    created_at: datetime | None
+    rotated_at: datetime | None
+    revoked_at: datetime | None
+
+    def as_json(self) -> dict[str, object]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "role": self.role,
+            "kind": self.kind,
+            "streams": self.streams,
+            "can_login": self.can_login,
+            "managed": self.managed,
+            "created_at": iso(self.created_at),
+            "rotated_at": iso(self.rotated_at),
+            "revoked_at": iso(self.revoked_at),
+        }
+
+
+def scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 7677; ASCII passwords)."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(b: bytes) -> str:
+        return base64.b64encode(b).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _password_literal(password: str) -> str:
+    # Non-ASCII passwords need SASLprep; let the server hash those itself.
+    return scram_verifier(password) if password.isascii() else password
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _role_name(schema: str, kind: Kind, streams: list[str]) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", streams[0].lower()).strip("_") or "stream"
+    prefix = f"{schema}_{kind[0]}_"
+    suffix = "_" + secrets.token_hex(3)
+    room = 63 - len(prefix) - len(suffix)
+    return prefix + slug[: max(room, 0)].rstrip("_") + suffix
+
+
+def _check_streams(streams: list[str]) -> list[str]:
+    if not streams:
+        raise ConfigError("give at least one stream")
+    unique = list(dict.fromkeys(check_stream(s) for s in streams))
+    if len(",".join(unique)) > 8000:
+        raise ConfigError("too many streams for one role")
+    return unique
+
+
+async def _exec_format(conn: asyncpg.Connection, template: str, *args: str) -> None:
+    """Run ``format(template, args…)``: the database quotes each identifier (%I) and literal (%L)."""
+    statement = await conn.fetchval("SELECT format($1, VARIADIC $2::text[])", template, list(args))
+    await conn.execute(statement)
+
+
+async def provision_role(
+    conn: asyncpg.Connection,
+    streams: list[str],
+    kind: Kind,
+    *,
+    schema: str = "hotmesh",
+    password: str | None = None,
+    role: str | None = None,
+) -> ProvisionedRole:
+    """Create a login role of ``kind`` that may use ``streams`` and nothing else."""
+    check_schema(schema)
+    if kind not in KINDS:
+        raise ConfigError("kind must be 'worker' or 'caller'")
+    streams = _check_streams(streams)
+    role = role or _role_name(schema, kind, streams)
+    if len(role.encode()) > 63:
+        raise ConfigError("role names are at most 63 bytes")
+    password = password or new_password()
+    with translated():
+        async with conn.transaction():
+            if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                raise ConfigError(f"role {role!r} already exists")
+            await _exec_format(
+                conn,
+                "CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
+                "PASSWORD %L",
+                role,
+                _password_literal(password),
+            )
+            await _exec_format(conn, "GRANT %I TO %I", f"{schema}_{kind}", role)
+            await _exec_format(
+                conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
+                role, await conn.fetchval("SELECT current_database()"), ",".join(streams),
+            )
+            await conn.execute(
+                f'INSERT INTO "{schema}".roles (role_name, kind, streams) VALUES ($1, $2, $3) '
+                "ON CONFLICT (role_name) DO UPDATE SET kind = excluded.kind, streams = excluded.streams, "
+                "created_at = now(), rotated_at = NULL, revoked_at = NULL",
+                role, kind, streams,
+            )
+    return ProvisionedRole(role, password, kind, streams)
+
+
+async def provision_worker_role(
+    conn: asyncpg.Connection, stream_names: list[str], password: str | None = None, *, schema: str = "hotmesh"
+) -> ProvisionedRole:
+    """The seed's ``HotMesh.provisionWorkerRole()``: a worker role for ``stream_names``."""
+    return await provision_role(conn, stream_names, "worker", schema=schema, password=password)
+
+
+async def provision_caller_role(
+    conn: asyncpg.Connection, stream_names: list[str], password: str | None = None, *, schema: str = "hotmesh"
+) -> ProvisionedRole:
+    """A caller role (what a gateway logs in as) for ``stream_names``."""
+    return await provision_role(conn, stream_names, "caller", schema=schema, password=password)
+
+
+async def _find(conn: asyncpg.Connection, schema: str, role: str) -> RoleInfo:
+    for info in await list_roles(conn, schema=schema):
+        if info.role == role:
+            return info
+    raise NotFound(f"no mcp-hotmesh role named {role!r}")
+
+
+async def rotate(
+    conn: asyncpg.Connection, role: str, password: str | None = None, *, schema: str = "hotmesh"
+) -> ProvisionedRole:
+    """Give ``role`` a new password; the old one stops working for new logins at once."""
+    check_schema(schema)
+    info = await _find(conn, schema, role)
+    password = password or new_password()
+    with translated():
+        async with conn.transaction():
+            await _exec_format(conn, "ALTER ROLE %I PASSWORD %L", role, _password_literal(password))
+            await conn.execute(f'UPDATE "{schema}".roles SET rotated_at = now() WHERE role_name = $1', role)
+    kind: Kind = "worker" if info.kind == "worker" else "caller"
+    return ProvisionedRole(role, password, kind, info.streams)
+
+
+async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh") -> int:
+    """Take ``role``'s login, allow-list and grants away and end its open sessions; returns how many ended.
+
+    The role itself stays (NOLOGIN), so what it did remains attributable.
+    """
+    check_schema(schema)
+    await _find(conn, schema, role)
+    with translated():
+        async with conn.transaction():
+            await _exec_format(conn, "ALTER ROLE %I NOLOGIN", role)
+            await _exec_format(conn, "ALTER ROLE %I RESET app.allowed_streams", role)
+            await _exec_format(
+                conn, "ALTER ROLE %I IN DATABASE %I RESET app.allowed_streams",
+                role, await conn.fetchval("SELECT current_database()"),
+            )
+            for group in (f"{schema}_worker", f"{schema}_caller"):
+                if await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", role, group):
+                    await _exec_format(conn, "REVOKE %I FROM %I", group, role)
+            for function in await conn.fetch(
+                "SELECT p.oid::regprocedure::text AS sig FROM pg_proc p "
+                "WHERE p.pronamespace = $1::regnamespace AND has_function_privilege($2, p.oid, 'EXECUTE')",
+                schema, role,
+            ):
+                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {function['sig']} FROM \"{role}\"")
+            await conn.execute(
+                f'UPDATE "{schema}".roles SET revoked_at = now() WHERE role_name = $1', role
+            )
+            await conn.execute(f'DELETE FROM "{schema}".workers WHERE role_name = $1', role)
+        ended: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", role
+        )
+    return ended
+
+
+async def list_roles(conn: asyncpg.Connection, *, schema: str = "hotmesh") -> list[RoleInfo]:
+    """Every role provisioned here, and every role made by hand that can use this schema's functions."""
+    check_schema(schema)
+    with translated():
+        rows = await conn.fetch(
+            f"""
+            WITH candidates AS (
+                SELECT role_name AS rolname FROM "{schema}".roles
+                UNION
+                SELECT r.rolname FROM pg_roles r
+                WHERE NOT r.rolsuper AND r.rolcanlogin
+                  AND NOT pg_has_role(r.oid, '{schema}_owner', 'MEMBER')
+                  AND (has_function_privilege(r.oid, '"{schema}".worker_dequeue(text,text,integer,integer,text[],integer)', 'EXECUTE')
+                       OR has_function_privilege(r.oid, '"{schema}".caller_call(text,text,jsonb,integer,text)', 'EXECUTE'))
+            )
+            SELECT c.rolname, m.kind, m.streams, m.created_at, m.rotated_at, m.revoked_at,
+                   coalesce(r.rolcanlogin, false) AS can_login, m.role_name IS NOT NULL AS managed,
+                   has_function_privilege(r.oid, '"{schema}".worker_dequeue(text,text,integer,integer,text[],integer)', 'EXECUTE') AS is_worker,
+                   (SELECT substr(cfg, length('app.allowed_streams=') + 1)
+                    FROM pg_db_role_setting s, unnest(s.setconfig) cfg
+                    WHERE s.setrole = r.oid AND cfg LIKE 'app.allowed\\_streams=%%'
+                      AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                    ORDER BY s.setdatabase DESC LIMIT 1) AS setting
+            FROM candidates c
+            JOIN pg_roles r ON r.rolname = c.rolname
+            LEFT JOIN "{schema}".roles m ON m.role_name = c.rolname
+            ORDER BY c.rolname
+            """.replace("%%", "%")
+        )
+    result = []
+    for row in rows:
+        setting = row["setting"]
+        streams = [s.strip() for s in setting.split(",") if s.strip()] if setting else list(row["streams"] or [])
+        kind = row["kind"] or ("worker" if row["is_worker"] else "caller")
+        result.append(
+            RoleInfo(
+                role=row["rolname"],
+                kind=kind,
+                streams=streams,
+                can_login=row["can_login"],
+                managed=row["managed"],
+                created_at=row["created_at"],
+                rotated_at=row["rotated_at"],
+                revoked_at=row["revoked_at"],
+            )
+        )
+    return result

@@ -1,0 +1,207 @@
+"""The stream API: one Python method per SQL function of SQL API v1.
+
+``WorkerAPI`` is what a worker role can do, ``CallerAPI`` what a caller role can do. Each takes a pool and the
+schema; each method is one prepared function call, with errors translated. Nothing here touches a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from .config import check_schema
+from .postgres import translated
+
+JSON = Any
+
+
+def worker_channel(schema: str, stream: str) -> str:
+    """The channel a stream's workers LISTEN on (a hash: any stream name fits in 63 bytes)."""
+    return f"{schema}_w_{hashlib.md5(stream.encode()).hexdigest()[:16]}"
+
+
+def caller_channel(schema: str, role: str) -> str:
+    """The channel on which a caller role hears that its calls progressed (``p:<id>``) or ended (``r:<id>``)."""
+    return f"{schema}_r_{hashlib.md5(role.encode()).hexdigest()[:16]}"
+
+
+def tools_channel(schema: str) -> str:
+    """The channel on which gateways hear that the tool registry or the live workers changed."""
+    return f"{schema}_tools"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A message a worker holds the lease of."""
+
+    stream: str
+    id: int
+    lease: UUID
+    workflow_name: str
+    args: JSON
+    attempt: int
+    reclaims: int
+    deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolRecord:
+    stream: str
+    workflow_name: str
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    live_workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A call's state: ``ready`` (queued), ``reserved`` (running), ``done`` or ``dead``."""
+
+    state: str
+    result: JSON
+    is_error: bool
+    error: str | None
+    attempt: int
+    progress: float | None
+    progress_total: float | None
+    progress_message: str | None
+    deadline: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "dead")
+
+
+class _API:
+    def __init__(self, pool: asyncpg.Pool, schema: str = "hotmesh") -> None:
+        self.pool = pool
+        self.schema = check_schema(schema)
+        self._s = f'"{schema}"'
+
+    async def _val(self, sql: str, *args: Any, stream: str | None = None) -> Any:
+        with translated(stream=stream):
+            return await self.pool.fetchval(sql, *args)
+
+    async def _rows(self, sql: str, *args: Any, stream: str | None = None) -> list[asyncpg.Record]:
+        with translated(stream=stream):
+            return await self.pool.fetch(sql, *args)
+
+
+class WorkerAPI(_API):
+    """The worker_* functions, as a worker role (or the admin, in the seed's standard mode) calls them."""
+
+    async def dequeue(
+        self,
+        stream: str,
+        consumer: str,
+        batch: int,
+        lease_ms: int,
+        workflows: list[str] | None = None,
+        reclaim_count: int = 3,
+    ) -> list[Claimed]:
+        rows = await self._rows(
+            f"SELECT * FROM {self._s}.worker_dequeue($1, $2, $3, $4, $5, $6)",
+            stream, consumer, batch, lease_ms, workflows, reclaim_count, stream=stream,
+        )
+        return [Claimed(stream, r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def respond(self, stream: str, id: int, lease: UUID, result: JSON, is_error: bool = False) -> bool:
+        return bool(
+            await self._val(
+                f"SELECT {self._s}.worker_respond($1, $2, $3, $4, $5)", stream, id, lease, result, is_error,
+                stream=stream,
+            )
+        )
+
+    async def fail(self, stream: str, id: int, lease: UUID, error: str, retry_in_ms: int | None) -> bool:
+        return bool(
+            await self._val(
+                f"SELECT {self._s}.worker_fail($1, $2, $3, $4, $5)", stream, id, lease, error, retry_in_ms,
+                stream=stream,
+            )
+        )
+
+    async def extend(self, stream: str, id: int, lease: UUID, lease_ms: int) -> bool | None:
+        """True: the caller cancelled (or the deadline passed). False: go on. None: the lease was lost."""
+        value = await self._val(
+            f"SELECT {self._s}.worker_extend($1, $2, $3, $4)", stream, id, lease, lease_ms, stream=stream
+        )
+        return None if value is None else bool(value)
+
+    async def progress(
+        self, stream: str, id: int, lease: UUID, progress: float, total: float | None, message: str | None
+    ) -> bool:
+        return bool(
+            await self._val(
+                f"SELECT {self._s}.worker_progress($1, $2, $3, $4, $5, $6)",
+                stream, id, lease, progress, total, message, stream=stream,
+            )
+        )
+
+    async def release(self, stream: str, id: int, lease: UUID) -> bool:
+        return bool(
+            await self._val(f"SELECT {self._s}.worker_release($1, $2, $3)", stream, id, lease, stream=stream)
+        )
+
+    async def publish(self, stream: str, workflow_name: str, args: JSON) -> int:
+        value: int = await self._val(
+            f"SELECT {self._s}.worker_publish($1, $2, $3)", stream, workflow_name, args, stream=stream
+        )
+        return value
+
+    async def register_tool(self, stream: str, workflow_name: str, tool: dict[str, Any]) -> bool:
+        return bool(
+            await self._val(
+                f"SELECT {self._s}.worker_register_tool($1, $2, $3)", stream, workflow_name, tool, stream=stream
+            )
+        )
+
+    async def unregister_tool(self, stream: str, workflow_name: str) -> bool:
+        return bool(
+            await self._val(
+                f"SELECT {self._s}.worker_unregister_tool($1, $2)", stream, workflow_name, stream=stream
+            )
+        )
+
+    async def heartbeat(self, streams: list[str], consumer: str, ttl_ms: int) -> int:
+        value: int = await self._val(
+            f"SELECT {self._s}.worker_heartbeat($1, $2, $3)", streams, consumer, ttl_ms,
+            stream=streams[0] if len(streams) == 1 else None,
+        )
+        return value
+
+    async def goodbye(self, consumer: str) -> int:
+        value: int = await self._val(f"SELECT {self._s}.worker_goodbye($1)", consumer)
+        return value
+
+
+class CallerAPI(_API):
+    """The caller_* functions, as a caller role (a gateway) calls them."""
+
+    async def tools(self) -> list[ToolRecord]:
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
+        return [ToolRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def call(
+        self, stream: str, workflow_name: str, args: JSON, timeout_ms: int, idempotency_key: str | None = None
+    ) -> UUID:
+        value: UUID = await self._val(
+            f"SELECT {self._s}.caller_call($1, $2, $3, $4, $5)",
+            stream, workflow_name, args, timeout_ms, idempotency_key, stream=stream,
+        )
+        return value
+
+    async def result(self, call_id: UUID) -> CallResult:
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_result($1)", call_id)
+        return CallResult(*rows[0])
+
+    async def cancel(self, call_id: UUID) -> str:
+        value: str = await self._val(f"SELECT {self._s}.caller_cancel($1)", call_id)
+        return value
