@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +99,7 @@ def translated(*, stream: str | None = None) -> Iterator[None]:
 
 
 def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, ConnectionFailed) or isinstance(exc, _CONNECTION_ERRORS)
+    return isinstance(exc, (ConnectionFailed, *_CONNECTION_ERRORS))
 
 
 async def check_server_version(conn: asyncpg.Connection) -> None:
@@ -111,12 +111,12 @@ async def check_server_version(conn: asyncpg.Connection) -> None:
         )
 
 
-async def connect(dsn: str, *, timeout: float = 10) -> asyncpg.Connection:
+async def connect(dsn: str, *, connect_timeout: float = 10) -> asyncpg.Connection:
     """One connection; errors translated."""
     with translated():
         try:
             return await asyncpg.connect(
-                dsn, timeout=timeout, server_settings={"application_name": APPLICATION_NAME}
+                dsn, timeout=connect_timeout, server_settings={"application_name": APPLICATION_NAME}
             )
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
             log.debug("could not connect to %s", redact(dsn))
@@ -230,7 +230,7 @@ class Listener:
             try:
                 conn = await connect(self._dsn)
                 lost = anyio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 for channel in self._channels:
                     await conn.add_listener(channel, self._dispatch)
                 self.connected.set()
@@ -259,9 +259,9 @@ class Listener:
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
         try:
-            self._handler(channel, payload)
+            self._handler(channel, str(payload))
         except Exception:
             log.exception("notification handler failed")
 
@@ -271,8 +271,3 @@ def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     return min(cap, base * math.pow(2, attempt))
 
 
-@contextlib.asynccontextmanager
-async def acquired(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    with translated():
-        async with pool.acquire() as conn:
-            yield conn

@@ -118,6 +118,21 @@ async def _exec_format(conn: asyncpg.Connection, template: str, *args: str) -> N
     await conn.execute(statement)
 
 
+async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[str], schema: str) -> None:
+    """Make ``role`` a member of its kind's group, set its allow-list, record it. Inside a transaction."""
+    await _exec_format(conn, "GRANT %I TO %I", f"{schema}_{kind}", role)
+    await _exec_format(
+        conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
+        role, await conn.fetchval("SELECT current_database()"), ",".join(streams),
+    )
+    await conn.execute(
+        f'INSERT INTO "{schema}".roles (role_name, kind, streams) VALUES ($1, $2, $3) '
+        "ON CONFLICT (role_name) DO UPDATE SET kind = excluded.kind, streams = excluded.streams, "
+        "rotated_at = now(), revoked_at = NULL",
+        role, kind, streams,
+    )
+
+
 async def provision_role(
     conn: asyncpg.Connection,
     streams: list[str],
@@ -147,17 +162,29 @@ async def provision_role(
                 role,
                 _password_literal(password),
             )
-            await _exec_format(conn, "GRANT %I TO %I", f"{schema}_{kind}", role)
-            await _exec_format(
-                conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
-                role, await conn.fetchval("SELECT current_database()"), ",".join(streams),
-            )
-            await conn.execute(
-                f'INSERT INTO "{schema}".roles (role_name, kind, streams) VALUES ($1, $2, $3) '
-                "ON CONFLICT (role_name) DO UPDATE SET kind = excluded.kind, streams = excluded.streams, "
-                "created_at = now(), rotated_at = NULL, revoked_at = NULL",
-                role, kind, streams,
-            )
+            await _scope(conn, role, kind, streams, schema)
+    return ProvisionedRole(role, password, kind, streams)
+
+
+async def ensure_role(
+    conn: asyncpg.Connection, role: str, streams: list[str], kind: Kind, *, schema: str = "hotmesh"
+) -> ProvisionedRole:
+    """Create ``role``, or take it over again with a fresh password and exactly ``streams``.
+
+    What ``serve`` uses for the roles it runs its gateway and attached worker as: the password is new on every
+    start, so nothing has to be stored between runs.
+    """
+    check_schema(schema)
+    streams = _check_streams(streams)
+    with translated():
+        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+    if not exists:
+        return await provision_role(conn, streams, kind, schema=schema, role=role)
+    password = new_password()
+    with translated():
+        async with conn.transaction():
+            await _exec_format(conn, "ALTER ROLE %I LOGIN PASSWORD %L", role, _password_literal(password))
+            await _scope(conn, role, kind, streams, schema)
     return ProvisionedRole(role, password, kind, streams)
 
 
@@ -234,6 +261,8 @@ async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh"
 async def list_roles(conn: asyncpg.Connection, *, schema: str = "hotmesh") -> list[RoleInfo]:
     """Every role provisioned here, and every role made by hand that can use this schema's functions."""
     check_schema(schema)
+    dequeue = f"'\"{schema}\".worker_dequeue(text,text,integer,integer,text[],integer)'"
+    call = f"'\"{schema}\".caller_call(text,text,jsonb,integer,text)'"
     with translated():
         rows = await conn.fetch(
             f"""
@@ -243,12 +272,12 @@ async def list_roles(conn: asyncpg.Connection, *, schema: str = "hotmesh") -> li
                 SELECT r.rolname FROM pg_roles r
                 WHERE NOT r.rolsuper AND r.rolcanlogin
                   AND NOT pg_has_role(r.oid, '{schema}_owner', 'MEMBER')
-                  AND (has_function_privilege(r.oid, '"{schema}".worker_dequeue(text,text,integer,integer,text[],integer)', 'EXECUTE')
-                       OR has_function_privilege(r.oid, '"{schema}".caller_call(text,text,jsonb,integer,text)', 'EXECUTE'))
+                  AND (has_function_privilege(r.oid, {dequeue}, 'EXECUTE')
+                       OR has_function_privilege(r.oid, {call}, 'EXECUTE'))
             )
             SELECT c.rolname, m.kind, m.streams, m.created_at, m.rotated_at, m.revoked_at,
                    coalesce(r.rolcanlogin, false) AS can_login, m.role_name IS NOT NULL AS managed,
-                   has_function_privilege(r.oid, '"{schema}".worker_dequeue(text,text,integer,integer,text[],integer)', 'EXECUTE') AS is_worker,
+                   has_function_privilege(r.oid, {dequeue}, 'EXECUTE') AS is_worker,
                    (SELECT substr(cfg, length('app.allowed_streams=') + 1)
                     FROM pg_db_role_setting s, unnest(s.setconfig) cfg
                     WHERE s.setrole = r.oid AND cfg LIKE 'app.allowed\\_streams=%%'

@@ -1,0 +1,261 @@
+"""The ``mcp-hotmesh`` command line.
+
+Every command takes ``--dsn`` (or ``HOTMESH_DSN``) and ``--schema`` (or ``HOTMESH_SCHEMA``); with no DSN the
+embedded PostgreSQL is started in ``--data-dir`` (or ``HOTMESH_DATA_DIR``). Output meant for scripts goes to
+stdout; logs and errors go to stderr; an error is one line and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+
+from . import embedded
+from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
+from .errors import ConfigError, HotMeshError
+from .migrate import full_sql, migrate
+from .postgres import connect
+from .roles import list_roles, provision_role, revoke, rotate
+
+log = logging.getLogger("mcp_hotmesh")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("HOTMESH_DSN"),
+        help="PostgreSQL DSN (default: $HOTMESH_DSN; none starts the embedded server)",
+    )
+    parser.add_argument(
+        "--schema",
+        default=os.environ.get("HOTMESH_SCHEMA", DEFAULT_SCHEMA),
+        help=f"schema holding the streams (default: $HOTMESH_SCHEMA or {DEFAULT_SCHEMA!r})",
+    )
+    if data_dir:
+        parser.add_argument(
+            "--data-dir",
+            type=Path,
+            default=os.environ.get("HOTMESH_DATA_DIR"),
+            help="embedded server's data directory (default: $HOTMESH_DATA_DIR or "
+            f"{embedded.default_data_dir()})",
+        )
+    parser.add_argument("--log-level", default=os.environ.get("HOTMESH_LOG_LEVEL", "INFO"),
+                        help="log level on stderr (default: INFO)")
+
+
+@contextlib.asynccontextmanager
+async def admin_connection(args: argparse.Namespace) -> AsyncIterator[asyncpg.Connection]:
+    """The admin's connection: ``--dsn``, or the embedded server (started here, stopped on exit)."""
+    server = None
+    dsn = args.dsn
+    if not dsn:
+        server = await anyio.to_thread.run_sync(lambda: embedded.start(args.data_dir))
+        dsn = server.admin_dsn
+    try:
+        conn = await connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        if server is not None:
+            await anyio.to_thread.run_sync(server.stop)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        applied = await migrate(conn, check_schema(args.schema))
+    log.info("schema %s is up to date (%s)", args.schema,
+             f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply")
+    return 0
+
+
+async def cmd_sql(args: argparse.Namespace) -> int:
+    sys.stdout.write(full_sql(check_schema(args.schema)) + "\n")
+    return 0
+
+
+async def cmd_provision(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        role = await provision_role(conn, args.stream, args.kind, schema=args.schema, password=args.password)
+    if args.json:
+        _print_json(role.as_json())
+    else:
+        sys.stdout.write(f"role: {role.role}\npassword: {role.password}\nkind: {role.kind}\n"
+                         f"streams: {', '.join(role.streams)}\n")
+    return 0
+
+
+async def cmd_rotate(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        role = await rotate(conn, args.role, args.password, schema=check_schema(args.schema))
+    if args.json:
+        _print_json(role.as_json())
+    else:
+        sys.stdout.write(f"role: {role.role}\npassword: {role.password}\n")
+    return 0
+
+
+async def cmd_revoke(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        ended = await revoke(conn, args.role, schema=check_schema(args.schema))
+    log.info("revoked %s; ended %d open session(s)", args.role, ended)
+    return 0
+
+
+async def cmd_roles(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        roles = await list_roles(conn, schema=check_schema(args.schema))
+    if args.json:
+        _print_json([r.as_json() for r in roles])
+        return 0
+    rows = [("ROLE", "KIND", "STREAMS", "LOGIN", "CREATED", "ROTATED", "REVOKED")]
+    for r in roles:
+        def day(v: Any) -> str:
+            return v.strftime("%Y-%m-%d %H:%M") if v else "-"
+
+        rows.append((r.role, r.kind, ",".join(r.streams), "yes" if r.can_login else "no",
+                     day(r.created_at) if r.managed else "(by hand)", day(r.rotated_at), day(r.revoked_at)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    from .tools import load_toolset
+    from .worker import run_worker
+
+    if not args.dsn:
+        raise ConfigError("mcp-hotmesh worker needs --dsn (or HOTMESH_DSN): a worker role's DSN")
+    credentials = None
+    if args.user or args.password:
+        if not (args.user and args.password):
+            raise ConfigError("--user and --password go together")
+        credentials = WorkerCredentials(user=args.user, password=args.password)
+    await run_worker(
+        tools=load_toolset(args.tools),
+        connection=args.dsn,
+        credentials=credentials,
+        schema=check_schema(args.schema),
+        concurrency=args.concurrency,
+    )
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from .gateway import serve
+
+    await serve(args)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-hotmesh",
+        description="An MCP tool server whose tools are served by secured workers on PostgreSQL streams.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], Awaitable[int]], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("serve", cmd_serve, "Serve the tools to MCP clients (stdio or Streamable HTTP), with an attached worker.")
+    _common(p)
+    p.add_argument("--tools", default="mcp_hotmesh.examples:toolset",
+                   help="the tool set: MODULE:ATTR or path/file.py:ATTR (default: the example tools)")
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default: stdio")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="HTTP port (default: 8765)")
+    p.add_argument("--token", default=os.environ.get("HOTMESH_TOKEN"),
+                   help="bearer token HTTP clients must send (default: $HOTMESH_TOKEN)")
+    p.add_argument("--no-worker", action="store_true", help="serve only; workers run elsewhere")
+    p.add_argument("--timeout", type=float, default=60.0, help="default seconds a tool call may take (default: 60)")
+    p.add_argument("--max-args-bytes", type=int, default=1 << 20,
+                   help="largest tool arguments accepted, in bytes of JSON (default: 1 MiB)")
+
+    p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")
+    _common(p, data_dir=False)
+    p.add_argument("--tools", required=True, help="the tool set: MODULE:ATTR or path/file.py:ATTR")
+    p.add_argument("--user", default=os.environ.get("HOTMESH_WORKER_USER"),
+                   help="worker role; replaces the DSN's user (the seed's workerCredentials)")
+    p.add_argument("--password", default=os.environ.get("HOTMESH_WORKER_PASSWORD"),
+                   help="worker role's password; replaces the DSN's password")
+    p.add_argument("--concurrency", type=int, default=10, help="handlers run at once (default: 10)")
+
+    p = add("migrate", cmd_migrate, "Create or update the schema, its owner role and its functions.")
+    _common(p)
+
+    p = add("sql", cmd_sql, "Print the SQL that migrate runs, for review; connects to nothing.")
+    p.add_argument("--schema", default=os.environ.get("HOTMESH_SCHEMA", DEFAULT_SCHEMA))
+    p.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+
+    p = add("provision", cmd_provision, "Create a scoped role that may use only the given streams.")
+    _common(p)
+    p.add_argument("--stream", action="append", required=True, help="a stream the role may use (repeatable)")
+    p.add_argument("--kind", choices=["worker", "caller"], required=True,
+                   help="worker: consumes and answers; caller: makes calls (what a gateway logs in as)")
+    p.add_argument("--password", default=None, help="the password (default: a new random one)")
+    p.add_argument("--json", action="store_true", help='print {"role", "password", "kind", "streams"}')
+
+    p = add("rotate", cmd_rotate, "Give a role a new password; the old one stops working at once.")
+    _common(p)
+    p.add_argument("role")
+    p.add_argument("--password", default=None, help="the new password (default: a new random one)")
+    p.add_argument("--json", action="store_true", help='print {"role", "password", "kind", "streams"}')
+
+    p = add("revoke", cmd_revoke, "Take a role's login, streams and grants away and end its open sessions.")
+    _common(p)
+    p.add_argument("role")
+
+    p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code = anyio.run(args.fn, args)
+    except KeyboardInterrupt:
+        code = 130
+    except HotMeshError as exc:
+        sys.stderr.write(f"mcp-hotmesh {args.command}: error: {exc}\n")
+        code = EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

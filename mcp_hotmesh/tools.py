@@ -1,0 +1,332 @@
+"""Tools as typed Python: an async function with typed parameters (or one pydantic model) and a typed result.
+
+    toolset = ToolSet()
+
+    @toolset.tool(topic="order.process")
+    async def place_order(sku: str, quantity: int = 1, ctx: ToolContext | None = None) -> Receipt:
+        \"\"\"Place an order for a product. Returns the receipt; fails if the SKU is unknown.\"\"\"
+
+The parameters give the input JSON Schema, the return annotation the output schema, the docstring the
+description the model reads. A tool serves one topic (stream) and, optionally, one workflow name: several
+tools can share a topic, each under its own workflow name, and one consumer per topic dispatches between them.
+The worker registers each tool (``worker_register_tool``) and validates the arguments again before the
+handler runs: it never trusts the queue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, get_type_hints
+
+import anyio
+import pydantic
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter
+
+from .config import TOOL_NAME_PATTERN, check_stream
+from .errors import ConfigError, HotMeshError
+
+JSON = Any
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
+class ToolInputError(HotMeshError):
+    """The arguments do not match the tool's input schema."""
+
+
+class ToolOutputError(HotMeshError):
+    """The tool returned something that is not JSON or does not match its output schema."""
+
+
+class ToolContext:
+    """What a running handler may use: progress reports, the deadline, whether it was cancelled.
+
+    Cancellation itself arrives as an anyio cancellation at the handler's next ``await``; ``cancelled`` is for
+    handlers that want to look.
+    """
+
+    def __init__(
+        self,
+        *,
+        attempt: int = 0,
+        deadline: datetime | None = None,
+        progress: ProgressFn | None = None,
+        workflow_name: str = "",
+        topic: str = "",
+    ) -> None:
+        self.attempt = attempt
+        self.deadline = deadline
+        self.workflow_name = workflow_name
+        self.topic = topic
+        self.cancelled = anyio.Event()
+        self._progress = progress
+
+    async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        """Tell the caller how far along the call is (``progress`` only grows). Forwarded to the agent."""
+        if self._progress is not None:
+            await self._progress(progress, total, message)
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
+
+
+@dataclass
+class Tool:
+    """One tool: a handler and the schemas derived from it."""
+
+    fn: Callable[..., Any]
+    name: str
+    description: str
+    topic: str
+    workflow_name: str
+    input_model: type[BaseModel]
+    output_adapter: TypeAdapter[Any] | None
+    wraps_output: bool  # a non-object result travels as {"result": value}
+    context_param: str | None
+    single_model_param: str | None = None
+    _input_adapter: TypeAdapter[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._input_adapter = TypeAdapter(self.input_model)
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        schema = self.input_model.model_json_schema()
+        schema.setdefault("type", "object")
+        schema.pop("title", None)
+        return schema
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        if self.output_adapter is None:
+            return None
+        schema = self.output_adapter.json_schema()
+        if self.wraps_output:
+            defs = schema.pop("$defs", None)
+            schema = {"type": "object", "properties": {"result": schema}, "required": ["result"]}
+            if defs:
+                schema["$defs"] = defs
+        schema.pop("title", None)
+        return schema
+
+    def registration(self) -> dict[str, Any]:
+        """What ``worker_register_tool`` stores for this tool."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.input_schema,
+            "output_schema": self.output_schema,
+        }
+
+    def parse_arguments(self, args: JSON) -> BaseModel:
+        """Validate arguments from the queue; ``ToolInputError`` says what is wrong, for the model to fix."""
+        if not isinstance(args, dict):
+            raise ToolInputError("the arguments must be a JSON object")
+        try:
+            return self.input_model.model_validate(args)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(arguments)'}: {e['msg']}" for e in exc.errors()[:10]
+            )
+            raise ToolInputError(f"invalid arguments: {problems}") from None
+
+    async def invoke(self, args: JSON, ctx: ToolContext) -> JSON:
+        """Validate ``args``, run the handler, return its result as JSON (an object)."""
+        parsed = self.parse_arguments(args)
+        if self.single_model_param is not None:
+            kwargs: dict[str, Any] = {self.single_model_param: parsed}
+        else:
+            kwargs = {name: getattr(parsed, name) for name in type(parsed).model_fields}
+        if self.context_param is not None:
+            kwargs[self.context_param] = ctx
+        if inspect.iscoroutinefunction(self.fn):
+            value = await self.fn(**kwargs)
+        else:
+            value = await anyio.to_thread.run_sync(lambda: self.fn(**kwargs))
+        return self.dump_result(value)
+
+    def dump_result(self, value: Any) -> JSON:
+        try:
+            if self.output_adapter is not None:
+                value = self.output_adapter.validate_python(value)
+                dumped = self.output_adapter.dump_python(value, mode="json")
+            else:
+                dumped = TypeAdapter(Any).dump_python(value, mode="json")
+        except (pydantic.ValidationError, pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+            raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
+        if self.wraps_output or not isinstance(dumped, dict):
+            return {"result": dumped}
+        return dumped
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _is_context(annotation: Any) -> bool:
+    if annotation is ToolContext:
+        return True
+    args = getattr(annotation, "__args__", ())
+    return ToolContext in args
+
+
+def _is_object_type(tp: Any) -> bool:
+    if inspect.isclass(tp) and issubclass(tp, BaseModel):
+        return True
+    origin = getattr(tp, "__origin__", None)
+    if tp is dict or origin is dict:
+        return True
+    from typing import is_typeddict
+
+    return bool(is_typeddict(tp))
+
+
+def make_tool(
+    fn: Callable[..., Any],
+    *,
+    topic: str | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    workflow_name: str = "",
+) -> Tool:
+    """Build a ``Tool`` from a typed function."""
+    topic = check_stream(topic or fn.__name__)
+    default_name = f"{topic}_{workflow_name}" if workflow_name else topic
+    name = name or _sanitize(default_name)
+    if not TOOL_NAME_PATTERN.match(name):
+        raise ConfigError(f"tool name {name!r} must match ^[A-Za-z0-9_-]{{1,64}}$")
+    description = (description or inspect.getdoc(fn) or "").strip()
+    if not description:
+        raise ConfigError(f"tool {name!r} needs a description: write a docstring for the model that will call it")
+    hints = get_type_hints(fn, include_extras=True)
+    signature = inspect.signature(fn)
+    fields: dict[str, Any] = {}
+    context_param = None
+    single_model = None
+    params = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for p in params:
+        annotation = hints.get(p.name, Any)
+        if _is_context(annotation):
+            context_param = p.name
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (annotation, default)
+    if len(fields) == 1:
+        (only, (annotation, _default)), = fields.items()
+        if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+            single_model = only
+    if single_model is not None:
+        input_model: type[BaseModel] = fields[single_model][0]
+    else:
+        input_model = pydantic.create_model(
+            f"{_sanitize(name)}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+        )
+    returns = hints.get("return", Any)
+    output_adapter = None if returns in (Any, None, type(None)) else TypeAdapter(returns)
+    wraps = output_adapter is not None and not _is_object_type(returns)
+    return Tool(
+        fn=fn,
+        name=name,
+        description=description,
+        topic=topic,
+        workflow_name=workflow_name,
+        input_model=input_model,
+        output_adapter=output_adapter,
+        wraps_output=wraps,
+        context_param=context_param,
+        single_model_param=single_model,
+    )
+
+
+class ToolSet:
+    """A set of tools, each on a topic and optionally a workflow name; what a worker serves."""
+
+    def __init__(self, tools: list[Tool] | None = None) -> None:
+        self.tools: list[Tool] = []
+        for t in tools or []:
+            self.add(t)
+
+    def add(self, tool: Tool) -> Tool:
+        for other in self.tools:
+            if other.name == tool.name:
+                raise ConfigError(f"two tools are named {tool.name!r}")
+            if (other.topic, other.workflow_name) == (tool.topic, tool.workflow_name):
+                raise ConfigError(
+                    f"tools {other.name!r} and {tool.name!r} both serve topic {tool.topic!r} with the same "
+                    "workflow name; give each its own workflow_name"
+                )
+        self.tools.append(tool)
+        return tool
+
+    def tool(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        topic: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        workflow_name: str = "",
+    ) -> Any:
+        """Decorator: ``@toolset.tool`` or ``@toolset.tool(topic=..., workflow_name=...)``."""
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(make_tool(f, topic=topic, name=name, description=description, workflow_name=workflow_name))
+            return f
+
+        return register(fn) if fn is not None else register
+
+    @property
+    def topics(self) -> dict[str, list[Tool]]:
+        """The tools grouped by topic, in the order they were added."""
+        grouped: dict[str, list[Tool]] = {}
+        for t in self.tools:
+            grouped.setdefault(t.topic, []).append(t)
+        return grouped
+
+    def find(self, topic: str, workflow_name: str) -> Tool | None:
+        for t in self.tools:
+            if t.topic == topic and t.workflow_name == workflow_name:
+                return t
+        return None
+
+
+def load_toolset(spec: str) -> ToolSet:
+    """Load ``MODULE:ATTR`` or ``path/to/file.py:ATTR`` (a ``ToolSet``, or a list of tools)."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ConfigError(f"--tools must be MODULE:ATTR or path/to/file.py:ATTR, not {spec!r}")
+    try:
+        if target.endswith(".py") or "/" in target:
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"no such file: {target}")
+            module_name = f"_hotmesh_tools_{abs(hash(str(path)))}"
+            spec_ = importlib.util.spec_from_file_location(module_name, path)
+            if spec_ is None or spec_.loader is None:
+                raise ConfigError(f"cannot load {target}")
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules[module_name] = module
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"could not import {target}: {type(exc).__name__}: {exc}") from exc
+    value = getattr(module, attr, None)
+    if isinstance(value, ToolSet):
+        return value
+    if isinstance(value, list) and all(isinstance(t, Tool) for t in value):
+        return ToolSet(value)
+    raise ConfigError(f"{spec} is not a ToolSet")
