@@ -149,10 +149,28 @@ def _let_server_user_reach(path: Path) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
-def _free_port() -> int:
+def _free_port(port: int = 0) -> int | None:
+    """``port`` if it is free on 127.0.0.1 (any free port for 0), else None."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return None
         return int(s.getsockname()[1])
+
+
+def _choose_port(data_dir: Path) -> int:
+    """The port this data directory used last time, so role DSNs handed out stay valid; a new one if taken."""
+    remembered = data_dir / "hotmesh.port"
+    try:
+        port = _free_port(int(remembered.read_text()))
+    except (OSError, ValueError):
+        port = None
+    if port is None:
+        port = _free_port()
+        assert port is not None
+        remembered.write_text(f"{port}\n")
+    return port
 
 
 def _socket_dir(data_dir: Path) -> Path:
@@ -209,7 +227,7 @@ def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedS
                 os.chown(socket_dir, user.pw_uid, user.pw_gid)
         _let_server_user_reach(_bin_dir())
         _let_server_user_reach(data_dir.parent)
-        port = port or _free_port()
+        port = port or _choose_port(data_dir)
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c unix_socket_permissions=0700"
         log_file = data_dir / "server.log"
         _run(["pg_ctl", "-D", str(data_dir), "-w", "-t", "60", "-l", str(log_file), "-o", options, "start"])
@@ -238,6 +256,7 @@ def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
     if user:
         os.chown(hba, user.pw_uid, user.pw_gid)
     port = _free_port()
+    assert port is not None
     options = f"-c listen_addresses='' -p {port} -k {scratch}"
     _run(["pg_ctl", "-D", str(scratch), "-w", "-t", "60", "-l", str(scratch / "server.log"), "-o", options,
           "start"])
