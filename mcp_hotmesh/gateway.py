@@ -1,0 +1,294 @@
+"""The MCP server: each registered tool on the caller role's streams, served over stdio or Streamable HTTP.
+
+Every import of the ``mcp`` SDK is in this file, so an SDK change touches one file. The database side (the
+catalog, argument checks, calls and their answers) is ``gateway_core.Engine``; starting a gateway (embedded
+server, migrations, roles, the attached worker) is ``gateway_serve``.
+
+The tool list is data, so this is the SDK's low-level ``Server``:
+
+* ``tools/list`` is ``caller_tools()``, cached by the engine and refreshed on the registry's NOTIFY;
+* when the registry changes, clients hear ``notifications/tools/list_changed`` in both protocol eras: clients
+  of 2026-07-28 on their ``subscriptions/listen`` stream (``InMemorySubscriptionBus``), handshake-era clients on
+  the session captured from their earlier requests;
+* ``tools/call`` is ``Engine.call``: a bad call is an ``isError`` result the model can correct, an unknown tool
+  is JSON-RPC error -32602, worker progress becomes MCP progress, a cancelled request cancels the call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import ipaddress
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+from mcp import MCPError
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.auth.provider import AccessToken, TokenVerifier
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.models import InitializationOptions
+from mcp.server.session import ServerSession
+from mcp.server.stdio import stdio_server
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.types import (
+    INVALID_PARAMS,
+    CallToolRequestParams,
+    CallToolResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+)
+from mcp.types.version import MODERN_PROTOCOL_VERSIONS
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .errors import ConfigError
+from .gateway_core import Engine, UnknownTool
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "Each tool here is served by a worker process behind a PostgreSQL queue. A tool result marked as an error "
+    "says what went wrong in plain words: invalid arguments (fix them and call again), the tool's own failure, "
+    "a timeout, or a tool that is offline because no worker runs it right now."
+)
+MIN_TOKEN_LENGTH = 16
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mcp-hotmesh")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+class _HotMeshServer(Server[Any]):
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        # Handshake-era clients read tools.listChanged from the initialize result; the HTTP session manager and
+        # the in-memory legacy transport call this with no arguments, so the flag is defaulted here.
+        return super().create_initialization_options(
+            notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
+        )
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def error_result(message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(text=message)], is_error=True)
+
+
+class McpGateway:
+    """The MCP face of an ``Engine``; ``server`` is what transports (and ``mcp.Client(server)``) run."""
+
+    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
+        self.engine = engine
+        self.bus = InMemorySubscriptionBus()
+        self._legacy: dict[int, ServerSession] = {}
+        self.server = _HotMeshServer(
+            name,
+            version=_version(),
+            instructions=INSTRUCTIONS,
+            get_tool_input_schema=engine.input_schema,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            on_subscriptions_listen=ListenHandler(self.bus),
+        )
+        engine.on_tools_changed = self.notify_tools_changed
+
+    # ------------------------------------------------------------------------------------- list_changed
+    def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """Keep a handshake-era client's session, to tell it later that the tool list changed."""
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return
+        connection = getattr(ctx.session, "_connection", None)  # one per client connection
+        key = id(connection) if connection is not None else id(ctx.session)
+        if key in self._legacy:
+            return
+        self._legacy[key] = ctx.session
+        stack = getattr(connection, "exit_stack", None)
+        if stack is not None:
+            stack.callback(self._legacy.pop, key, None)  # forget it when the connection closes
+
+    async def notify_tools_changed(self) -> None:
+        await self.bus.publish(ToolsListChanged())
+        for session in list(self._legacy.values()):
+            try:
+                await session.send_tool_list_changed()  # best effort: dropped when the client is gone
+            except Exception as exc:  # a dead session must not stop the others hearing it
+                log.debug("list_changed not delivered: %s", exc)
+
+    # ----------------------------------------------------------------------------------------- handlers
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        self._remember(ctx)
+        tools = [
+            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
+            for r in self.engine.tools()
+        ]
+        return ListToolsResult(tools=tools)
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
+        self._remember(ctx)
+
+        async def report(progress: float, total: float | None, message: str | None) -> None:
+            try:
+                await ctx.session.report_progress(progress, total, message)
+            except Exception as exc:  # progress is a courtesy; the call goes on
+                log.debug("progress not delivered: %s", exc)
+
+        try:
+            outcome = await self.engine.call(params.name, params.arguments, report=report)
+        except UnknownTool as exc:
+            raise MCPError(INVALID_PARAMS, exc.message) from None
+        if outcome.error is not None or outcome.result is None:
+            return error_result(outcome.error or "the tool returned nothing")
+        return CallToolResult(content=[TextContent(text=_text(outcome.result))], structured_content=outcome.result)
+
+
+# ---------------------------------------------------------------------------------------------- stdio
+async def run_stdio(gateway: McpGateway) -> None:
+    """Serve one client on stdin/stdout until stdin closes. Only protocol goes to stdout."""
+    async with stdio_server() as (read_stream, write_stream):
+        await gateway.server.run(read_stream, write_stream, gateway.server.create_initialization_options())
+
+
+# ----------------------------------------------------------------------------------------------- HTTP
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_token(host: str, token: str | None) -> str:
+    """The bearer token HTTP clients must send. Required on every address, loopback included."""
+    if not token:
+        where = "on a loopback address too: any local process or user could call the tools otherwise"
+        if not is_loopback(host):
+            where = f"and refuses to listen on the non-loopback address {host!r} without one"
+        raise ConfigError(
+            f"--transport http needs a bearer token (--token or HOTMESH_TOKEN) {where}. Make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"the bearer token must be at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+class StaticTokenVerifier(TokenVerifier):
+    """Accepts exactly one bearer token, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if hmac.compare_digest(token.encode(), self._token):
+            return AccessToken(token=token, client_id="mcp-hotmesh-client", scopes=[])
+        return None
+
+
+def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starlette:
+    """The Streamable HTTP app: ``/mcp`` (bearer token) and ``/healthz`` (no token)."""
+    token = check_http_token(host, token)
+
+    async def healthz(request: Request) -> JSONResponse:
+        ok = await gateway.engine.healthy()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "database": ok}, status_code=200 if ok else 503)
+
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    return gateway.server.streamable_http_app(
+        streamable_http_path="/mcp",
+        host=host,  # loopback hosts get the SDK's DNS-rebinding protection (Host and Origin checks)
+        token_verifier=StaticTokenVerifier(token),
+        # A static bearer token: no authorization server to advertise, so no protected-resource metadata.
+        auth=AuthSettings(issuer_url=base, resource_server_url=None, validate_token_resource=False),  # type: ignore[arg-type]
+        custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"])],
+    )
+
+
+class _Uvicorn:
+    """uvicorn without its own signal handlers: ``serve`` owns SIGINT/SIGTERM and stops it gracefully."""
+
+    @staticmethod
+    def make(app: Starlette, host: str, port: int) -> Any:
+        import contextlib
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", log_config=None))
+
+
+async def run_http(
+    gateway: McpGateway, *, host: str, port: int, token: str, stop: anyio.Event | None = None,
+    started: anyio.Event | None = None,
+) -> None:
+    """Serve Streamable HTTP with uvicorn until ``stop`` is set (then finish the requests in flight)."""
+    server = _Uvicorn.make(http_app(gateway, host=host, port=port, token=token), host, port)
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while not server.started:  # noqa: ASYNC110 - uvicorn has no event for this
+                await anyio.sleep(0.02)
+            log.info("serving MCP over Streamable HTTP at http://%s:%d/mcp", host, port)
+            if started is not None:
+                started.set()
+            if stop is not None:
+                await stop.wait()
+                server.should_exit = True
+
+        tg.start_soon(watch)
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            raise ConfigError(f"could not serve HTTP on {host}:{port} (is the port in use?)") from None
+        finally:
+            tg.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- entry
+async def serve(args: Any) -> None:
+    """``mcp-hotmesh serve``: start the gateway (see ``gateway_serve``) and serve the chosen transport."""
+    from .gateway_serve import running_gateway
+
+    if args.transport == "http":
+        check_http_token(args.host, args.token)  # refuse before starting anything
+    stop = anyio.Event()
+    async with running_gateway(args) as engine, anyio.create_task_group() as tg:
+        gateway = McpGateway(engine)
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    stop.set()
+                    if args.transport != "http":
+                        tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signal)
+        if args.transport == "http":
+            await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop)
+        else:
+            await run_stdio(gateway)
+        tg.cancel_scope.cancel()

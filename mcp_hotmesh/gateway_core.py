@@ -1,0 +1,384 @@
+"""The gateway's engine, free of the MCP SDK: the tool catalog, argument checks, calls and their answers.
+
+``Engine`` logs in as a caller role. It keeps ``caller_tools()`` cached (refreshed when the registry's NOTIFY
+channel fires), checks a call's arguments against the registered JSON Schema before anything is enqueued,
+enqueues with ``caller_call`` and waits for the answer. Waiting costs no polling per call: ONE LISTEN connection
+per process hears ``r:<call_id>`` (ended) and ``p:<call_id>`` (progress) on the caller role's channel and wakes
+the waiting call, which then reads ``caller_result``. Notifications can be lost (a dropped LISTEN connection),
+so after a reconnect, and on a slow timer, every waiting call looks again.
+
+Every error that reaches an agent goes through ``safe_message``: no SQL, role names, DSNs or tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import anyio
+import anyio.abc
+import asyncpg
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
+from jsonschema.exceptions import SchemaError, ValidationError, relevance  # type: ignore[import-untyped]
+
+from .errors import (
+    ConnectionFailed,
+    DatabaseError,
+    HotMeshError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+from .postgres import Listener
+from .streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
+
+log = logging.getLogger(__name__)
+
+JSON = Any
+ProgressReport = Callable[[float, float | None, str | None], Awaitable[None]]
+
+
+class UnknownTool(HotMeshError):
+    """No tool by that name is available to this gateway."""
+
+
+def safe_message(exc: HotMeshError) -> str:
+    """What an agent is told when the gateway's own work failed: the one place errors become text."""
+    if isinstance(exc, PermissionDenied):
+        return "This server is not allowed to call that tool (its database role does not cover the tool's stream)."
+    if isinstance(exc, PayloadTooLarge):
+        return "The arguments are larger than the tool service accepts. Send less data."
+    if isinstance(exc, ConnectionFailed):
+        return "The tool service is unreachable right now (its database connection failed). Try again shortly."
+    if isinstance(exc, InvalidInput):
+        return f"The tool service refused the arguments: {exc.message}."
+    if isinstance(exc, NotFound):
+        return "The tool service lost track of this call. Try the call again."
+    if isinstance(exc, DatabaseError):
+        return "The tool service failed to handle the call. Try again shortly."
+    if isinstance(exc, UnknownTool):
+        return exc.message
+    return "The tool service failed to handle the call."
+
+
+@dataclass
+class Outcome:
+    """A finished call: ``result`` (a JSON object) or ``error`` (text the model can read)."""
+
+    result: dict[str, JSON] | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Entry:
+    record: ToolRecord
+    _validator: Draft202012Validator | None = None
+    _schema_error: str | None = None
+
+    def validator(self) -> Draft202012Validator | None:
+        """The compiled validator (cached); None when the registered schema itself is invalid."""
+        if self._validator is None and self._schema_error is None:
+            try:
+                Draft202012Validator.check_schema(self.record.input_schema)
+                self._validator = Draft202012Validator(self.record.input_schema)
+            except SchemaError as exc:
+                self._schema_error = exc.message
+        return self._validator
+
+    def definition(self) -> tuple[str, str, str, str]:
+        r = self.record
+        return (r.name, r.description, json.dumps(r.input_schema, sort_keys=True),
+                json.dumps(r.output_schema, sort_keys=True))
+
+
+@dataclass
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+
+    def wake(self) -> None:
+        self.event.set()
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
+    """Schema violations as short lines the model can act on."""
+    parts = []
+    for e in sorted(errors, key=relevance)[:limit]:
+        where = "/".join(str(p) for p in e.absolute_path)
+        parts.append(f"{where or '(top level)'}: {_clip(e.message, 200)}")
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more
+
+
+def _error_text(res: CallResult) -> str:
+    """The handler's own message for a failed call."""
+    value = res.result
+    if isinstance(value, dict):
+        for key in ("message", "error"):
+            if isinstance(value.get(key), str) and value[key]:
+                return _clip(value[key], 4000)
+    if isinstance(value, str) and value:
+        return _clip(value, 4000)
+    if res.error:
+        return _clip(res.error, 4000)
+    if value is not None:
+        return _clip(json.dumps(value), 4000)
+    return "the tool failed without a message"
+
+
+class Engine:
+    """The caller-role side of every tool call; one per gateway process."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        schema: str,
+        role: str,
+        listen_dsn: str,
+        timeout: float = 60.0,
+        max_args_bytes: int = 1 << 20,
+        recheck_interval: float = 5.0,
+        refresh_interval: float = 30.0,
+    ) -> None:
+        self.api = CallerAPI(pool, schema)
+        self.schema = schema
+        self.role = role
+        self.timeout = timeout
+        self.max_args_bytes = max_args_bytes
+        self.recheck_interval = recheck_interval
+        self.refresh_interval = refresh_interval
+        self.on_tools_changed: Callable[[], Awaitable[None]] | None = None
+        self._tools: dict[str, _Entry] = {}
+        self._waiters: dict[UUID, _Waiter] = {}
+        self._dirty = anyio.Event()
+        self._refresh_lock = anyio.Lock()
+        self._calls_channel = caller_channel(schema, role)
+        self._tools_channel = tools_channel(schema)
+        self.listener = Listener(
+            listen_dsn, [self._calls_channel, self._tools_channel], self._on_notify,
+            on_reconnect=self._on_reconnect, check_interval=recheck_interval,
+        )
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Engine:
+        await self.refresh(notify=False)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.listener.run)
+        self._tg.start_soon(self._refresher)
+        self._tg.start_soon(self._ticker)
+        with anyio.move_on_after(10):
+            await self.listener.connected.wait()
+        if not self.listener.connected.is_set():
+            log.warning("the LISTEN connection is not up yet; calls will be checked on a timer until it is")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == self._tools_channel:
+            self._dirty.set()
+            return
+        kind, _, ident = payload.partition(":")
+        if kind not in ("r", "p"):
+            return
+        try:
+            waiter = self._waiters.get(UUID(ident))
+        except ValueError:
+            return
+        if waiter is not None:
+            waiter.wake()
+
+    def wake_all(self) -> None:
+        for waiter in list(self._waiters.values()):
+            waiter.wake()
+
+    async def _on_reconnect(self) -> None:
+        # notifications sent while the connection was down are lost: look at everything again
+        self.wake_all()
+        self._dirty.set()
+
+    async def _refresher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            await anyio.sleep(0.05)  # let a burst of registrations settle into one refresh
+            try:
+                await self.refresh()
+            except HotMeshError as exc:
+                log.warning("could not refresh the tool list: %s", exc)
+                await anyio.sleep(1)
+                self._dirty.set()
+
+    async def _ticker(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await anyio.sleep(self.recheck_interval)
+            self.wake_all()  # the safety net for a missed NOTIFY
+            if time.monotonic() - last_refresh >= self.refresh_interval:
+                last_refresh = time.monotonic()
+                self._dirty.set()  # live-worker counts age without a NOTIFY
+
+    # ------------------------------------------------------------------------------------------ catalog
+    async def refresh(self, *, notify: bool = True) -> bool:
+        """Re-read ``caller_tools()``; returns whether the tool definitions changed (and tells listeners)."""
+        async with self._refresh_lock:
+            records = await self.api.tools()
+            old = self._tools
+            new: dict[str, _Entry] = {}
+            for r in records:
+                entry = old.get(r.name)
+                if entry is not None and entry.record.input_schema == r.input_schema:
+                    entry.record = r  # keep the compiled validator
+                    new[r.name] = entry
+                else:
+                    new[r.name] = _Entry(r)
+            changed = sorted(e.definition() for e in new.values()) != sorted(e.definition() for e in old.values())
+            self._tools = new
+        if changed and notify and self.on_tools_changed is not None:
+            await self.on_tools_changed()
+        return changed
+
+    def tools(self) -> list[ToolRecord]:
+        """The cached catalog, by name."""
+        return [e.record for e in sorted(self._tools.values(), key=lambda e: e.record.name)]
+
+    def input_schema(self, name: str) -> dict[str, Any] | None:
+        entry = self._tools.get(name)
+        return entry.record.input_schema if entry else None
+
+    async def _entry(self, name: str) -> _Entry:
+        entry = self._tools.get(name)
+        if entry is None:  # maybe registered a moment ago
+            await self.refresh()
+            entry = self._tools.get(name)
+        if entry is None:
+            raise UnknownTool(f"Unknown tool: {_clip(name, 80)!r}. List the tools again to see what is available.")
+        return entry
+
+    # -------------------------------------------------------------------------------------------- calls
+    async def check(self, name: str, arguments: dict[str, JSON] | None) -> tuple[_Entry, dict[str, JSON]] | str:
+        """The tool and its arguments, or why the call must not be enqueued. Raises ``UnknownTool``."""
+        entry = await self._entry(name)
+        args = arguments if arguments is not None else {}
+        try:
+            size = len(json.dumps(args, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
+        except (TypeError, ValueError):
+            return f"The arguments for {name!r} are not valid JSON."
+        if size > self.max_args_bytes:
+            return (f"The arguments for {name!r} are {size} bytes of JSON; this server accepts at most "
+                    f"{self.max_args_bytes}. Send less data.")
+        validator = entry.validator()
+        if validator is None:
+            return f"Tool {name!r} cannot be called: its registered input schema is invalid ({entry._schema_error})."
+        errors = list(validator.iter_errors(args))
+        if errors:
+            return f"Invalid arguments for {name!r}: {describe_errors(errors)}. Fix the arguments and call again."
+        if entry.record.live_workers == 0:
+            await self.refresh()  # a worker may have started a moment ago
+            entry = self._tools.get(name, entry)
+            if entry.record.live_workers == 0:
+                return (f"Tool {name!r} is offline: no worker is running for it right now, so the call was not "
+                        "sent. Try again later, or tell the user the service behind this tool is not running.")
+        return entry, args
+
+    async def call(
+        self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
+        time_limit: float | None = None,
+    ) -> Outcome:
+        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database."""
+        checked = await self.check(name, arguments)
+        if isinstance(checked, str):
+            return Outcome(error=checked)
+        entry, args = checked
+        limit = self.timeout if time_limit is None else time_limit
+        record = entry.record
+        try:
+            call_id = await self.api.call(record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
+        except HotMeshError as exc:
+            return Outcome(error=safe_message(exc))
+        waiter = self._waiters[call_id] = _Waiter()
+        try:
+            return await self._wait(name, call_id, waiter, limit, report)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._cancel(call_id)
+            raise
+        finally:
+            self._waiters.pop(call_id, None)
+
+    async def _cancel(self, call_id: UUID) -> str | None:
+        try:
+            return await self.api.cancel(call_id)
+        except HotMeshError as exc:
+            log.warning("could not cancel call %s: %s", call_id, exc)
+            return None
+
+    async def _wait(
+        self, name: str, call_id: UUID, waiter: _Waiter, limit: float, report: ProgressReport | None
+    ) -> Outcome:
+        deadline = time.monotonic() + limit
+        last_progress: float | None = None
+        while True:
+            waiter.event = anyio.Event()  # a wake-up from now on is not lost while we read
+            try:
+                res = await self.api.result(call_id)
+            except ConnectionFailed as exc:
+                log.warning("reading call %s: %s", call_id, exc)
+                res = None
+            except HotMeshError as exc:
+                return Outcome(error=safe_message(exc))
+            if res is not None:
+                if res.finished:
+                    return self._outcome(res)
+                if report is not None and res.progress is not None and (
+                    last_progress is None or res.progress > last_progress
+                ):
+                    last_progress = res.progress
+                    await report(res.progress, res.progress_total, res.progress_message)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return await self._timed_out(name, call_id, limit)
+            with anyio.move_on_after(min(remaining, self.recheck_interval * 2)):
+                await waiter.event.wait()
+
+    async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
+        state = await self._cancel(call_id)
+        if state == "done":  # it finished just now: the answer is there
+            try:
+                res = await self.api.result(call_id)
+                if res.finished:
+                    return self._outcome(res)
+            except HotMeshError:
+                pass
+        return Outcome(error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
+
+    @staticmethod
+    def _outcome(res: CallResult) -> Outcome:
+        if res.state == "done" and not res.is_error:
+            value = res.result
+            return Outcome(result=value if isinstance(value, dict) else {"result": value})
+        return Outcome(error=_error_text(res))
+
+    async def healthy(self) -> bool:
+        """Whether the database answers through the caller pool."""
+        try:
+            with anyio.fail_after(3):
+                await self.api.pool.fetchval("SELECT 1")
+            return True
+        except Exception:
+            return False

@@ -1,0 +1,146 @@
+"""Starting a gateway for ``mcp-hotmesh serve``: where the database is, which roles to log in as, the worker.
+
+Three modes, chosen by the DSN (``--dsn`` / ``HOTMESH_DSN``):
+
+* no DSN: the embedded PostgreSQL is started (``--data-dir``), then as with an admin DSN;
+* an admin DSN (a superuser, or a member of ``<schema>_owner``): migrate, then create or take over (with a
+  fresh password, ``roles.ensure_role``) a caller role ``<schema>_c_gateway`` and, unless ``--no-worker``, a
+  worker role ``<schema>_w_gateway``, both scoped to the tool set's topics. The admin connection is closed
+  once they exist: agents are served through the caller role's pool and the attached worker runs through the
+  worker role's pool, each logged in with its own password, as a process on another machine would be;
+* any other DSN: a caller role's login. The gateway only serves (workers run elsewhere).
+
+A second ``serve`` on the same schema must not take over the roles of a first one that is still running (a
+new password would lock the first one out of new connections), so a role already logged in is skipped for
+``<schema>_c_gateway_2``, ``_3``, ... under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import asyncpg
+from pydantic import SecretStr
+
+from . import embedded
+from .config import WorkerCredentials, check_schema, connection_dsn
+from .errors import ConfigError, PermissionDenied
+from .gateway_core import Engine
+from .migrate import migrate
+from .postgres import connect, create_pool, translated
+from .roles import ensure_role
+from .tools import ToolSet, load_toolset
+
+log = logging.getLogger(__name__)
+
+MAX_INSTANCES = 20
+
+
+async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
+    """A superuser, or a member of ``<schema>_owner``."""
+    with translated():
+        row = await conn.fetchrow(
+            "SELECT r.rolsuper, EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS owner_exists "
+            "FROM pg_roles r WHERE r.rolname = session_user",
+            f"{schema}_owner",
+        )
+        if row is None:
+            return False
+        if row["rolsuper"]:
+            return True
+        if not row["owner_exists"]:
+            return False
+        return bool(await conn.fetchval("SELECT pg_has_role(session_user, $1, 'MEMBER')", f"{schema}_owner"))
+
+
+async def _free_suffix(conn: asyncpg.Connection, schema: str, with_worker: bool) -> str:
+    """``""`` or ``_2``, ``_3``...: the first pair of gateway role names that no running process is logged in as."""
+    for i in range(1, MAX_INSTANCES + 1):
+        suffix = "" if i == 1 else f"_{i}"
+        names = [f"{schema}_c_gateway{suffix}"] + ([f"{schema}_w_gateway{suffix}"] if with_worker else [])
+        with translated():
+            busy = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = ANY($1::text[])", names)
+        if not busy:
+            return suffix
+    raise ConfigError(f"{MAX_INSTANCES} gateways already run on schema {schema!r}")
+
+
+@contextlib.asynccontextmanager
+async def _attached_worker(
+    toolset: ToolSet, dsn: str, credentials: WorkerCredentials, schema: str
+) -> AsyncIterator[None]:
+    from .worker import Worker  # the worker runtime
+
+    async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(args: Any) -> AsyncIterator[Engine]:
+    """Everything ``serve`` runs before it speaks MCP; yields the engine, tears it all down on exit."""
+    schema = check_schema(args.schema)
+    timeout = float(args.timeout)
+    max_args = int(args.max_args_bytes)
+    if timeout <= 0 or max_args <= 0:
+        raise ConfigError("--timeout and --max-args-bytes must be positive")
+    async with contextlib.AsyncExitStack() as stack:
+        server: embedded.EmbeddedServer | None = None
+        dsn = args.dsn
+        if not dsn:
+            server = await anyio.to_thread.run_sync(lambda: embedded.start(args.data_dir))
+            if server.started_here:
+                stack.callback(server.stop)
+            dsn = server.admin_dsn
+        worker_dsn: str | None = None
+        worker_credentials: WorkerCredentials | None = None
+        toolset: ToolSet | None = None
+        admin = await connect(dsn)
+        try:
+            if await is_admin(admin, schema):
+                toolset = load_toolset(args.tools)
+                streams = list(toolset.topics)
+                if not streams:
+                    raise ConfigError(f"the tool set {args.tools} has no tools")
+                await migrate(admin, schema)
+                with translated():  # one start at a time picks role names
+                    await admin.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:serve:{schema}")
+                suffix = await _free_suffix(admin, schema, not args.no_worker)
+                caller = await ensure_role(admin, f"{schema}_c_gateway{suffix}", streams, "caller", schema=schema)
+                # Each role logs in with its own password: over TCP to the embedded server, as from another
+                # machine; otherwise the admin DSN's host, port and database with the role's login.
+                base = server.role_dsn(caller.role, caller.password) if server is not None else dsn
+                caller_login = WorkerCredentials(user=caller.role, password=SecretStr(caller.password))
+                caller_dsn = connection_dsn(base, caller_login)
+                if not args.no_worker:
+                    worker = await ensure_role(admin, f"{schema}_w_gateway{suffix}", streams, "worker", schema=schema)
+                    worker_credentials = WorkerCredentials(user=worker.role, password=SecretStr(worker.password))
+                    worker_dsn = connection_dsn(base, worker_credentials)
+                log.info("serving as caller role %s%s", caller.role,
+                         f" with an attached worker as {worker_credentials.user}" if worker_credentials else "")
+                pool = await create_pool(caller_dsn, min_size=1, max_size=10)  # logged in: the names are now busy
+            else:
+                caller_dsn = dsn
+                pool = await create_pool(caller_dsn, min_size=1, max_size=10)
+        finally:
+            await admin.close()  # the admin's part ends here (and the advisory lock with it)
+        stack.push_async_callback(pool.close)
+        with translated():
+            role = str(await pool.fetchval("SELECT session_user"))
+        engine = Engine(pool, schema=schema, role=role, listen_dsn=caller_dsn, timeout=timeout,
+                        max_args_bytes=max_args)
+        try:
+            await stack.enter_async_context(engine)
+        except PermissionDenied:
+            raise ConfigError(
+                f"this DSN's role can neither administer schema {schema!r} nor call its tools: give an admin DSN "
+                "or a caller role's (mcp-hotmesh provision --kind caller)"
+            ) from None
+        if toolset is not None and worker_dsn is not None and worker_credentials is not None:
+            await stack.enter_async_context(_attached_worker(toolset, worker_dsn, worker_credentials, schema))
+        elif toolset is None:
+            log.info("serving as %s; workers run elsewhere", role)
+        yield engine

@@ -1,0 +1,275 @@
+"""The gateway through the real ``mcp`` client, in-process, in both protocol eras, against real PostgreSQL.
+
+The gateway logs in as a caller role, the worker as a worker role, each with its own password over TCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, MCPError
+from mcp.types import INVALID_PARAMS, ToolListChangedNotification
+
+from mcp_hotmesh.config import WorkerCredentials
+from mcp_hotmesh.examples import toolset as example_tools
+from mcp_hotmesh.gateway import McpGateway
+from mcp_hotmesh.gateway_core import Engine
+from mcp_hotmesh.roles import ProvisionedRole
+from mcp_hotmesh.streams import WorkerAPI
+from mcp_hotmesh.tools import ToolContext, ToolSet
+from mcp_hotmesh.worker import Worker
+from tests.conftest import Env
+
+pytestmark = pytest.mark.anyio
+
+# ------------------------------------------------------------------------------------------- test tools
+tools = ToolSet(list(example_tools.tools))
+cancelled = {"count": 0}
+
+
+@tools.tool(topic="test.fail")
+async def fail(reason: str) -> dict[str, Any]:
+    """Always fails with the given reason."""
+    raise ValueError(reason)
+
+
+@tools.tool(topic="test.block")
+async def block(ctx: ToolContext | None = None) -> dict[str, Any]:
+    """Blocks until cancelled."""
+    try:
+        await anyio.sleep(120)
+    except anyio.get_cancelled_exc_class():
+        cancelled["count"] += 1
+        raise
+    return {}
+
+
+STREAMS = list(tools.topics)
+LATER = "test.later"  # the caller may use it; its tool is registered during a test
+
+
+@contextlib.asynccontextmanager
+async def run_worker(env: Env, role: ProvisionedRole, toolset: ToolSet) -> AsyncIterator[Worker]:
+    """The real worker runtime, logged in as ``role`` over TCP with its password (as from another machine)."""
+    credentials = WorkerCredentials.model_validate({"user": role.role, "password": role.password})
+    base = f"postgresql://{env.server.tcp_host}:{env.server.tcp_port}/{env.server.database}"
+    worker = Worker.from_toolset(toolset, connection=base, credentials=credentials, schema=env.schema,
+                                 shutdown_grace=1.0)
+    async with worker:
+        yield worker
+
+
+@dataclass
+class Hub:
+    env: Env
+    engine: Engine
+    gateway: McpGateway
+    caller: ProvisionedRole
+
+    async def rows(self) -> int:
+        return int(await self.env.admin.fetchval(f'SELECT count(*) FROM "{self.env.schema}".messages'))
+
+
+async def wait_for(predicate: Any, seconds: float = 10) -> None:
+    with anyio.fail_after(seconds):
+        while not await predicate():  # noqa: ASYNC110 - polling the database, which has no event to await
+            await anyio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def hub_for(env: Env, **engine_options: Any) -> AsyncIterator[Hub]:
+    worker_role = await env.provision(STREAMS, "worker")
+    caller = await env.provision([*STREAMS, LATER], "caller")
+    engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
+                    **{"timeout": 20.0, "max_args_bytes": 4096, **engine_options})
+    gateway = McpGateway(engine)
+    async with run_worker(env, worker_role, tools), engine:
+
+        async def ready() -> bool:
+            await engine.refresh()
+            return {r.name for r in engine.tools() if r.live_workers} >= {t.name for t in tools.tools}
+
+        await wait_for(ready)
+        yield Hub(env, engine, gateway, caller)
+
+
+@pytest.fixture
+async def hub(env: Env) -> AsyncIterator[Hub]:
+    async with hub_for(env) as h:
+        yield h
+
+
+@pytest.fixture(params=["auto", "legacy"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+async def test_list_is_the_registry_on_the_callers_streams(hub: Hub, mode: str) -> None:
+    # a tool on a stream the caller role may not use is registered, but not listed
+    _, other = await hub.env.worker(["secret"])
+    await other.register_tool("secret", "", {"name": "secret_tool", "description": "hidden",
+                                             "input_schema": {"type": "object"}})
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        assert client.server_capabilities is not None and client.server_capabilities.tools is not None
+        assert client.server_capabilities.tools.list_changed is True
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    assert sorted(listed) == sorted(t.name for t in tools.tools)
+    for t in tools.tools:
+        assert listed[t.name].description == t.description
+        assert listed[t.name].input_schema == t.input_schema
+        assert listed[t.name].output_schema == t.output_schema
+    assert {"math_add", "math_multiply"} <= set(listed)  # one topic, two tools by workflow name
+
+
+async def test_list_changed_reaches_modern_clients(hub: Hub) -> None:
+    _, later = await hub.env.worker([LATER])
+    async with Client(hub.gateway.server) as client, client.listen(tools_list_changed=True) as events:
+        assert LATER.replace(".", "_") not in [t.name for t in (await client.list_tools()).tools]
+        await later.register_tool(LATER, "", {"name": "later", "description": "new",
+                                              "input_schema": {"type": "object"}})
+        with anyio.fail_after(5):
+            await events.__anext__()
+        assert "later" in [t.name for t in (await client.list_tools()).tools]
+
+
+async def test_list_changed_reaches_legacy_clients(hub: Hub) -> None:
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ToolListChangedNotification):
+            changed.set()
+
+    _, later = await hub.env.worker([LATER])
+    async with Client(hub.gateway.server, mode="legacy", message_handler=on_message) as client:
+        await client.list_tools()
+        await later.register_tool(LATER, "", {"name": "later", "description": "new",
+                                              "input_schema": {"type": "object"}})
+        with anyio.fail_after(5):
+            await changed.wait()
+        assert "later" in [t.name for t in (await client.list_tools()).tools]
+
+
+async def test_structured_result(hub: Hub, mode: str) -> None:
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        result = await client.call_tool("echo", {"text": "héllo"})
+        assert not result.is_error
+        assert result.structured_content == {"text": "héllo", "length": 5}
+        assert json.loads(result.content[0].text) == {"text": "héllo", "length": 5}  # type: ignore[union-attr]
+        product = await client.call_tool("math_multiply", {"a": 6, "b": 7})
+        assert product.structured_content == {"result": 42}
+
+
+async def test_invalid_arguments_are_refused_before_anything_is_enqueued(hub: Hub, mode: str) -> None:
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        wrong_type = await client.call_tool("echo", {"text": 5})
+        missing = await client.call_tool("math_add", {"a": 1})
+        extra = await client.call_tool("echo", {"text": "x", "colour": "red"})
+        out_of_range = await client.call_tool("sleep", {"seconds": -1})
+    for result in (wrong_type, missing, extra, out_of_range):
+        assert result.is_error
+    assert "text: 5 is not of type 'string'" in wrong_type.content[0].text  # type: ignore[union-attr]
+    assert "'b' is a required property" in missing.content[0].text  # type: ignore[union-attr]
+    assert "colour" in extra.content[0].text  # type: ignore[union-attr]
+    assert "seconds" in out_of_range.content[0].text  # type: ignore[union-attr]
+    assert await hub.rows() == 0
+
+
+async def test_oversized_arguments_are_refused(hub: Hub) -> None:
+    async with Client(hub.gateway.server) as client:
+        result = await client.call_tool("echo", {"text": "x" * 5000})
+    assert result.is_error
+    assert "at most 4096" in result.content[0].text  # type: ignore[union-attr]
+    assert await hub.rows() == 0
+
+
+async def test_unknown_tool_is_invalid_params(hub: Hub, mode: str) -> None:
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        with pytest.raises(MCPError) as exc:
+            await client.call_tool("no_such_tool", {})
+    assert exc.value.code == INVALID_PARAMS
+    assert "no_such_tool" in exc.value.message
+
+
+async def test_handler_failure_is_an_error_result_without_internals(hub: Hub, mode: str) -> None:
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        result = await client.call_tool("test_fail", {"reason": "the widget is broken"})
+    assert result.is_error
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert "the widget is broken" in text
+    for secret in ("Traceback", "SELECT", "postgresql://", hub.caller.role, hub.caller.password, hub.env.schema):
+        assert secret not in text
+
+
+async def test_flaky_tool_succeeds_on_retry(hub: Hub) -> None:
+    async with Client(hub.gateway.server) as client:
+        result = await client.call_tool("flaky", {})
+    assert not result.is_error and result.structured_content is not None
+    assert result.structured_content["attempt"] == 1
+
+
+async def test_progress_is_forwarded(hub: Hub, mode: str) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        result = await client.call_tool("sleep", {"seconds": 0.9, "steps": 3}, progress_callback=on_progress)
+    assert not result.is_error
+    assert seen, "no progress arrived"
+    assert [p for p, _, _ in seen] == sorted({p for p, _, _ in seen})  # increasing
+    assert all(total == 3 for _, total, _ in seen)
+    assert seen[0][2] is not None and seen[0][2].startswith("step ")
+
+
+async def test_timeout_cancels_the_call(env: Env) -> None:
+    async with hub_for(env, timeout=0.5) as hub, Client(hub.gateway.server) as client:
+        started = time.monotonic()
+        result = await client.call_tool("sleep", {"seconds": 30})
+        assert time.monotonic() - started < 5
+        assert result.is_error
+        assert "did not finish within 0.5 seconds" in result.content[0].text  # type: ignore[union-attr]
+        row = await env.admin.fetchrow(f'SELECT state, cancel_requested FROM "{env.schema}".messages')
+        assert row is not None and row["cancel_requested"]
+
+        async def dead() -> bool:  # the worker stopped the handler: it never finishes late
+            return await env.admin.fetchval(f'SELECT state FROM "{env.schema}".messages') == "dead"
+
+        await wait_for(dead, 10)
+
+
+async def test_client_cancellation_reaches_the_handler(hub: Hub, mode: str) -> None:
+    before = cancelled["count"]
+    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+        with anyio.move_on_after(0.5):
+            await client.call_tool("test_block", {})
+
+        async def handler_cancelled() -> bool:
+            return cancelled["count"] > before
+
+        await wait_for(handler_cancelled, 10)
+        row = await hub.env.admin.fetchrow(f'SELECT state, cancel_requested FROM "{hub.env.schema}".messages')
+        assert row is not None and row["cancel_requested"]
+        assert not (await client.call_tool("echo", {"text": "still here"})).is_error
+
+
+async def test_a_tool_without_a_live_worker_fails_at_once(hub: Hub) -> None:
+    role = await hub.env.provision([LATER], "worker")
+    api = WorkerAPI(await hub.env.pool(role), hub.env.schema)  # registers, but never runs
+    await api.register_tool(LATER, "", {"name": "later", "description": "nobody runs this",
+                                        "input_schema": {"type": "object"}})
+    async with Client(hub.gateway.server) as client:
+        started = time.monotonic()
+        result = await client.call_tool("later", {})
+        assert time.monotonic() - started < 2
+    assert result.is_error
+    assert "offline" in result.content[0].text  # type: ignore[union-attr]
+    assert await hub.rows() == 0
