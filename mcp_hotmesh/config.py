@@ -9,10 +9,11 @@ the seed, where a worker holds nothing but a scoped role's login.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from .errors import ConfigError
 
@@ -124,3 +125,109 @@ def redact(dsn: str) -> str:
 
 def as_dict(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json")
+
+
+# -------------------------------------------------------------------------------------- worker configuration
+# The seed's worker options (HotMesh's WorkerConfig), in Python names. All times are milliseconds, as in the seed.
+
+Callback = Callable[..., Awaitable[Any]]
+"""``async callback(args, ctx) -> result``: the arguments as JSON, a ``ToolContext``, the result as JSON."""
+
+
+class RetryPolicy(BaseModel):
+    """How a handler that raised is retried: exponential backoff, in milliseconds.
+
+    After the attempt numbered ``n`` (0 for the first) raised, the next one runs
+    ``min(initial_interval * backoff_coefficient ** n, maximum_interval)`` ms later, until ``maximum_attempts``
+    attempts have run; then the message is dead-lettered and the caller gets the exception's message.
+    No retry is ever scheduled past the call's deadline (the database dead-letters it instead).
+
+    Defaults: ``maximum_attempts=3``, ``initial_interval=500``, ``backoff_coefficient=2``,
+    ``maximum_interval=5000``. An agent waits for the answer, so a transient failure (a flaky API, a dropped
+    connection) gets two quick second chances, 0.5 s then 1 s later, and a real bug reaches the agent in about
+    two seconds instead of HotMesh's minutes (coefficient 10, up to 120 s between attempts).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    maximum_attempts: int = Field(default=3, ge=1, le=1000)
+    initial_interval: int = Field(default=500, ge=0, le=86_400_000)
+    backoff_coefficient: float = Field(default=2.0, ge=1.0, le=100.0)
+    maximum_interval: int = Field(default=5_000, ge=0, le=86_400_000)
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> RetryPolicy:
+        if self.maximum_interval < self.initial_interval:
+            raise ValueError("maximum_interval must not be smaller than initial_interval")
+        return self
+
+    def next_delay(self, attempt: int) -> int | None:
+        """Milliseconds before retrying after attempt ``attempt`` (0-based) failed; None when none is left."""
+        if attempt + 1 >= self.maximum_attempts:
+            return None
+        try:
+            delay = self.initial_interval * self.backoff_coefficient ** max(attempt, 0)
+        except OverflowError:
+            return self.maximum_interval
+        return int(min(delay, self.maximum_interval))
+
+
+class WorkerConfig(BaseModel):
+    """One worker: a callback serving one topic (and workflow name), and how it consumes.
+
+    =====================  =====================================================================================
+    ``topic``              the stream the worker consumes (required)
+    ``callback``           ``async (args, ctx) -> result`` (required unless ``readonly``)
+    ``connection``         a DSN (the short form) or ``ConnectionOptions`` (required)
+    ``readonly``           ``False``. True: never claims a message (and does not count as a live worker),
+                           but can still publish and register tools
+    ``reclaim_delay``      ``10000`` ms: how long a lease lasts before another worker may reclaim the message.
+                           A running handler's lease is extended every ``reclaim_delay / 2``, so only a worker
+                           that died or lost the database loses its messages, and another worker takes them
+                           over within about 10 s: well inside the minute an agent waits for a tool (HotMesh's
+                           60 s would eat all of it)
+    ``reclaim_count``      ``3``: reclaims before the message is dead-lettered with an error answer for the
+                           caller. A message that kills its worker three times is poison; it should not take
+                           down every worker in turn
+    ``retry``              ``RetryPolicy()``: 3 attempts, 500 ms, x2, at most 5 s (see ``RetryPolicy``)
+    ``task_queue``         ``None``. Components of one process that name the same task queue and connect
+                           with the same DSN share one connection pool; with none, each topic has its own
+    ``worker_credentials`` ``None``. A scoped role's ``user`` and ``password``, replacing those in
+                           ``connection``: the secured mode
+    ``workflow_name``      ``""``. Workers on one topic with different workflow names are served by one
+                           consumer per topic, which fetches batches for all of them and dispatches each
+                           message by its workflow name; a message no local callback serves stays queued for
+                           a worker that can serve it
+    =====================  =====================================================================================
+
+    Workers that share a consumer (same topic and connection) must agree on ``reclaim_delay``,
+    ``reclaim_count`` and ``task_queue``: they describe the consumer, not one callback.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str = Field(pattern=STREAM_PATTERN.pattern)
+    callback: Callback | None = None
+    connection: Connection
+    readonly: bool = False
+    reclaim_delay: int = Field(default=10_000, ge=1, le=3_600_000)
+    reclaim_count: int = Field(default=3, ge=0, le=1000)
+    retry: RetryPolicy = RetryPolicy()
+    task_queue: str | None = Field(default=None, min_length=1, max_length=200)
+    worker_credentials: WorkerCredentials | None = None
+    workflow_name: str = Field(default="", max_length=200)
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerConfig:
+        if self.callback is None and not self.readonly:
+            raise ValueError("a worker that is not readonly needs a callback")
+        try:
+            connection_dsn(self.connection, self.worker_credentials)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def dsn(self) -> str:
+        """The DSN this worker connects with: ``worker_credentials``, when given, replace the login."""
+        return connection_dsn(self.connection, self.worker_credentials)

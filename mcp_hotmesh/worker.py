@@ -1,0 +1,332 @@
+"""The secured worker: serves a ``ToolSet`` (or a list of ``WorkerConfig``) from PostgreSQL streams.
+
+    async with Worker.from_toolset(toolset, connection="postgresql://db.internal/app",
+                                   credentials=WorkerCredentials(user=role, password=password)):
+        await anyio.sleep_forever()
+
+On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
+tool (``worker_register_tool``), LISTENs on its topics' channels (one connection per DSN, re-established with
+backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh.consumer``: claim
+batches, dispatch by workflow name, extend leases, cancel, answer). A consumer claims when a NOTIFY says there
+is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
+(``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
+
+Stopping is graceful: stop claiming, let running handlers finish for ``shutdown_grace`` seconds, cancel the
+rest and release their messages (``worker_release``: another worker takes them at once, no reclaim counted),
+``worker_goodbye``. ``run_worker`` (the CLI's ``mcp-hotmesh worker``) does that on SIGTERM or SIGINT; a second
+signal skips what is left of the grace period.
+
+Everything goes through the worker_* functions, so a worker role's login is all a worker ever needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
+from .consumer import ANSWER_TIMEOUT, Consumer, Slots
+from .errors import ConfigError, HotMeshError
+from .postgres import Listener, pools
+from .streams import WorkerAPI, worker_channel
+from .tools import ToolSet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RetryPolicy", "Worker", "WorkerConfig", "run_worker"]
+
+
+@dataclass(eq=False)
+class _Group:
+    """The configs that share one pool and, unless readonly, one consumer: same topic, DSN and mode."""
+
+    topic: str
+    dsn: str
+    readonly: bool
+    configs: list[WorkerConfig] = field(default_factory=list)
+    api: WorkerAPI | None = None
+    consumer: Consumer | None = None
+
+
+class Worker:
+    """Serves callbacks on PostgreSQL streams; an async context manager (or ``start``/``stop`` in one task).
+
+    ``configs``: one ``WorkerConfig`` per (topic, workflow name). ``tools``: the ``ToolSet`` whose tools are
+    registered on start (``from_toolset`` builds both). ``concurrency``: handlers run at once, over all
+    topics (default 10). ``poll_interval``: seconds between fallback claims when no NOTIFY comes (default 5).
+    ``heartbeat_interval``: seconds between heartbeats; each counts for three intervals (default 5).
+    ``shutdown_grace``: seconds running handlers get to finish on stop (default 10).
+    """
+
+    def __init__(
+        self,
+        configs: Sequence[WorkerConfig],
+        *,
+        tools: ToolSet | None = None,
+        schema: str = DEFAULT_SCHEMA,
+        concurrency: int = 10,
+        poll_interval: float = 5.0,
+        heartbeat_interval: float = 5.0,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        if not configs:
+            raise ConfigError("a worker needs at least one WorkerConfig")
+        if concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if min(poll_interval, heartbeat_interval) <= 0 or shutdown_grace < 0:
+            raise ConfigError("poll_interval and heartbeat_interval must be positive, shutdown_grace not negative")
+        self.schema = check_schema(schema)
+        self.tools = tools
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.shutdown_grace = shutdown_grace
+        self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._groups = _group(configs)
+        self._registrations = self._match_tools(tools)
+        self._stack: AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._hurry = anyio.Event()
+
+    @classmethod
+    def from_toolset(
+        cls,
+        tools: ToolSet,
+        *,
+        connection: Connection,
+        credentials: WorkerCredentials | None = None,
+        readonly: bool = False,
+        reclaim_delay: int | None = None,
+        reclaim_count: int | None = None,
+        retry: RetryPolicy | None = None,
+        task_queue: str | None = None,
+        **options: Any,
+    ) -> Worker:
+        """A worker for every tool of ``tools``: one ``WorkerConfig`` each (its topic, workflow name and
+        ``Tool.invoke`` as the callback); the options left out keep ``WorkerConfig``'s defaults. ``options``
+        go to ``Worker`` (``schema``, ``concurrency``, ``poll_interval``, ...)."""
+        given: dict[str, Any] = {"reclaim_delay": reclaim_delay, "reclaim_count": reclaim_count, "retry": retry,
+                 "task_queue": task_queue}
+        common = {k: v for k, v in given.items() if v is not None}
+        configs = [
+            WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
+                         worker_credentials=credentials, readonly=readonly, **common)
+            for t in tools.tools
+        ]
+        return cls(configs, tools=tools, **options)
+
+    def _match_tools(self, tools: ToolSet | None) -> list[tuple[Any, _Group]]:
+        found = []
+        for tool in tools.tools if tools else []:
+            group = next((g for g in self._groups if g.topic == tool.topic and any(
+                c.workflow_name == tool.workflow_name for c in g.configs)), None)
+            if group is None:
+                raise ConfigError(f"tool {tool.name!r} has no WorkerConfig for its topic and workflow name")
+            found.append((tool, group))
+        return found
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        """The running consumers: one per topic (and DSN), however many workflow names it serves."""
+        return [g.consumer for g in self._groups if g.consumer is not None]
+
+    # --------------------------------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, then stop gracefully: ``await task_group.start(worker.run)``."""
+        async with self:
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def start(self) -> None:
+        """Connect, register the tools, listen, heartbeat and start claiming. Errors (a refused login, a stream
+        the role may not use) are raised here, before anything is claimed."""
+        if self._stack is not None:
+            raise ConfigError("this worker is already started")
+        stack = AsyncExitStack()
+        try:
+            for group in self._groups:
+                pool = await pools.acquire(group.configs[0].task_queue, group.dsn)
+                stack.push_async_callback(_release, pool)
+                group.api = WorkerAPI(pool, self.schema)
+            for tool, group in self._registrations:
+                assert group.api is not None
+                await group.api.register_tool(tool.topic, tool.workflow_name, tool.registration())
+            slots = Slots(self.concurrency)
+            for group in self._groups:
+                if not group.readonly:
+                    assert group.api is not None
+                    group.consumer = Consumer(
+                        group.api, group.configs, consumer_id=self.consumer_id, slots=slots,
+                        poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval,
+                    )
+                    await group.consumer.heartbeat()
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._listen(self._tg)
+            for consumer in self.consumers:
+                self._tg.start_soon(consumer.run)
+        except BaseException:
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await stack.aclose()
+            self._tg = None
+            for group in self._groups:
+                group.consumer = None
+            raise
+        self._stack = stack
+        log.info("worker %s serving %s", self.consumer_id,
+                 ", ".join(f"{c.topic} {c.workflows}" for c in self.consumers) or "nothing (readonly)")
+
+    async def _listen(self, tg: anyio.abc.TaskGroup) -> None:
+        """One LISTEN connection per DSN for its consumers' channels; wait (briefly) until it is up."""
+        by_dsn: dict[str, list[tuple[str, Consumer]]] = {}
+        for group in self._groups:
+            if group.consumer is not None:
+                by_dsn.setdefault(group.dsn, []).append((worker_channel(self.schema, group.topic), group.consumer))
+        listeners = []
+        for dsn, pairs in by_dsn.items():
+            def dispatch(channel: str, payload: str, pairs: list[tuple[str, Consumer]] = pairs) -> None:
+                for name, consumer in pairs:
+                    if name == channel:
+                        consumer.notify(payload)
+
+            async def wake_all(pairs: list[tuple[str, Consumer]] = pairs) -> None:
+                for _, consumer in pairs:  # notifications sent while disconnected are lost
+                    consumer.wake()
+
+            listener = Listener(dsn, sorted({name for name, _ in pairs}), dispatch, on_reconnect=wake_all)
+            tg.start_soon(listener.run)
+            listeners.append(listener)
+        with anyio.move_on_after(5):
+            for listener in listeners:
+                await listener.connected.wait()
+
+    def hurry(self) -> None:
+        """Cut the grace period short: a stop in progress cancels its handlers (and releases their messages)."""
+        self._hurry.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop claiming, give running handlers ``grace`` seconds (default ``shutdown_grace``), release what is
+        left, say goodbye, disconnect. Call it from the task that called ``start``."""
+        if self._stack is None:
+            return
+        grace = self.shutdown_grace if grace is None else grace
+        with anyio.CancelScope(shield=True):
+            consumers = self.consumers
+            for consumer in consumers:
+                consumer.stop_claiming()
+            await self._wait_idle(consumers, grace, hurry=True)
+            for consumer in consumers:
+                consumer.abandon()
+            await self._wait_idle(consumers, ANSWER_TIMEOUT + 5, hurry=False)
+            for consumer in consumers:
+                try:
+                    with anyio.fail_after(5):
+                        await consumer.api.goodbye(self.consumer_id)
+                except (HotMeshError, TimeoutError) as exc:
+                    log.warning("goodbye for %r failed: %s", consumer.topic, exc)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()  # listeners, heartbeats, idle claim loops
+        stack, self._stack, self._tg = self._stack, None, None
+        await stack.aclose()  # leaves the task group (the scope start() entered), then the pools
+        for group in self._groups:
+            group.consumer = None
+        log.info("worker %s stopped", self.consumer_id)
+
+    async def _wait_idle(self, consumers: list[Consumer], seconds: float, *, hurry: bool) -> None:
+        with anyio.move_on_after(seconds):
+            async with anyio.create_task_group() as tg:
+                async def idle() -> None:
+                    for consumer in consumers:
+                        await consumer.wait_idle()
+                    tg.cancel_scope.cancel()
+
+                async def hurried() -> None:
+                    await self._hurry.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(idle)
+                if hurry:
+                    tg.start_soon(hurried)
+
+    # ------------------------------------------------------------------------------------------ publish
+
+    async def publish(self, topic: str, workflow_name: str, args: Any) -> int:
+        """A new fire-and-forget message on ``topic`` (readonly workers publish too); returns its id."""
+        if self._stack is None:
+            raise ConfigError("start the worker before publishing")
+        group = next((g for g in self._groups if g.topic == topic), self._groups[0])
+        assert group.api is not None
+        return await group.api.publish(topic, workflow_name, args)
+
+
+async def _release(pool: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        await pools.release(pool)
+
+
+def _group(configs: Sequence[WorkerConfig]) -> list[_Group]:
+    groups: dict[tuple[str, str, bool], _Group] = {}
+    for config in configs:
+        key = (config.topic, config.dsn, config.readonly)
+        group = groups.setdefault(key, _Group(*key))
+        first = group.configs[0] if group.configs else config
+        if any(c.workflow_name == config.workflow_name for c in group.configs):
+            raise ConfigError(f"two workers serve topic {config.topic!r} with workflow name "
+                              f"{config.workflow_name!r}; give each its own workflow_name")
+        for option in ("reclaim_delay", "reclaim_count", "task_queue"):
+            if getattr(config, option) != getattr(first, option):
+                raise ConfigError(f"workers on topic {config.topic!r} share one consumer and must agree on "
+                                  f"{option}")
+        group.configs.append(config)
+    return list(groups.values())
+
+
+async def run_worker(
+    *,
+    tools: ToolSet,
+    connection: Connection,
+    credentials: WorkerCredentials | None = None,
+    schema: str = DEFAULT_SCHEMA,
+    concurrency: int = 10,
+    **options: Any,
+) -> None:
+    """Serve ``tools`` until SIGTERM or SIGINT, then stop gracefully (a second signal: at once).
+
+    ``options`` go to ``Worker.from_toolset`` (``reclaim_delay``, ``retry``, ``task_queue``, ``shutdown_grace``,
+    ``poll_interval``, ...).
+    """
+    worker = Worker.from_toolset(
+        tools, connection=connection, credentials=credentials, schema=schema, concurrency=concurrency, **options
+    )
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            async with worker:
+                async for signum in signals:
+                    log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
+                    break
+
+                async def second_signal() -> None:
+                    async for _ in signals:
+                        worker.hurry()
+                        return
+
+                tg.start_soon(second_signal)
+            tg.cancel_scope.cancel()
