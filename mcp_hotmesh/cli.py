@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import pydantic
 
 from . import embedded
 from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
@@ -143,7 +144,18 @@ async def cmd_roles(args: argparse.Namespace) -> int:
     return 0
 
 
+_WORKER_ENV = {  # option: (environment variable, type); unset keeps WorkerConfig's or Worker's default
+    "reclaim_delay": ("HOTMESH_RECLAIM_DELAY_MS", int),
+    "reclaim_count": ("HOTMESH_RECLAIM_COUNT", int),
+    "task_queue": ("HOTMESH_TASK_QUEUE", str),
+    "poll_interval": ("HOTMESH_POLL_INTERVAL", float),
+    "shutdown_grace": ("HOTMESH_SHUTDOWN_GRACE", float),
+}
+
+
 async def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve a tool set until SIGTERM/SIGINT. Besides the flags, the environment may set HOTMESH_RECLAIM_DELAY_MS,
+    HOTMESH_RECLAIM_COUNT, HOTMESH_TASK_QUEUE, HOTMESH_POLL_INTERVAL (s) and HOTMESH_SHUTDOWN_GRACE (s)."""
     from .tools import load_toolset
     from .worker import run_worker
 
@@ -154,13 +166,25 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if not (args.user and args.password):
             raise ConfigError("--user and --password go together")
         credentials = WorkerCredentials(user=args.user, password=args.password)
-    await run_worker(
-        tools=load_toolset(args.tools),
-        connection=args.dsn,
-        credentials=credentials,
-        schema=check_schema(args.schema),
-        concurrency=args.concurrency,
-    )
+    options: dict[str, Any] = {}
+    for option, (variable, kind) in _WORKER_ENV.items():
+        value = os.environ.get(variable)
+        if value:
+            try:
+                options[option] = kind(value)
+            except ValueError:
+                raise ConfigError(f"{variable} must be a {kind.__name__}, not {value!r}") from None
+    try:
+        await run_worker(
+            tools=load_toolset(args.tools),
+            connection=args.dsn,
+            credentials=credentials,
+            schema=check_schema(args.schema),
+            concurrency=args.concurrency,
+            **options,
+        )
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"invalid worker option: {exc.errors()[0]['msg']}") from None
     return 0
 
 
