@@ -20,7 +20,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, get_type_hints
+from typing import Any, TypeVar, get_type_hints, overload
 
 import anyio
 import pydantic
@@ -31,6 +31,7 @@ from .config import TOOL_NAME_PATTERN, check_stream
 from .errors import ConfigError, HotMeshError
 
 JSON = Any
+_F = TypeVar("_F", bound=Callable[..., Any])
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
@@ -264,18 +265,34 @@ class ToolSet:
         self.tools.append(tool)
         return tool
 
+    @overload
+    def tool(self, fn: _F, /) -> _F: ...
+
+    @overload
     def tool(
         self,
-        fn: Callable[..., Any] | None = None,
+        fn: None = None,
+        /,
         *,
         topic: str | None = None,
         name: str | None = None,
         description: str | None = None,
         workflow_name: str = "",
-    ) -> Any:
+    ) -> Callable[[_F], _F]: ...
+
+    def tool(
+        self,
+        fn: _F | None = None,
+        /,
+        *,
+        topic: str | None = None,
+        name: str | None = None,
+        description: str | None = None,
+        workflow_name: str = "",
+    ) -> _F | Callable[[_F], _F]:
         """Decorator: ``@toolset.tool`` or ``@toolset.tool(topic=..., workflow_name=...)``."""
 
-        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        def register(f: _F) -> _F:
             self.add(make_tool(f, topic=topic, name=name, description=description, workflow_name=workflow_name))
             return f
 
