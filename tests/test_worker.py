@@ -20,7 +20,7 @@ from mcp_hotmesh.errors import ConnectionFailed, HotMeshError
 from mcp_hotmesh.migrate import migrate
 from mcp_hotmesh.postgres import connect, create_pool, pools
 from mcp_hotmesh.roles import provision_role
-from mcp_hotmesh.streams import CallerAPI, CallResult, WorkerAPI
+from mcp_hotmesh.streams import CallerAPI, CallResult, Claimed, WorkerAPI
 from mcp_hotmesh.tools import ToolContext, ToolSet
 from mcp_hotmesh.worker import Worker
 from tests.conftest import Env
@@ -298,7 +298,16 @@ async def test_readonly_never_consumes_but_publishes_and_registers(env: Env) -> 
     assert published["state"] == "ready" and published["args"] == '{"from": "readonly"}'
 
 
-async def test_workflow_names_share_one_consumer_and_dispatch(env: Env) -> None:
+async def test_workflow_names_share_one_consumer_and_dispatch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    claimed: list[str] = []
+    original = WorkerAPI.dequeue
+
+    async def spy(self: WorkerAPI, *args: Any) -> list[Claimed]:
+        got = await original(self, *args)
+        claimed.extend(m.workflow_name for m in got)
+        return got
+
+    monkeypatch.setattr(WorkerAPI, "dequeue", spy)
     tools = ToolSet()
 
     @tools.tool(topic="math", workflow_name="add")
@@ -321,6 +330,7 @@ async def test_workflow_names_share_one_consumer_and_dispatch(env: Env) -> None:
         await anyio.sleep(0.5)  # a few more fallback polls: "div" must still be left alone
         assert (await caller.result(stranger)).state == "ready"
     assert results == [("add", {"result": 9}), ("mul", {"result": 18})] * 3
+    assert sorted(claimed) == ["add"] * 3 + ["mul"] * 3  # "div" was never claimed here, so never held up
     assert (await env.call_row(stranger))["attempt"] == 0
 
 
@@ -353,6 +363,25 @@ async def test_concurrency_limit_claims_no_more_than_free_slots(env: Env) -> Non
         release.set()
         assert [(await finished(caller, i)).result for i in ids] == [{"result": n} for n in range(5)]
     assert most == 2
+
+
+async def test_lease_extended_while_a_handler_runs_past_its_reclaim_delay(env: Env) -> None:
+    runs = 0
+    tools = ToolSet()
+
+    @tools.tool(topic="long")
+    async def long() -> dict[str, Any]:
+        """Takes four leases' time."""
+        nonlocal runs
+        runs += 1
+        await anyio.sleep(0.8)
+        return {"runs": runs}
+
+    _, caller = await env.caller(["long"])
+    async with serving(env, tools, reclaim_delay=200, poll_interval=0.05):
+        call_id = await caller.call("long", "", {}, 10_000)
+        assert (await finished(caller, call_id)).result == {"runs": 1}
+    assert runs == 1 and (await env.call_row(call_id))["reclaims"] == 0
 
 
 async def test_reclaim_count_dead_letters_after_that_many_reclaims(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
