@@ -103,10 +103,22 @@ def _role_name(schema: str, kind: Kind, streams: list[str]) -> str:
     return prefix + slug[: max(room, 0)].rstrip("_") + suffix
 
 
+_STREAM = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
+
+
+def _check_stream(stream: str) -> str:
+    check_stream(stream)
+    # config.STREAM_PATTERN ends in "$", which also matches before a final newline: "a\n" passes it. An allow-list
+    # entry must be exactly a stream name, so check the whole string here as well.
+    if not _STREAM.fullmatch(stream):
+        raise ConfigError(f"invalid stream name {stream[:60]!r}: use 1 to 200 characters from A-Z a-z 0-9 . _ : / -")
+    return stream
+
+
 def _check_streams(streams: list[str]) -> list[str]:
     if not streams:
         raise ConfigError("give at least one stream")
-    unique = list(dict.fromkeys(check_stream(s) for s in streams))
+    unique = list(dict.fromkeys(_check_stream(s) for s in streams))
     if len(",".join(unique)) > 8000:
         raise ConfigError("too many streams for one role")
     return unique
@@ -119,8 +131,29 @@ async def _exec_format(conn: asyncpg.Connection, template: str, *args: str) -> N
 
 
 async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[str], schema: str) -> None:
-    """Make ``role`` a member of its kind's group, set its allow-list, record it. Inside a transaction."""
+    """Make ``role`` a member of its kind's group, and of that kind only; set its allow-list, record it.
+
+    Inside a transaction. A role is one kind: re-scoping a worker as a caller (``ensure_role``) takes the worker
+    group and any EXECUTE granted on worker functions by hand away, and fails if the role would still keep
+    the other kind's functions through some other role.
+    """
+    other = "caller" if kind == "worker" else "worker"
+    if await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", role, f"{schema}_{other}"):
+        await _exec_format(conn, "REVOKE %I FROM %I", f"{schema}_{other}", role)
     await _exec_format(conn, "GRANT %I TO %I", f"{schema}_{kind}", role)
+    for function in await conn.fetch(
+        "SELECT p.oid::regprocedure::text AS sig FROM pg_proc p "
+        "WHERE p.pronamespace = $1::regnamespace AND starts_with(p.proname, $3) "
+        "AND has_function_privilege($2, p.oid, 'EXECUTE')",
+        schema, role, f"{other}_",
+    ):
+        await _exec_format(conn, "REVOKE EXECUTE ON FUNCTION %s FROM %I", function["sig"], role)
+    if await conn.fetchval(
+        "SELECT bool_or(has_function_privilege($2, p.oid, 'EXECUTE')) FROM pg_proc p "
+        "WHERE p.pronamespace = $1::regnamespace AND starts_with(p.proname, $3)",
+        schema, role, f"{other}_",
+    ):
+        raise ConfigError(f"role {role!r} can still run {other} functions through another role; it cannot be a {kind}")
     await _exec_format(
         conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
         role, await conn.fetchval("SELECT current_database()"), ",".join(streams),
@@ -175,11 +208,21 @@ async def ensure_role(
     start, so nothing has to be stored between runs.
     """
     check_schema(schema)
+    if kind not in KINDS:
+        raise ConfigError("kind must be 'worker' or 'caller'")
     streams = _check_streams(streams)
     with translated():
-        exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    if not exists:
+        existing = await conn.fetchrow(
+            "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls "
+            "OR pg_has_role(oid, $2, 'MEMBER') AS privileged FROM pg_roles WHERE rolname = $1",
+            role, f"{schema}_owner",
+        )
+    if existing is None:
         return await provision_role(conn, streams, kind, schema=schema, role=role)
+    # Taking over an existing role must never hand out a login that is more than a scoped role: a superuser,
+    # an owner member or one of the schema's own roles would pass (or widen) every check.
+    if existing["privileged"] or role in {f"{schema}_owner", f"{schema}_worker", f"{schema}_caller"}:
+        raise ConfigError(f"role {role!r} is privileged or belongs to the schema; it cannot be a scoped {kind} role")
     password = new_password()
     with translated():
         async with conn.transaction():
@@ -242,18 +285,25 @@ async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh"
             for group in (f"{schema}_worker", f"{schema}_caller"):
                 if await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", role, group):
                     await _exec_format(conn, "REVOKE %I FROM %I", group, role)
+            # USAGE on the schema granted by hand (the seed's manual path): take it away as well.
+            await _exec_format(conn, "REVOKE ALL ON SCHEMA %I FROM %I", schema, role)
             for function in await conn.fetch(
                 "SELECT p.oid::regprocedure::text AS sig FROM pg_proc p "
                 "WHERE p.pronamespace = $1::regnamespace AND has_function_privilege($2, p.oid, 'EXECUTE')",
                 schema, role,
             ):
-                await conn.execute(f"REVOKE EXECUTE ON FUNCTION {function['sig']} FROM \"{role}\"")
+                # (regprocedure text is already quoted; the role goes through %I like every other name)
+                await _exec_format(conn, "REVOKE EXECUTE ON FUNCTION %s FROM %I", function["sig"], role)
             await conn.execute(
                 f'UPDATE "{schema}".roles SET revoked_at = now() WHERE role_name = $1', role
             )
             await conn.execute(f'DELETE FROM "{schema}".workers WHERE role_name = $1', role)
+        # With a timeout, pg_terminate_backend waits until each session has really ended, so none of them can
+        # run another statement once revoke() returns.
         ended: int = await conn.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1", role
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE usename = $1 AND pid <> pg_backend_pid()",
+            role,
         )
     return ended
 

@@ -127,7 +127,9 @@ AS $$
         CROSS JOIN LATERAL unnest(s.setconfig) AS cfg
         WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)
           AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
-          AND cfg LIKE 'app.allowed\_streams=%'
+          -- starts_with, not LIKE 'app.allowed\_streams=%': a backslash in a literal means something else
+          -- under SET standard_conforming_strings = off, and every session may set that.
+          AND pg_catalog.starts_with(cfg, 'app.allowed_streams=')
         ORDER BY s.setdatabase DESC
         LIMIT 1
     ) AS setting
@@ -148,7 +150,10 @@ BEGIN
         END IF;
         RETURN;
     END IF;
-    IF p_stream IS NULL OR NOT (p_stream = ANY (hotmesh._allowed_streams())) THEN
+    -- An allow-list written by hand may hold entries that are no stream names ('*' meant as a wildcard,
+    -- 'ströme'): such an entry grants nothing, so no message is ever written under an invalid name.
+    IF p_stream IS NULL OR NOT hotmesh._valid_stream(p_stream)
+       OR NOT (p_stream = ANY (hotmesh._allowed_streams())) THEN
         RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
     END IF;
 END
@@ -431,7 +436,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_name text := tool ->> 'name';
+    v_name text := CASE WHEN jsonb_typeof(tool -> 'name') = 'string' THEN tool ->> 'name' END;  -- not 7 -> '7'
     v_workflow text := coalesce(worker_register_tool.workflow_name, '');
 BEGIN
     PERFORM hotmesh._authorize(worker_register_tool.stream);
