@@ -130,6 +130,9 @@ async def running_gateway(args: Any) -> AsyncIterator[Engine]:
         stack.push_async_callback(pool.close)
         with translated():
             role = str(await pool.fetchval("SELECT session_user"))
+        if toolset is not None and worker_dsn is not None and worker_credentials is not None:
+            # the attached worker first: its tools are registered and live before the first tools/list
+            await stack.enter_async_context(_attached_worker(toolset, worker_dsn, worker_credentials, schema))
         engine = Engine(pool, schema=schema, role=role, listen_dsn=caller_dsn, timeout=timeout,
                         max_args_bytes=max_args)
         try:
@@ -139,8 +142,6 @@ async def running_gateway(args: Any) -> AsyncIterator[Engine]:
                 f"this DSN's role can neither administer schema {schema!r} nor call its tools: give an admin DSN "
                 "or a caller role's (mcp-hotmesh provision --kind caller)"
             ) from None
-        if toolset is not None and worker_dsn is not None and worker_credentials is not None:
-            await stack.enter_async_context(_attached_worker(toolset, worker_dsn, worker_credentials, schema))
-        elif toolset is None:
+        if toolset is None:
             log.info("serving as %s; workers run elsewhere", role)
         yield engine

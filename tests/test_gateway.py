@@ -117,7 +117,7 @@ async def test_list_is_the_registry_on_the_callers_streams(hub: Hub, mode: str) 
     _, other = await hub.env.worker(["secret"])
     await other.register_tool("secret", "", {"name": "secret_tool", "description": "hidden",
                                              "input_schema": {"type": "object"}})
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         assert client.server_capabilities is not None and client.server_capabilities.tools is not None
         assert client.server_capabilities.tools.list_changed is True
         listed = {t.name: t for t in (await client.list_tools()).tools}
@@ -158,7 +158,7 @@ async def test_list_changed_reaches_legacy_clients(hub: Hub) -> None:
 
 
 async def test_structured_result(hub: Hub, mode: str) -> None:
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         result = await client.call_tool("echo", {"text": "héllo"})
         assert not result.is_error
         assert result.structured_content == {"text": "héllo", "length": 5}
@@ -168,7 +168,7 @@ async def test_structured_result(hub: Hub, mode: str) -> None:
 
 
 async def test_invalid_arguments_are_refused_before_anything_is_enqueued(hub: Hub, mode: str) -> None:
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         wrong_type = await client.call_tool("echo", {"text": 5})
         missing = await client.call_tool("math_add", {"a": 1})
         extra = await client.call_tool("echo", {"text": "x", "colour": "red"})
@@ -191,7 +191,7 @@ async def test_oversized_arguments_are_refused(hub: Hub) -> None:
 
 
 async def test_unknown_tool_is_invalid_params(hub: Hub, mode: str) -> None:
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         with pytest.raises(MCPError) as exc:
             await client.call_tool("no_such_tool", {})
     assert exc.value.code == INVALID_PARAMS
@@ -199,7 +199,7 @@ async def test_unknown_tool_is_invalid_params(hub: Hub, mode: str) -> None:
 
 
 async def test_handler_failure_is_an_error_result_without_internals(hub: Hub, mode: str) -> None:
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         result = await client.call_tool("test_fail", {"reason": "the widget is broken"})
     assert result.is_error
     text = result.content[0].text  # type: ignore[union-attr]
@@ -221,7 +221,7 @@ async def test_progress_is_forwarded(hub: Hub, mode: str) -> None:
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         result = await client.call_tool("sleep", {"seconds": 0.9, "steps": 3}, progress_callback=on_progress)
     assert not result.is_error
     assert seen, "no progress arrived"
@@ -241,14 +241,14 @@ async def test_timeout_cancels_the_call(env: Env) -> None:
         assert row is not None and row["cancel_requested"]
 
         async def dead() -> bool:  # the worker stopped the handler: it never finishes late
-            return await env.admin.fetchval(f'SELECT state FROM "{env.schema}".messages') == "dead"
+            return bool(await env.admin.fetchval(f'SELECT state FROM "{env.schema}".messages') == "dead")
 
         await wait_for(dead, 10)
 
 
 async def test_client_cancellation_reaches_the_handler(hub: Hub, mode: str) -> None:
     before = cancelled["count"]
-    async with Client(hub.gateway.server, mode=mode) as client:  # type: ignore[arg-type]
+    async with Client(hub.gateway.server, mode=mode) as client:
         with anyio.move_on_after(0.5):
             await client.call_tool("test_block", {})
 
