@@ -116,13 +116,14 @@ class Consumer:
         self.consumer_id = consumer_id
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
-        self.dequeues = 0  # worker_dequeue calls made: one claim loop per topic, whatever the workflow names
         self._slots = slots
         self._running: dict[UUID, _Running] = {}  # by lease: a message reclaimed from us may run here twice
         self._wake = anyio.Event()
         self._finished = anyio.Event()
         self._stopping = False
         self._starved = False
+        self._beat = anyio.Lock()  # a heartbeat never lands after the goodbye
+        self._gone = False
         self._handlers: anyio.abc.TaskGroup | None = None
         slots.on_free.append(self._slot_freed)
 
@@ -175,13 +176,22 @@ class Consumer:
             self._finished = anyio.Event()
             await self._finished.wait()
 
+    async def goodbye(self) -> None:
+        """No more heartbeats; gateways stop counting this consumer at once (``worker_goodbye``)."""
+        async with self._beat:
+            self._gone = True
+            await self.api.goodbye(self.consumer_id)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.heartbeat_interval)
-            try:
-                await self.heartbeat()
-            except HotMeshError as exc:
-                log.warning("heartbeat for %r failed: %s", self.topic, exc)
+            async with self._beat:
+                if self._gone:
+                    return
+                try:
+                    await self.heartbeat()
+                except HotMeshError as exc:
+                    log.warning("heartbeat for %r failed: %s", self.topic, exc)
 
     # ---------------------------------------------------------------------------------------- claim
 
@@ -216,7 +226,6 @@ class Consumer:
                 claimed = await self.api.dequeue(
                     self.topic, self.consumer_id, want, self.lease_ms, self.workflows, self.reclaim_count
                 )
-                self.dequeues += 1
             finally:
                 self._slots.give(want - len(claimed))
             for msg in claimed:

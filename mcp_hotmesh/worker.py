@@ -13,8 +13,9 @@ is work, when a retry it scheduled comes due, when a handler slot frees up, and 
 
 Stopping is graceful: stop claiming, let running handlers finish for ``shutdown_grace`` seconds, cancel the
 rest and release their messages (``worker_release``: another worker takes them at once, no reclaim counted),
-``worker_goodbye``. ``run_worker`` (the CLI's ``mcp-hotmesh worker``) does that on SIGTERM or SIGINT; a second
-signal skips what is left of the grace period.
+``worker_goodbye`` (``drain``, callable from any task), then disconnect (``stop``, from the task that started
+the worker). ``run_worker`` (the CLI's ``mcp-hotmesh worker``) does that on SIGTERM or SIGINT; a second signal
+skips what is left of the grace period.
 
 Everything goes through the worker_* functions, so a worker role's login is all a worker ever needs.
 """
@@ -96,7 +97,8 @@ class Worker:
         self._registrations = self._match_tools(tools)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._hurry = anyio.Event()
+        self._hurry: anyio.Event | None = None
+        self._drained: anyio.Event | None = None  # set once drain() is done
 
     @classmethod
     def from_toolset(
@@ -118,6 +120,8 @@ class Worker:
         given: dict[str, Any] = {"reclaim_delay": reclaim_delay, "reclaim_count": reclaim_count, "retry": retry,
                  "task_queue": task_queue}
         common = {k: v for k, v in given.items() if v is not None}
+        if not tools.tools:
+            raise ConfigError("the tool set has no tools to serve")
         configs = [
             WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
                          worker_credentials=credentials, readonly=readonly, **common)
@@ -161,6 +165,7 @@ class Worker:
         if self._stack is not None:
             raise ConfigError("this worker is already started")
         stack = AsyncExitStack()
+        self._hurry, self._drained = anyio.Event(), None
         try:
             for group in self._groups:
                 pool = await pools.acquire(group.configs[0].task_queue, group.dsn)
@@ -220,28 +225,44 @@ class Worker:
 
     def hurry(self) -> None:
         """Cut the grace period short: a stop in progress cancels its handlers (and releases their messages)."""
-        self._hurry.set()
+        if self._hurry is not None:
+            self._hurry.set()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop claiming, give running handlers ``grace`` seconds (default ``shutdown_grace``), release what is
-        left, say goodbye, disconnect. Call it from the task that called ``start``."""
+    async def drain(self, grace: float | None = None) -> None:
+        """The graceful part of stopping, callable from any task: stop claiming, give running handlers ``grace``
+        seconds (default ``shutdown_grace``; ``hurry()`` cuts it short), cancel the rest and release their
+        messages, say goodbye. The worker stays connected until ``stop``."""
         if self._stack is None:
             return
+        if self._drained is not None:
+            await self._drained.wait()
+            return
+        self._drained = anyio.Event()
         grace = self.shutdown_grace if grace is None else grace
-        with anyio.CancelScope(shield=True):
-            consumers = self.consumers
-            for consumer in consumers:
-                consumer.stop_claiming()
-            await self._wait_idle(consumers, grace, hurry=True)
-            for consumer in consumers:
-                consumer.abandon()
-            await self._wait_idle(consumers, ANSWER_TIMEOUT + 5, hurry=False)
-            for consumer in consumers:
-                try:
-                    with anyio.fail_after(5):
-                        await consumer.api.goodbye(self.consumer_id)
-                except (HotMeshError, TimeoutError) as exc:
-                    log.warning("goodbye for %r failed: %s", consumer.topic, exc)
+        try:
+            with anyio.CancelScope(shield=True):
+                consumers = self.consumers
+                for consumer in consumers:
+                    consumer.stop_claiming()
+                await self._wait_idle(consumers, grace, hurry=True)
+                for consumer in consumers:
+                    consumer.abandon()
+                await self._wait_idle(consumers, ANSWER_TIMEOUT + 5, hurry=False)
+                for consumer in consumers:
+                    try:
+                        with anyio.fail_after(5):
+                            await consumer.goodbye()
+                    except (HotMeshError, TimeoutError) as exc:
+                        log.warning("goodbye for %r failed: %s", consumer.topic, exc)
+        finally:
+            self._drained.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """``drain``, then disconnect. Call it from the task that called ``start`` (anyio's task groups and
+        cancel scopes are left in the task that entered them)."""
+        if self._stack is None:
+            return
+        await self.drain(grace)
         assert self._tg is not None
         self._tg.cancel_scope.cancel()  # listeners, heartbeats, idle claim loops
         stack, self._stack, self._tg = self._stack, None, None
@@ -259,6 +280,7 @@ class Worker:
                     tg.cancel_scope.cancel()
 
                 async def hurried() -> None:
+                    assert self._hurry is not None
                     await self._hurry.wait()
                     tg.cancel_scope.cancel()
 
@@ -317,16 +339,17 @@ async def run_worker(
         tools, connection=connection, credentials=credentials, schema=schema, concurrency=concurrency, **options
     )
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with anyio.create_task_group() as tg:
-            async with worker:
-                async for signum in signals:
-                    log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
-                    break
+        async with worker:  # a start error (refused login, stream not allowed) is raised as it is
+            async for signum in signals:
+                log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
+                break
 
-                async def second_signal() -> None:
-                    async for _ in signals:
-                        worker.hurry()
-                        return
+            async def second_signal() -> None:
+                async for _ in signals:
+                    worker.hurry()
+                    return
 
+            async with anyio.create_task_group() as tg:
                 tg.start_soon(second_signal)
-            tg.cancel_scope.cancel()
+                await worker.drain()
+                tg.cancel_scope.cancel()

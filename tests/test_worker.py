@@ -271,6 +271,32 @@ async def test_progress_reaches_the_caller(env: Env) -> None:
         assert (await finished(caller, call_id)).result == {"done": True}
 
 
+async def test_run_in_a_task_group_stops_gracefully_when_cancelled(env: Env) -> None:
+    started = anyio.Event()
+    tools = ToolSet()
+
+    @tools.tool(topic="hang")
+    async def hang() -> dict[str, Any]:
+        """Never finishes."""
+        started.set()
+        await anyio.sleep(3600)
+        return {}
+
+    role = await env.provision(["hang"], "worker")
+    _, caller = await env.caller(["hang"])
+    worker = Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, **FAST)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.run)
+        assert (await caller.tools())[0].live_workers == 1
+        call_id = await caller.call("hang", "", {}, 60_000)
+        with anyio.fail_after(5):
+            await started.wait()
+        tg.cancel_scope.cancel()
+    row = await env.call_row(call_id)  # released after the grace period, not left to a reclaim
+    assert row["state"] == "ready" and row["reclaims"] == 0 and row["lease"] is None
+    assert (await caller.tools())[0].live_workers == 0
+
+
 # ------------------------------------------------------------------------------------ seed options
 
 

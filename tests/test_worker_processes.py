@@ -174,3 +174,12 @@ async def test_sigterm_releases_claimed_work_for_another_worker_at_once(env: Env
     assert result.result == {"n": 2, "pid": staying.pid}
     assert (await env.call_row(call_id))["reclaims"] == 0
 
+
+
+async def test_cli_worker_refused_stream_is_one_line_on_stderr(env: Env, workers: Workers) -> None:
+    role = await env.provision(["elsewhere"], "worker")
+    proc = workers.start(env.dsn(role))
+    assert await wait_exit(proc) == 1
+    assert proc.stdout is not None and proc.stdout.read() == b""
+    err = (workers.tmp / "worker-0.log").read_text().strip().splitlines()
+    assert err == ["mcp-hotmesh worker: error: permission denied for stream 'proc.work'"]
