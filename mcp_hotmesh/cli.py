@@ -210,18 +210,35 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("serve", cmd_serve, "Serve the tools to MCP clients (stdio or Streamable HTTP), with an attached worker.")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """\
+what the DSN decides:
+  no DSN          start the embedded PostgreSQL (--data-dir), then as with an admin DSN
+  admin DSN       (a superuser or a member of <schema>_owner) migrate; create or take over the roles
+                  <schema>_c_gateway (caller) and <schema>_w_gateway (worker) for the tool set's topics, with
+                  fresh passwords; serve agents as the caller role and run an attached worker as the worker
+                  role (--no-worker: workers run elsewhere)
+  caller role DSN serve only (mcp-hotmesh provision --kind caller); workers run elsewhere
+
+stdio (what desktop hosts launch) writes only protocol to stdout; logs go to stderr.
+http serves http://HOST:PORT/mcp and requires a bearer token (--token or HOTMESH_TOKEN, 16+ characters) on
+every address, loopback included; GET /healthz needs no token and says whether the database answers."""
     _common(p)
     p.add_argument("--tools", default="mcp_hotmesh.examples:toolset",
-                   help="the tool set: MODULE:ATTR or path/file.py:ATTR (default: the example tools)")
+                   help="the tool set: MODULE:ATTR or path/file.py:ATTR (default: the example tools); with an "
+                        "admin DSN its topics are the streams the gateway's roles get")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default: stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="HTTP port (default: 8765)")
     p.add_argument("--token", default=os.environ.get("HOTMESH_TOKEN"),
-                   help="bearer token HTTP clients must send (default: $HOTMESH_TOKEN)")
+                   help="bearer token HTTP clients must send; required with --transport http "
+                        "(default: $HOTMESH_TOKEN)")
     p.add_argument("--no-worker", action="store_true", help="serve only; workers run elsewhere")
-    p.add_argument("--timeout", type=float, default=60.0, help="default seconds a tool call may take (default: 60)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a tool call may take before it is cancelled (default: 60)")
     p.add_argument("--max-args-bytes", type=int, default=1 << 20,
-                   help="largest tool arguments accepted, in bytes of JSON (default: 1 MiB)")
+                   help="largest tool arguments accepted, in bytes of JSON; larger calls are refused before "
+                        "anything is queued (default: 1 MiB)")
 
     p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")
     _common(p, data_dir=False)

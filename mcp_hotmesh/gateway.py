@@ -16,12 +16,16 @@ The tool list is data, so this is the SDK's low-level ``Server``:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import importlib.metadata
+import io
 import ipaddress
 import json
 import logging
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,9 +165,26 @@ class McpGateway:
 
 
 # ---------------------------------------------------------------------------------------------- stdio
-async def run_stdio(gateway: McpGateway) -> None:
+@contextlib.contextmanager
+def protocol_stdout() -> Iterator[anyio.AsyncFile[str]]:
+    """Keep fd 1 for the protocol alone from the very start: the real stdout moves to a private descriptor and
+    fd 1 points at stderr, so nothing else (a print, a child process, a C library) can write a stray line
+    into the protocol while the database, roles and worker start. Restored on exit."""
+    sys.stdout.flush()
+    wire = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        stream = io.TextIOWrapper(os.fdopen(wire, "wb", closefd=False), encoding="utf-8", newline="\n")
+        yield anyio.wrap_file(stream)
+    finally:
+        with contextlib.suppress(OSError):
+            os.dup2(wire, 1)
+            os.close(wire)
+
+
+async def run_stdio(gateway: McpGateway, stdout: anyio.AsyncFile[str] | None = None) -> None:
     """Serve one client on stdin/stdout until stdin closes. Only protocol goes to stdout."""
-    async with stdio_server() as (read_stream, write_stream):
+    async with stdio_server(stdout=stdout) as (read_stream, write_stream):
         await gateway.server.run(read_stream, write_stream, gateway.server.create_initialization_options())
 
 
@@ -228,8 +249,6 @@ class _Uvicorn:
 
     @staticmethod
     def make(app: Starlette, host: str, port: int) -> Any:
-        import contextlib
-
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -275,20 +294,22 @@ async def serve(args: Any) -> None:
     if args.transport == "http":
         check_http_token(args.host, args.token)  # refuse before starting anything
     stop = anyio.Event()
-    async with running_gateway(args) as engine, anyio.create_task_group() as tg:
-        gateway = McpGateway(engine)
+    with contextlib.ExitStack() as outputs:
+        wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None
+        async with running_gateway(args) as engine, anyio.create_task_group() as tg:
+            gateway = McpGateway(engine)
 
-        async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    stop.set()
-                    if args.transport != "http":
-                        tg.cancel_scope.cancel()
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s; stopping", signal.Signals(signum).name)
+                        stop.set()
+                        if args.transport != "http":
+                            tg.cancel_scope.cancel()
 
-        tg.start_soon(on_signal)
-        if args.transport == "http":
-            await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop)
-        else:
-            await run_stdio(gateway)
-        tg.cancel_scope.cancel()
+            tg.start_soon(on_signal)
+            if args.transport == "http":
+                await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop)
+            else:
+                await run_stdio(gateway, wire)
+            tg.cancel_scope.cancel()

@@ -273,3 +273,52 @@ async def test_a_tool_without_a_live_worker_fails_at_once(hub: Hub) -> None:
     assert result.is_error
     assert "offline" in result.content[0].text  # type: ignore[union-attr]
     assert await hub.rows() == 0
+
+
+async def test_listen_reconnect_rechecks_the_waiting_calls(env: Env) -> None:
+    """Notifications sent while the LISTEN connection is down are lost: after a reconnect every waiting call
+    looks again. The slow timer is set far away here, so only the reconnect can finish the call in time."""
+    async with hub_for(env, recheck_interval=30) as hub, Client(hub.gateway.server) as client:
+        listener = hub.engine.listener
+        heard = listener._handler
+        # deaf to call notifications from now on (as if they were sent while disconnected)
+        listener._handler = lambda channel, payload: None if payload[:2] in ("r:", "p:") else heard(channel, payload)
+        results: list[Any] = []
+
+        async def call() -> None:
+            results.append(await client.call_tool("sleep", {"seconds": 0.3, "steps": 1}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+
+            async def finished() -> bool:
+                return bool(await env.admin.fetchval(
+                    f"SELECT count(*) FROM \"{env.schema}\".messages WHERE state = 'done'"))
+
+            await wait_for(finished)
+            await anyio.sleep(0.2)
+            assert not results  # the answer is there, but the gateway did not hear of it
+            started = time.monotonic()
+            await env.admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'LISTEN%'",
+                hub.caller.role)
+        assert time.monotonic() - started < 5
+        assert listener.reconnects == 1
+        assert results[0].structured_content == {"seconds": 0.3, "steps": 1}
+        listener._handler = heard
+        assert not (await client.call_tool("echo", {"text": "after the reconnect"})).is_error
+
+
+async def test_a_second_gateway_does_not_take_over_the_first_ones_roles(env: Env) -> None:
+    import argparse
+
+    from mcp_hotmesh.gateway_serve import running_gateway
+
+    args = argparse.Namespace(dsn=env.server.admin_dsn, schema=env.schema, data_dir=None, no_worker=True,
+                              tools="mcp_hotmesh.examples:toolset", timeout=5.0, max_args_bytes=1 << 20)
+    async with running_gateway(args) as first, running_gateway(args) as second:
+        assert first.role == f"{env.schema}_c_gateway"
+        assert second.role == f"{env.schema}_c_gateway_2"
+        await first.api.pool.expire_connections()  # new logins: the first one's password still works
+        assert await first.refresh() is False
+        assert await first.healthy() and await second.healthy()

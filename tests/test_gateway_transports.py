@@ -87,8 +87,11 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
             "name": "sleep", "arguments": {"seconds": 0.4, "steps": 2}, "_meta": {"progressToken": "t"}}},
         {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}},
     ]
+    stray = tmp_path / "noisy_tools.py"  # a tool module that prints: it must not reach the protocol
+    stray.write_text("print('stray output')\nfrom mcp_hotmesh.examples import toolset\n")
     lines: list[dict[str, Any]] = []
-    async with await anyio.open_process([*cli(), "serve"], env=env, cwd=str(ROOT)) as proc:
+    async with await anyio.open_process([*cli(), "serve", "--tools", f"{stray}:toolset"], env=env,
+                                        cwd=str(ROOT)) as proc:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         await proc.stdin.send("".join(json.dumps(r) + "\n" for r in requests).encode())
         buffer = b""
@@ -110,7 +113,7 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
     assert by_id[3]["result"]["structuredContent"] == {"seconds": 0.4, "steps": 2}
     assert by_id[4]["result"]["structuredContent"] == {"text": "hi", "length": 2}
     assert any(m.get("method") == "notifications/progress" for m in lines)
-    assert "embedded PostgreSQL started" in stderr  # logs go to stderr
+    assert "embedded PostgreSQL started" in stderr and "stray output" in stderr  # logs and strays: stderr
 
 
 async def test_worker_in_another_process_and_a_caller_only_gateway(env: Env) -> None:
