@@ -233,13 +233,15 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starle
         ok = await gateway.engine.healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable", "database": ok}, status_code=200 if ok else 503)
 
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     return gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,  # loopback hosts get the SDK's DNS-rebinding protection (Host and Origin checks)
         token_verifier=StaticTokenVerifier(token),
-        # A static bearer token: no authorization server to advertise, so no protected-resource metadata.
-        auth=AuthSettings(issuer_url=base, resource_server_url=None, validate_token_resource=False),  # type: ignore[arg-type]
+        # A static bearer token: there is no authorization server to advertise, so no protected-resource
+        # metadata (resource_server_url=None); issuer_url is then unused, but the settings require one.
+        auth=AuthSettings(
+            issuer_url="http://localhost", resource_server_url=None, validate_token_resource=False  # type: ignore[arg-type]
+        ),
         custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"])],
     )
 

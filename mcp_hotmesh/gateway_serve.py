@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from . import embedded
 from .config import WorkerCredentials, check_schema, connection_dsn
-from .errors import ConfigError, PermissionDenied
+from .errors import ConfigError, HotMeshError, PermissionDenied
 from .gateway_core import Engine
 from .migrate import migrate
 from .postgres import connect, create_pool, translated
@@ -79,6 +79,26 @@ async def _attached_worker(
         yield
 
 
+async def _stop_embedded(server: embedded.EmbeddedServer) -> None:
+    """Stop the embedded server this process started, unless another process (a second ``serve`` that joined
+    it, a worker, a ``psql``) is still connected: it then keeps running, and the next start joins it."""
+    try:
+        conn = await connect(server.admin_dsn)
+        try:
+            others = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+    except HotMeshError:
+        others = 0
+    if others:
+        log.info("leaving the embedded PostgreSQL running: %d other connection(s) use it", others)
+        return
+    await anyio.to_thread.run_sync(server.stop)
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(args: Any) -> AsyncIterator[Engine]:
     """Everything ``serve`` runs before it speaks MCP; yields the engine, tears it all down on exit."""
@@ -93,7 +113,7 @@ async def running_gateway(args: Any) -> AsyncIterator[Engine]:
         if not dsn:
             server = await anyio.to_thread.run_sync(lambda: embedded.start(args.data_dir))
             if server.started_here:
-                stack.callback(server.stop)
+                stack.push_async_callback(_stop_embedded, server)
             dsn = server.admin_dsn
         worker_dsn: str | None = None
         worker_credentials: WorkerCredentials | None = None

@@ -114,6 +114,7 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
     assert by_id[4]["result"]["structuredContent"] == {"text": "hi", "length": 2}
     assert any(m.get("method") == "notifications/progress" for m in lines)
     assert "embedded PostgreSQL started" in stderr and "stray output" in stderr  # logs and strays: stderr
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()  # the server it started is stopped
 
 
 async def test_worker_in_another_process_and_a_caller_only_gateway(env: Env) -> None:
