@@ -57,30 +57,45 @@ def full_sql(schema: str) -> str:
 
 
 async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
-    """Bring ``schema`` up to date; returns the versions applied now. ``conn`` must be the admin's."""
+    """Bring ``schema`` up to date; returns the versions applied now. ``conn`` must be the admin's.
+
+    Concurrent runs are serialised by ``LOCK TABLE <schema>.migrations``, a lock only the admin and the owner
+    can take (an advisory lock would not do: any role can take any advisory lock, and so stall every start).
+    """
     check_schema(schema)
     with translated():
         await check_server_version(conn)
-        lock_key = f"mcp-hotmesh:migrate:{schema}"
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
-        try:
-            async with conn.transaction():
-                await conn.execute(render(_read("bootstrap.sql"), schema))
+        if await is_migrated(conn, schema):
+            return []
+        await _bootstrap(conn, schema)
+        done = []
+        async with conn.transaction():
+            await conn.execute(f'LOCK TABLE "{schema}".migrations IN SHARE ROW EXCLUSIVE MODE')
             applied = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".migrations')}
-            done = []
             for m in migrations():
                 if m.version in applied:
                     continue
-                async with conn.transaction():
-                    await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
-                    await conn.execute(render(m.sql, schema))
-                    await conn.execute(
-                        f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
-                    )
+                await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
+                await conn.execute(render(m.sql, schema))
+                await conn.execute("RESET ROLE")
+                await conn.execute(
+                    f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
+                )
                 done.append(m.version)
-            return done
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
+        return done
+
+
+async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
+    """Run the idempotent bootstrap; a concurrent first run may win a race for a role or the schema: retry."""
+    for attempt in range(5):
+        try:
+            async with conn.transaction():
+                await conn.execute(render(_read("bootstrap.sql"), schema))
+            return
+        except (asyncpg.UniqueViolationError, asyncpg.DuplicateObjectError, asyncpg.InternalServerError):
+            # duplicate role or schema, or "tuple concurrently updated" on a GRANT: another migrate got there first
+            if attempt == 4:
+                raise
 
 
 async def is_migrated(conn: asyncpg.Connection, schema: str) -> bool:
