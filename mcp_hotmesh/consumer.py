@@ -173,7 +173,6 @@ class Consumer:
 
     async def wait_idle(self) -> None:
         while self._running:
-            self._finished = anyio.Event()
             await self._finished.wait()
 
     async def goodbye(self) -> None:
@@ -262,7 +261,8 @@ class Consumer:
                     log.error("could not answer message %d on %r: %s", msg.id, self.topic, exc)
         finally:
             del self._running[msg.lease]
-            self._finished.set()
+            self._finished.set()  # wakes whoever waits for a handler to end; the next wait needs a new event
+            self._finished = anyio.Event()
             self._slots.give(1)
 
     async def _execute(self, running: _Running) -> Outcome:

@@ -40,7 +40,7 @@ from .consumer import ANSWER_TIMEOUT, Consumer, Slots
 from .errors import ConfigError, HotMeshError
 from .postgres import Listener, pools
 from .streams import WorkerAPI, worker_channel
-from .tools import ToolSet
+from .tools import Tool, ToolSet
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,11 @@ class Worker:
         """A worker for every tool of ``tools``: one ``WorkerConfig`` each (its topic, workflow name and
         ``Tool.invoke`` as the callback); the options left out keep ``WorkerConfig``'s defaults. ``options``
         go to ``Worker`` (``schema``, ``concurrency``, ``poll_interval``, ...)."""
-        given: dict[str, Any] = {"reclaim_delay": reclaim_delay, "reclaim_count": reclaim_count, "retry": retry,
-                 "task_queue": task_queue}
-        common = {k: v for k, v in given.items() if v is not None}
         if not tools.tools:
             raise ConfigError("the tool set has no tools to serve")
+        given: dict[str, Any] = dict(reclaim_delay=reclaim_delay, reclaim_count=reclaim_count, retry=retry,
+                                     task_queue=task_queue)
+        common = {k: v for k, v in given.items() if v is not None}
         configs = [
             WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
                          worker_credentials=credentials, readonly=readonly, **common)
@@ -129,7 +129,7 @@ class Worker:
         ]
         return cls(configs, tools=tools, **options)
 
-    def _match_tools(self, tools: ToolSet | None) -> list[tuple[Any, _Group]]:
+    def _match_tools(self, tools: ToolSet | None) -> list[tuple[Tool, _Group]]:
         found = []
         for tool in tools.tools if tools else []:
             group = next((g for g in self._groups if g.topic == tool.topic and any(
