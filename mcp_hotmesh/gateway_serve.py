@@ -57,6 +57,18 @@ async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
         return bool(await conn.fetchval("SELECT pg_has_role(session_user, $1, 'MEMBER')", f"{schema}_owner"))
 
 
+async def _serve_lock(conn: asyncpg.Connection, schema: str, seconds: float = 10.0) -> None:
+    """One start at a time picks role names. Any role can take an advisory lock, so a stranger holding this one
+    delays a start by ``seconds`` at most; the start then goes on unlocked."""
+    with anyio.move_on_after(seconds), translated():
+        key = f"mcp-hotmesh:serve:{schema}"
+        while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):  # noqa: ASYNC110
+            # polled: a blocking pg_advisory_lock would wait for ever on a stranger
+            await anyio.sleep(0.1)
+        return
+    log.warning("another process holds the serve lock of schema %s; going on without it", schema)
+
+
 async def _free_suffix(conn: asyncpg.Connection, schema: str, with_worker: bool) -> str:
     """``""`` or ``_2``, ``_3``...: the first pair of gateway role names that no running process is logged in as."""
     for i in range(1, MAX_INSTANCES + 1):
@@ -126,8 +138,7 @@ async def running_gateway(args: Any) -> AsyncIterator[Engine]:
                 if not streams:
                     raise ConfigError(f"the tool set {args.tools} has no tools")
                 await migrate(admin, schema)
-                with translated():  # one start at a time picks role names
-                    await admin.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:serve:{schema}")
+                await _serve_lock(admin, schema)
                 suffix = await _free_suffix(admin, schema, not args.no_worker)
                 caller = await ensure_role(admin, f"{schema}_c_gateway{suffix}", streams, "caller", schema=schema)
                 # Each role logs in with its own password: over TCP to the embedded server, as from another

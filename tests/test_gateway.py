@@ -267,6 +267,7 @@ async def test_a_tool_without_a_live_worker_fails_at_once(hub: Hub) -> None:
     await api.register_tool(LATER, "", {"name": "later", "description": "nobody runs this",
                                         "input_schema": {"type": "object"}})
     async with Client(hub.gateway.server) as client:
+        assert "later" in [t.name for t in (await client.list_tools()).tools]  # listed all the same
         started = time.monotonic()
         result = await client.call_tool("later", {})
         assert time.monotonic() - started < 2
