@@ -267,7 +267,11 @@ async def test_a_tool_without_a_live_worker_fails_at_once(hub: Hub) -> None:
     await api.register_tool(LATER, "", {"name": "later", "description": "nobody runs this",
                                         "input_schema": {"type": "object"}})
     async with Client(hub.gateway.server) as client:
-        assert "later" in [t.name for t in (await client.list_tools()).tools]  # listed all the same
+
+        async def listed() -> bool:  # all the same; once the registry's NOTIFY has refreshed the cache
+            return "later" in [t.name for t in (await client.list_tools()).tools]
+
+        await wait_for(listed, 5)
         started = time.monotonic()
         result = await client.call_tool("later", {})
         assert time.monotonic() - started < 2
