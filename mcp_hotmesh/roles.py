@@ -213,8 +213,9 @@ async def ensure_role(
     streams = _check_streams(streams)
     with translated():
         existing = await conn.fetchrow(
-            "SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls "
-            "OR pg_has_role(oid, $2, 'MEMBER') AS privileged FROM pg_roles WHERE rolname = $1",
+            "SELECT r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls "
+            "OR coalesce((SELECT pg_has_role(r.oid, o.oid, 'MEMBER') FROM pg_roles o WHERE o.rolname = $2), false) "
+            "AS privileged FROM pg_roles r WHERE r.rolname = $1",
             role, f"{schema}_owner",
         )
     if existing is None:

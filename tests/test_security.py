@@ -703,6 +703,38 @@ async def test_notify_is_a_hint_that_carries_no_data_and_grants_nothing(env: Env
     assert (await w.caller_b.result(w.held_call_b)).state == "reserved"
 
 
+async def test_a_worker_cannot_speak_for_another_roles_consumer(env: Env) -> None:
+    w = await world(env)  # worker b's role heartbeats as consumer "wb1" on b
+    _, intruder = await env.worker(["b"])  # another role on the same stream
+    before = await snapshot(env)
+    await intruder.heartbeat(["b"], "wb1", 600_000)  # refreshes nothing it does not own
+    assert await intruder.goodbye("wb1") == 0  # and removes nothing it does not own
+    assert await snapshot(env) == before
+    assert await w.worker_b.goodbye("wb1") == 1
+
+
+async def test_roles_of_one_schema_have_nothing_in_another(env: Env) -> None:
+    from tests.conftest import drop_schema
+
+    w = await world(env)
+    other = env.schema + "_x"
+    await migrate(env.admin, other)
+    try:
+        await env.admin.execute(f"INSERT INTO {other}.messages (stream, args) VALUES ('a', '{{}}')")
+        async with session(env, w.wa) as conn:
+            for sql in [
+                f"SELECT * FROM {other}.worker_dequeue('a', 'w', 10, 60000)",
+                f"SELECT {other}.worker_publish('a', '', '{{}}')",
+                f"SELECT * FROM {other}.messages",
+                f"SELECT * FROM {other}.caller_tools()",
+            ]:
+                with pytest.raises(DENIED, match=f"permission denied for schema {other}"):
+                    await conn.fetch(sql)
+        assert await env.admin.fetchval(f"SELECT state FROM {other}.messages") == "ready"
+    finally:
+        await drop_schema(env.admin, other)
+
+
 # ------------------------------------------------------------------------------------- logins and sessions
 
 
