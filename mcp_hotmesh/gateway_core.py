@@ -23,8 +23,8 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import asyncpg
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
-from jsonschema.exceptions import SchemaError, ValidationError, relevance  # type: ignore[import-untyped]
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from .errors import (
     ConnectionFailed,
