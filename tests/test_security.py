@@ -21,11 +21,19 @@ import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh.errors import ConfigError, ConnectionFailed, InvalidInput, NotFound, PayloadTooLarge, PermissionDenied
+from mcp_hotmesh.errors import (
+    ConfigError,
+    ConnectionFailed,
+    HotMeshError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+)
 from mcp_hotmesh.migrate import migrate
 from mcp_hotmesh.roles import Kind, ProvisionedRole, revoke, rotate
 from mcp_hotmesh.streams import CallerAPI, Claimed, WorkerAPI, caller_channel, tools_channel, worker_channel
-from tests.conftest import Env
+from tests.conftest import Env, drop_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -714,8 +722,6 @@ async def test_a_worker_cannot_speak_for_another_roles_consumer(env: Env) -> Non
 
 
 async def test_roles_of_one_schema_have_nothing_in_another(env: Env) -> None:
-    from tests.conftest import drop_schema
-
     w = await world(env)
     other = env.schema + "_x"
     await migrate(env.admin, other)
@@ -903,22 +909,69 @@ async def test_manual_provisioning_path(env: Env) -> None:
     await admin.execute(f"ALTER ROLE {name} IN DATABASE template1 RESET app.allowed_streams")
 
 
-# -------------------------------------------------------------------------------------------- known holes
+# ------------------------------------------------------------------------------------------------ migrations
+
+
+async def test_a_worker_cannot_stall_migrations_with_an_advisory_lock(env: Env) -> None:
+    """Any role may take any advisory lock, so migrate() must not wait on one (it locks the migrations table)."""
+    role, _ = await env.worker(["a"])
+    fresh = env.schema + "_m"
+    async with session(env, role) as conn:
+        for schema in (env.schema, fresh):  # the key migrate() used to wait on
+            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:migrate:{schema}")
+        with pytest.raises(DENIED):
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {env.schema}.migrations IN ACCESS SHARE MODE")
+        admin = await asyncpg.connect(env.server.admin_dsn)
+        try:
+            with anyio.fail_after(20):
+                assert await migrate(admin, env.schema) == []
+                assert await migrate(admin, fresh) == [1]
+        finally:
+            await drop_schema(admin, fresh)
+            await admin.close()
+
+
+async def _swallow(attempt: Awaitable[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await attempt
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="OPEN: any role may take the advisory lock migrate() waits on (mcp_hotmesh/migrate.py, not ours), "
-    "so a worker role can stall every later migrate, provision and serve start; take a lock only the "
-    "admin can take (e.g. LOCK TABLE <schema>.migrations) or wait with a timeout",
+    reason="OPEN (mcp_hotmesh/migrate.py): with USAGE on the schema a role can name its tables, and PostgreSQL "
+    "takes a statement's table lock before it checks privileges; an IMMUTABLE temp function that sleeps "
+    "while the statement is planned keeps that lock, so a pending migration waits forever (and every "
+    "statement queued behind its lock with it). migrate() should SET lock_timeout and fail clearly.",
 )
-async def test_a_worker_cannot_stall_migrations(env: Env) -> None:
+async def test_a_worker_cannot_stall_a_pending_migration_with_a_plan_time_lock(env: Env) -> None:
     role, _ = await env.worker(["a"])
+    s = env.schema
+    await env.admin.execute(f'DELETE FROM "{s}".migrations WHERE version = 1')  # an upgrade is pending
     async with session(env, role) as conn:
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:migrate:{env.schema}")
+        pid = conn.get_server_pid()
+        await conn.execute(
+            "CREATE FUNCTION pg_temp.stall() RETURNS int IMMUTABLE LANGUAGE plpgsql "
+            "AS $$BEGIN PERFORM pg_sleep(60); RETURN 1; END$$"
+        )
         admin = await asyncpg.connect(env.server.admin_dsn)
         try:
-            with anyio.fail_after(1.5):
-                await migrate(admin, env.schema)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    _swallow, conn.execute(f"INSERT INTO {s}.migrations (version, name) VALUES (pg_temp.stall(), '')")
+                )
+                for _ in range(200):
+                    if await env.admin.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE pid = $1 AND relation = $2::regclass AND granted",
+                        pid, f"{s}.migrations",
+                    ):
+                        break
+                    await anyio.sleep(0.01)
+                try:
+                    with anyio.fail_after(3):
+                        with contextlib.suppress(HotMeshError):  # failing clearly would be fine; hanging is not
+                            await migrate(admin, s)
+                finally:
+                    await env.admin.execute("SELECT pg_terminate_backend($1, 5000)", pid)
         finally:
             admin.terminate()
