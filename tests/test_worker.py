@@ -6,6 +6,8 @@ Callers are separate caller roles (``env.caller``); workers log in as worker rol
 from __future__ import annotations
 
 import contextlib
+import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -485,9 +487,24 @@ async def test_a_stream_the_role_may_not_use_fails_at_start(env: Env) -> None:
 # ---------------------------------------------------------------------------------- server restart
 
 
+def _port_outside_the_ephemeral_range() -> int:
+    """While the server is down, clients retrying 127.0.0.1:port may be given that very port as their own
+    (a TCP self-connect), and the restarted server could not bind it; ports below 32768 are never handed out."""
+    for _ in range(100):
+        port = random.randint(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
 async def test_worker_recovers_after_the_server_restarts(tmp_path: Any) -> None:
     tmp_path.chmod(0o755)
-    server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg"))
+    port = _port_outside_the_ephemeral_range()
+    server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg", port=port))
     try:
         admin = await connect(server.admin_dsn)
         try:
@@ -505,7 +522,7 @@ async def test_worker_recovers_after_the_server_restarts(tmp_path: Any) -> None:
                     "total": 3}
                 await anyio.to_thread.run_sync(server.stop)
                 await anyio.sleep(0.5)  # the worker finds the server gone
-                server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg", port=server.port))
+                server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg", port=port))
 
                 async def answered() -> bool:
                     try:

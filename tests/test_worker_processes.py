@@ -154,7 +154,8 @@ async def test_sigterm_releases_claimed_work_for_another_worker_at_once(env: Env
     role = await env.provision(["proc.work"], "worker")
     _, caller = await env.caller(["proc.work"])
     base = f"postgresql://{env.server.tcp_host}:{env.server.tcp_port}/{env.server.database}"
-    credentials = ("--user", role.role, "--password", role.password)  # the seed's workerCredentials, on the CLI
+    credentials = (f"--user={role.role}", f"--password={role.password}")  # the seed's workerCredentials
+    # ("=": a generated password may start with "-")
     # The default 10 s lease: only a release (not a reclaim) lets another worker take the message quickly.
     leaving = workers.start(base, *credentials, hang=True, HOTMESH_SHUTDOWN_GRACE="0.3")
     await wait_live(caller, 1)
