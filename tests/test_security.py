@@ -741,6 +741,45 @@ async def test_roles_of_one_schema_have_nothing_in_another(env: Env) -> None:
         await drop_schema(env.admin, other)
 
 
+async def test_a_spoofed_cancel_notify_does_not_stop_a_running_handler(env: Env) -> None:
+    """The real worker treats ``c:<id>`` as a hint: it asks worker_extend, which says the call was not cancelled."""
+    from mcp_hotmesh.tools import ToolSet
+    from mcp_hotmesh.worker import Worker
+
+    started, release = anyio.Event(), anyio.Event()
+    tools = ToolSet()
+
+    @tools.tool(topic="slow")
+    async def slow() -> dict[str, Any]:
+        """Waits to be released."""
+        started.set()
+        await release.wait()
+        return {"finished": True}
+
+    role = await env.provision(["slow"], "worker")
+    owner_role, owner = await env.caller(["slow"])
+    intruder = await env.provision(["other"], "caller")  # another caller, on another stream
+    async with Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, poll_interval=0.2,
+                                   heartbeat_interval=1.0, shutdown_grace=0.5):
+        call_id = await owner.call("slow", "", {}, 60_000)
+        with anyio.fail_after(10):
+            await started.wait()
+        id_ = (await env.call_row(call_id))["id"]  # message ids are sequential: an attacker can guess them
+        async with session(env, intruder) as conn:
+            for _ in range(3):
+                await conn.execute("SELECT pg_notify($1, $2)", worker_channel(env.schema, "slow"), f"c:{id_}")
+                await conn.execute("SELECT pg_notify($1, $2)", caller_channel(env.schema, owner_role.role),
+                                   f"r:{call_id}")
+                await anyio.sleep(0.1)
+        assert (await owner.result(call_id)).state == "reserved"
+        release.set()
+        for _ in range(200):
+            if (result := await owner.result(call_id)).finished:
+                break
+            await anyio.sleep(0.05)
+    assert result.state == "done" and result.result == {"finished": True} and not result.is_error
+
+
 # ------------------------------------------------------------------------------------- logins and sessions
 
 
