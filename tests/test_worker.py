@@ -353,6 +353,10 @@ async def test_workflow_names_share_one_consumer_and_dispatch(env: Env, monkeypa
     async with serving(env, tools) as worker:
         [consumer] = worker.consumers
         assert consumer.topic == "math" and consumer.workflows == ["add", "mul"]
+        listening = await env.admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE $1 AND query LIKE 'LISTEN %'",
+            env.schema + "\\_%")
+        assert listening == 1  # the worker listens, on one connection (one per DSN, whatever the topics)
         calls = [(wf, await caller.call("math", wf, {"a": 6, "b": 3}, 10_000)) for wf in ["add", "mul"] * 3]
         results = [(wf, (await finished(caller, c)).result) for wf, c in calls]
         await anyio.sleep(0.5)  # a few more fallback polls: "div" must still be left alone
