@@ -144,18 +144,8 @@ async def cmd_roles(args: argparse.Namespace) -> int:
     return 0
 
 
-_WORKER_ENV = {  # option: (environment variable, type); unset keeps WorkerConfig's or Worker's default
-    "reclaim_delay": ("HOTMESH_RECLAIM_DELAY_MS", int),
-    "reclaim_count": ("HOTMESH_RECLAIM_COUNT", int),
-    "task_queue": ("HOTMESH_TASK_QUEUE", str),
-    "poll_interval": ("HOTMESH_POLL_INTERVAL", float),
-    "shutdown_grace": ("HOTMESH_SHUTDOWN_GRACE", float),
-}
-
-
 async def cmd_worker(args: argparse.Namespace) -> int:
-    """Serve a tool set until SIGTERM/SIGINT. Besides the flags, the environment may set HOTMESH_RECLAIM_DELAY_MS,
-    HOTMESH_RECLAIM_COUNT, HOTMESH_TASK_QUEUE, HOTMESH_POLL_INTERVAL (s) and HOTMESH_SHUTDOWN_GRACE (s)."""
+    """Serve a tool set until SIGTERM/SIGINT (a second signal stops at once)."""
     from .tools import load_toolset
     from .worker import run_worker
 
@@ -166,14 +156,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if not (args.user and args.password):
             raise ConfigError("--user and --password go together")
         credentials = WorkerCredentials(user=args.user, password=args.password)
-    options: dict[str, Any] = {}
-    for option, (variable, kind) in _WORKER_ENV.items():
-        value = os.environ.get(variable)
-        if value:
-            try:
-                options[option] = kind(value)
-            except ValueError:
-                raise ConfigError(f"{variable} must be a {kind.__name__}, not {value!r}") from None
+    options: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in ("reclaim_delay", "reclaim_count", "task_queue", "poll_interval", "shutdown_grace")
+        if getattr(args, name) is not None
+    }
+    if args.readonly:
+        options["readonly"] = True
     try:
         await run_worker(
             tools=load_toolset(args.tools),
@@ -248,6 +237,25 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--password", default=os.environ.get("HOTMESH_WORKER_PASSWORD"),
                    help="worker role's password; replaces the DSN's password")
     p.add_argument("--concurrency", type=int, default=10, help="handlers run at once (default: 10)")
+
+    p.add_argument("--reclaim-delay", dest="reclaim_delay", type=int, metavar="MS",
+                   default=os.environ.get("HOTMESH_RECLAIM_DELAY_MS"),
+                   help="ms a lease lasts before another worker may reclaim the message; extended at half-time "
+                   "while the handler runs (default: $HOTMESH_RECLAIM_DELAY_MS or 10000)")
+    p.add_argument("--reclaim-count", dest="reclaim_count", type=int, metavar="N",
+                   default=os.environ.get("HOTMESH_RECLAIM_COUNT"),
+                   help="reclaims before a message is dead-lettered (default: $HOTMESH_RECLAIM_COUNT or 3)")
+    p.add_argument("--task-queue", dest="task_queue", default=os.environ.get("HOTMESH_TASK_QUEUE"),
+                   help="components naming the same task queue share one pool (default: $HOTMESH_TASK_QUEUE)")
+    p.add_argument("--poll-interval", dest="poll_interval", type=float, metavar="SECONDS",
+                   default=os.environ.get("HOTMESH_POLL_INTERVAL"),
+                   help="fallback poll when no NOTIFY arrives (default: $HOTMESH_POLL_INTERVAL or 5)")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, metavar="SECONDS",
+                   default=os.environ.get("HOTMESH_SHUTDOWN_GRACE"),
+                   help="on SIGTERM, how long running handlers may finish before their calls are released "
+                   "(default: $HOTMESH_SHUTDOWN_GRACE or 10)")
+    p.add_argument("--readonly", action="store_true",
+                   help="never claim messages; only register the tools (and publish from Python)")
 
     p = add("migrate", cmd_migrate, "Create or update the schema, its owner role and its functions.")
     _common(p)
