@@ -25,7 +25,7 @@ DEFAULT_SCHEMA = "hotmesh"
 
 def check_schema(schema: str) -> str:
     """A schema name: lowercase, 1 to 40 characters, so the role names derived from it fit in 63 bytes."""
-    if not isinstance(schema, str) or not SCHEMA_PATTERN.match(schema):
+    if not isinstance(schema, str) or not SCHEMA_PATTERN.fullmatch(schema):
         raise ConfigError(
             "schema name must match ^[a-z_][a-z0-9_]{0,39}$ (lowercase letters, digits, underscores; "
             "at most 40 characters)"
@@ -35,7 +35,7 @@ def check_schema(schema: str) -> str:
 
 def check_stream(stream: str) -> str:
     """A stream name: 1 to 200 characters from A-Z a-z 0-9 . _ : / -"""
-    if not isinstance(stream, str) or not STREAM_PATTERN.match(stream):
+    if not isinstance(stream, str) or not STREAM_PATTERN.fullmatch(stream):
         shown = stream[:60] + "..." if isinstance(stream, str) and len(stream) > 60 else stream
         raise ConfigError(
             f"invalid stream name {shown!r}: use 1 to 200 characters from A-Z a-z 0-9 . _ : / -"

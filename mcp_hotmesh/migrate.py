@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from .config import check_schema
+from .errors import DatabaseError
 from .postgres import check_server_version, translated
 
+LOCK_TIMEOUT = "3s"
 _WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_tools|$)", re.MULTILINE)
 
 
@@ -61,28 +63,49 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
 
     Concurrent runs are serialised by ``LOCK TABLE <schema>.migrations``, a lock only the admin and the owner
     can take (an advisory lock would not do: any role can take any advisory lock, and so stall every start).
+    Every lock is waited for ``LOCK_TIMEOUT`` at most: a role with USAGE on the schema can hold a table's lock
+    while its own statement is planned, and a migration must then fail clearly rather than wait for ever (and
+    hold up, meanwhile, every statement queued behind its own lock request).
     """
     check_schema(schema)
     with translated():
         await check_server_version(conn)
         if await is_migrated(conn, schema):
             return []
-        await _bootstrap(conn, schema)
-        done = []
-        async with conn.transaction():
-            await conn.execute(f'LOCK TABLE "{schema}".migrations IN SHARE ROW EXCLUSIVE MODE')
-            applied = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".migrations')}
-            for m in migrations():
-                if m.version in applied:
-                    continue
-                await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
-                await conn.execute(render(m.sql, schema))
-                await conn.execute("RESET ROLE")
-                await conn.execute(
-                    f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
-                )
-                done.append(m.version)
-        return done
+        try:
+            return await _apply(conn, schema)
+        except asyncpg.LockNotAvailableError:
+            holders = await conn.fetch(
+                "SELECT DISTINCT a.pid, a.usename FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "JOIN pg_class c ON c.oid = l.relation WHERE c.relnamespace = $1::regnamespace "
+                "AND l.granted AND a.pid <> pg_backend_pid()",
+                schema,
+            )
+            who = ", ".join(f"{r['usename']} (pid {r['pid']})" for r in holders) or "another session"
+            raise DatabaseError(
+                f"migrating schema {schema} gave up after {LOCK_TIMEOUT}: its tables are locked by {who}; end "
+                "that session (mcp-hotmesh revoke ROLE, or pg_terminate_backend) and run it again"
+            ) from None
+
+
+async def _apply(conn: asyncpg.Connection, schema: str) -> list[int]:
+    await _bootstrap(conn, schema)
+    done = []
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        await conn.execute(f'LOCK TABLE "{schema}".migrations IN SHARE ROW EXCLUSIVE MODE')
+        applied = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".migrations')}
+        for m in migrations():
+            if m.version in applied:
+                continue
+            await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
+            await conn.execute(render(m.sql, schema))
+            await conn.execute("RESET ROLE")
+            await conn.execute(
+                f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
+            )
+            done.append(m.version)
+    return done
 
 
 async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
@@ -90,6 +113,7 @@ async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
     for attempt in range(5):
         try:
             async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 await conn.execute(render(_read("bootstrap.sql"), schema))
             return
         except (asyncpg.UniqueViolationError, asyncpg.DuplicateObjectError, asyncpg.InternalServerError):

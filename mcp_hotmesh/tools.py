@@ -200,7 +200,7 @@ def make_tool(
     topic = check_stream(topic or fn.__name__)
     default_name = f"{topic}_{workflow_name}" if workflow_name else topic
     name = name or _sanitize(default_name)
-    if not TOOL_NAME_PATTERN.match(name):
+    if not TOOL_NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"tool name {name!r} must match ^[A-Za-z0-9_-]{{1,64}}$")
     description = (description or inspect.getdoc(fn) or "").strip()
     if not description:
