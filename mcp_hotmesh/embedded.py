@@ -227,12 +227,27 @@ def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedS
                 os.chown(socket_dir, user.pw_uid, user.pw_gid)
         _let_server_user_reach(_bin_dir())
         _let_server_user_reach(data_dir.parent)
-        port = port or _choose_port(data_dir)
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {socket_dir} -c unix_socket_permissions=0700"
         log_file = data_dir / "server.log"
-        _run(["pg_ctl", "-D", str(data_dir), "-w", "-t", "60", "-l", str(log_file), "-o", options, "start"])
-        log.info("embedded PostgreSQL started in %s on 127.0.0.1:%d", data_dir, port)
-        return EmbeddedServer(data_dir, socket_dir, port, started_here=True)
+        for attempt in range(3):
+            chosen = port or _choose_port(data_dir)
+            options = f"-c listen_addresses=127.0.0.1 -p {chosen} -k {socket_dir} -c unix_socket_permissions=0700"
+            try:
+                _run(["pg_ctl", "-D", str(data_dir), "-w", "-t", "60", "-l", str(log_file), "-o", options, "start"])
+                break
+            except EmbeddedServerError as exc:
+                # Between our check and the server's bind another process may take the port: try a new one.
+                if port is not None or attempt == 2 or "could not bind" not in _tail(log_file):
+                    raise EmbeddedServerError(f"{exc}; the server log says: {_tail(log_file)}") from exc
+                (data_dir / "hotmesh.port").unlink(missing_ok=True)
+        log.info("embedded PostgreSQL started in %s on 127.0.0.1:%d", data_dir, chosen)
+        return EmbeddedServer(data_dir, socket_dir, chosen, started_here=True)
+
+
+def _tail(log_file: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(log_file.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
