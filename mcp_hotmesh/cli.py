@@ -21,11 +21,11 @@ import anyio
 import asyncpg
 import pydantic
 
-from . import embedded
-from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
+from . import embedded, logs, ops
+from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
 from .errors import ConfigError, HotMeshError
 from .migrate import full_sql, migrate
-from .postgres import connect
+from .postgres import connect, create_pool, is_connection_error
 from .roles import list_roles, provision_role, revoke, rotate
 
 log = logging.getLogger("mcp_hotmesh")
@@ -55,6 +55,12 @@ def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
         )
     parser.add_argument("--log-level", default=os.environ.get("HOTMESH_LOG_LEVEL", "INFO"),
                         help="log level on stderr (default: INFO)")
+    _log_format(parser)
+
+
+def _log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("HOTMESH_LOG_FORMAT", "text"),
+                        help="logs on stderr as text lines or JSON lines (default: $HOTMESH_LOG_FORMAT or text)")
 
 
 @contextlib.asynccontextmanager
@@ -79,6 +85,19 @@ async def admin_connection(args: argparse.Namespace) -> AsyncIterator[asyncpg.Co
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2) + "\n")
     sys.stdout.flush()
+
+
+@contextlib.asynccontextmanager
+async def admin_dsn(args: argparse.Namespace) -> AsyncIterator[str]:
+    """The admin's DSN: ``--dsn``, or the embedded server's (started here, stopped on exit if started here)."""
+    if args.dsn:
+        yield args.dsn
+        return
+    server = await anyio.to_thread.run_sync(lambda: embedded.start(args.data_dir))
+    try:
+        yield server.admin_dsn
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -163,17 +182,153 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     }
     if args.readonly:
         options["readonly"] = True
-    try:
-        await run_worker(
-            tools=load_toolset(args.tools),
-            connection=args.dsn,
-            credentials=credentials,
-            schema=check_schema(args.schema),
-            concurrency=args.concurrency,
-            **options,
-        )
-    except pydantic.ValidationError as exc:
-        raise ConfigError(f"invalid worker option: {exc.errors()[0]['msg']}") from None
+    schema = check_schema(args.schema)
+    tools = load_toolset(args.tools)
+    failed: BaseException | None = None
+    retention = None
+    async with anyio.create_task_group() as tg:
+        if args.purge_interval > 0:  # connects when it first purges: a refused login is the worker's to report
+            retention = await create_pool(connection_dsn(args.dsn, credentials), min_size=0, max_size=1)
+            tg.start_soon(lambda: ops.retention_loop(retention, schema, "worker", interval=args.purge_interval))
+        try:
+            await run_worker(
+                tools=tools,
+                connection=args.dsn,
+                credentials=credentials,
+                schema=schema,
+                concurrency=args.concurrency,
+                **options,
+            )
+        except pydantic.ValidationError as exc:
+            failed = ConfigError(f"invalid worker option: {exc.errors()[0]['msg']}")
+        except Exception as exc:  # raised below as it is, not wrapped in the task group's ExceptionGroup
+            failed = exc
+        finally:
+            tg.cancel_scope.cancel()
+            if retention is not None:
+                with anyio.CancelScope(shield=True):
+                    await retention.close()
+    if failed is not None:
+        raise failed
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """Per stream: ready, in flight, stalled, retrying, dead, oldest waiting, live workers, calls/s."""
+    schema = check_schema(args.schema)
+    if args.interval <= 0:
+        raise ConfigError("--interval must be positive")
+    if not args.watch:
+        async with admin_connection(args) as admin:
+            await migrate(admin, schema)  # idempotent; a fresh install shows its empty queues
+            st = await ops.status(admin, schema)
+        if args.json:
+            _print_json(st.as_json())
+        else:
+            sys.stdout.write(ops.format_status(st))
+        return 0
+    clear = sys.stdout.isatty() and not args.json
+    async with admin_dsn(args) as dsn:
+        conn: asyncpg.Connection | None = None
+        shown = 0
+        try:
+            while args.count is None or shown < args.count:
+                try:
+                    if conn is None:
+                        conn = await connect(dsn)
+                        await migrate(conn, schema)
+                    st = await ops.status(conn, schema)
+                except HotMeshError as exc:
+                    if not is_connection_error(exc):
+                        raise
+                    log.warning("status: %s; trying again in %gs", exc, args.interval)
+                    if conn is not None:
+                        conn.terminate()
+                    conn = None
+                else:
+                    if args.json:  # one object per line
+                        sys.stdout.write(json.dumps(st.as_json()) + "\n")
+                    else:
+                        top = "\x1b[H\x1b[2J" if clear else ("\n" if shown else "")  # clear the terminal
+                        sys.stdout.write(top + ops.format_status(st))
+                    sys.stdout.flush()
+                shown += 1
+                if args.count is None or shown < args.count:
+                    await anyio.sleep(args.interval)
+        finally:
+            if conn is not None:
+                await conn.close()
+    return 0
+
+
+def _dlq_filter(args: argparse.Namespace, *, limit: int | None = None) -> ops.DlqFilter:
+    return ops.DlqFilter(
+        ids=list(args.ids) if getattr(args, "ids", None) else None,
+        stream=args.stream,
+        older_than=ops.parse_duration(args.older_than) if args.older_than else None,
+        newer_than=ops.parse_duration(args.newer_than) if args.newer_than else None,
+        limit=args.limit if args.limit is not None else limit,
+    )
+
+
+def _chosen(args: argparse.Namespace, what: str) -> ops.DlqFilter:
+    where = _dlq_filter(args)
+    if where.empty and not args.all:
+        raise ConfigError(f"say which dead messages to {what}: IDs, --stream, --older-than, --newer-than, or --all")
+    if args.all and args.ids:
+        raise ConfigError("give IDs or --all, not both")
+    return where
+
+
+async def cmd_dlq_list(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        dead = await ops.dlq_list(conn, check_schema(args.schema), _dlq_filter(args, limit=100))
+        now = await conn.fetchval("SELECT now()")
+    if args.json:
+        _print_json([m.as_json() for m in dead])
+    else:
+        sys.stdout.write(ops.format_dlq(dead, now))
+    return 0
+
+
+async def cmd_dlq_show(args: argparse.Namespace) -> int:
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        dead = await ops.dlq_show(conn, check_schema(args.schema), args.id)
+    if args.json:
+        _print_json(dead.as_json(full=True))
+    else:
+        sys.stdout.write(ops.format_dead(dead))
+    return 0
+
+
+async def cmd_dlq_retry(args: argparse.Namespace) -> int:
+    where = _chosen(args, "retry")
+    timeout = ops.parse_duration(args.timeout) if args.timeout else None
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        retried = await ops.dlq_retry(conn, check_schema(args.schema), where, deadline_in=timeout, publish=args.publish)
+    if args.json:
+        _print_json([r.as_json() for r in retried])
+    else:
+        for r in retried:
+            how = f"published anew as message {r.new_id}" if r.new_id != r.id else (
+                f"queued again for call {r.call_id}" if r.call_id else "queued again")
+            sys.stdout.write(f"{r.id} ({r.stream}): {how}\n")
+        sys.stdout.write(f"retried {len(retried)} dead message(s)\n")
+    return 0
+
+
+async def cmd_dlq_purge(args: argparse.Namespace) -> int:
+    where = _chosen(args, "purge")
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        count = await ops.dlq_purge(conn, check_schema(args.schema), where)
+    if args.json:
+        _print_json({"purged": count})
+    else:
+        sys.stdout.write(f"purged {count} dead message(s)\n")
     return 0
 
 
@@ -228,6 +383,7 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--max-args-bytes", type=int, default=1 << 20,
                    help="largest tool arguments accepted, in bytes of JSON; larger calls are refused before "
                         "anything is queued (default: 1 MiB)")
+    _purge_interval(p)
 
     p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")
     _common(p, data_dir=False)
@@ -256,6 +412,7 @@ every address, loopback included; GET /healthz needs no token and says whether t
                    "(default: $HOTMESH_SHUTDOWN_GRACE or 10)")
     p.add_argument("--readonly", action="store_true",
                    help="never claim messages; only register the tools (and publish from Python)")
+    _purge_interval(p)
 
     p = add("migrate", cmd_migrate, "Create or update the schema, its owner role and its functions.")
     _common(p)
@@ -263,6 +420,7 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p = add("sql", cmd_sql, "Print the SQL that migrate runs, for review; connects to nothing.")
     p.add_argument("--schema", default=os.environ.get("HOTMESH_SCHEMA", DEFAULT_SCHEMA))
     p.add_argument("--log-level", default="WARNING", help=argparse.SUPPRESS)
+    _log_format(p)
 
     p = add("provision", cmd_provision, "Create a scoped role that may use only the given streams.")
     _common(p)
@@ -285,23 +443,85 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("status", cmd_status, "Show each stream's queue: ready, in flight, stalled, retrying, dead, oldest "
+            "waiting, live workers, calls per second.")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """\
+columns:
+  READY           messages waiting to be claimed now
+  IN FLIGHT       claimed by a worker that holds the lease
+  STALLED         claimed, but the lease expired: the worker died or lost the database; the next claim on
+                  the stream reclaims them (or dead-letters them after --reclaim-count reclaims)
+  RETRYING        a handler raised; waiting out the retry backoff
+  DEAD            in the dead-letter queue: mcp-hotmesh dlq list
+  OLDEST WAITING  how long the oldest ready message has waited to be claimed
+  WORKERS         live workers (heartbeat within three intervals)
+  CALLS/S         calls that ended (answered or dead) per second, over the last minute
+--json prints one object with the same numbers (keys: streams[].ready, .in_flight, .stalled, .retrying, .dead,
+.done, .oldest_waiting_seconds, .live_workers, .calls_per_second; totals; retention); with --watch, one
+object per line."""
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print JSON (stable keys, for scripts)")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default: 2)")
+    p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many refreshes")
+
+    dlq = sub.add_parser("dlq", help="List, show, retry or purge dead messages (the dead-letter queue).",
+                         description="The dead-letter queue: messages whose attempts, reclaims or deadline ran out, "
+                         "or that were cancelled. They stay until retried or purged.")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+
+    def dlq_add(name: str, fn: Callable[[argparse.Namespace], Awaitable[int]], help: str,
+                *, ids: bool = True) -> argparse.ArgumentParser:
+        q = dsub.add_parser(name, help=help, description=help)
+        q.set_defaults(fn=fn)
+        _common(q)
+        if ids:
+            q.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids (from dlq list)")
+            q.add_argument("--stream", help="only messages of this stream")
+            q.add_argument("--older-than", metavar="AGE", help="only messages that died at least AGE ago (30s, 15m, "
+                           "2h, 7d)")
+            q.add_argument("--newer-than", metavar="AGE", help="only messages that died at most AGE ago")
+            q.add_argument("--limit", type=int, default=None, help="at most this many messages")
+        q.add_argument("--json", action="store_true", help="print JSON")
+        return q
+
+    q = dlq_add("list", cmd_dlq_list, "List dead messages, oldest first (100 unless --limit): id, stream, workflow, "
+                "call, attempts, reclaims, when it died, why.")
+    q = dlq_add("show", cmd_dlq_show, "Show one dead message in full: its arguments, error and answer.", ids=False)
+    q.add_argument("id", type=int, metavar="ID")
+    q = dlq_add("retry", cmd_dlq_retry, "Queue dead messages again, attempts and reclaims from zero. A call keeps "
+                "its call id and gets a fresh deadline, so a caller still waiting for it gets the answer; "
+                "--publish queues a fire-and-forget copy instead and deletes the dead one.")
+    q.add_argument("--all", action="store_true", help="every dead message that matches the filters (or all)")
+    q.add_argument("--timeout", metavar="DURATION", help="the fresh deadline, from now (default: the time the call "
+                   "had at first)")
+    q.add_argument("--publish", action="store_true", help="re-enqueue as a new fire-and-forget message: nobody "
+                   "waits for its answer")
+    q = dlq_add("purge", cmd_dlq_purge, "Delete dead messages for good.")
+    q.add_argument("--all", action="store_true", help="every dead message that matches the filters (or all)")
     return parser
+
+
+def _purge_interval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--purge-interval", dest="purge_interval", type=float, metavar="SECONDS",
+                   default=float(os.environ.get("HOTMESH_PURGE_INTERVAL", "60")),
+                   help="how often this process purges finished calls of its streams past the retention period "
+                   "(default: $HOTMESH_PURGE_INTERVAL or 60; 0: never)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format, sys.stderr)
+    command = args.command if args.command != "dlq" else f"dlq {args.dlq_command}"
     try:
         code = anyio.run(args.fn, args)
     except KeyboardInterrupt:
         code = 130
     except HotMeshError as exc:
-        sys.stderr.write(f"mcp-hotmesh {args.command}: error: {exc}\n")
+        sys.stderr.write(logs.error_line(command, str(exc), args.log_format))
         code = EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
     sys.exit(code)
 

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,11 +51,13 @@ from mcp.types import (
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from .errors import ConfigError
+from .errors import ConfigError, HotMeshError
 from .gateway_core import Engine, UnknownTool
+from .metrics import CONTENT_TYPE, UNKNOWN, GatewayMetrics, classify
+from .ops import QueueStats, queue_stats, retention_loop
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class McpGateway:
 
     def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
         self.engine = engine
+        self.metrics = GatewayMetrics()
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
         self.server = _HotMeshServer(
@@ -155,13 +159,40 @@ class McpGateway:
             except Exception as exc:  # progress is a courtesy; the call goes on
                 log.debug("progress not delivered: %s", exc)
 
+        started = time.monotonic()
+        label = "error"
         try:
             outcome = await self.engine.call(params.name, params.arguments, report=report)
+            label = classify(outcome)
         except UnknownTool as exc:
+            label = "unknown_tool"
             raise MCPError(INVALID_PARAMS, exc.message) from None
+        except anyio.get_cancelled_exc_class():
+            label = "cancelled"
+            raise
+        finally:  # a name the catalog does not know never becomes a label
+            tool = params.name if self.engine.input_schema(params.name) is not None else UNKNOWN
+            self.metrics.observe(tool, label, time.monotonic() - started)
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
-        return CallToolResult(content=[TextContent(text=_text(outcome.result))], structured_content=outcome.result)
+        try:
+            text = _text(outcome.result)
+        except (TypeError, ValueError, RecursionError):  # an answer written by hand that Python cannot read back
+            return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
+                                "service returned a malformed answer.")
+        return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+
+    async def metrics_text(self) -> str:
+        """``/metrics``: this process's counters, and the queues of the gateway role's streams."""
+        queues: list[QueueStats] | None
+        try:
+            with anyio.fail_after(3):
+                queues = await queue_stats(self.engine.api.pool, self.engine.schema)
+        except (HotMeshError, TimeoutError) as exc:
+            log.warning("metrics: queue statistics unavailable: %s", exc)
+            queues = None
+        return self.metrics.render(tools=self.engine.tools(), queues=queues,
+                                   listen_reconnects=self.engine.listener.reconnects)
 
 
 # ---------------------------------------------------------------------------------------------- stdio
@@ -225,13 +256,25 @@ class StaticTokenVerifier(TokenVerifier):
         return None
 
 
+def has_bearer(request: Request, token: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <token>`` (compared in constant time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starlette:
-    """The Streamable HTTP app: ``/mcp`` (bearer token) and ``/healthz`` (no token)."""
+    """The Streamable HTTP app: ``/mcp`` and ``/metrics`` (bearer token), ``/healthz`` (no token)."""
     token = check_http_token(host, token)
 
     async def healthz(request: Request) -> JSONResponse:
         ok = await gateway.engine.healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable", "database": ok}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        if not has_bearer(request, token):  # stream and tool names are not for everyone
+            return PlainTextResponse("a bearer token is required\n", status_code=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return PlainTextResponse(await gateway.metrics_text(), media_type=CONTENT_TYPE)
 
     return gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
@@ -242,7 +285,8 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starle
         auth=AuthSettings(
             issuer_url="http://localhost", resource_server_url=None, validate_token_resource=False  # type: ignore[arg-type]
         ),
-        custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"])],
+        custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"]),
+                                 Route("/metrics", metrics, methods=["GET"])],
     )
 
 
@@ -310,6 +354,9 @@ async def serve(args: Any) -> None:
                             tg.cancel_scope.cancel()
 
             tg.start_soon(on_signal)
+            # retention: this process purges the finished calls of its streams now and then (bounded, locked)
+            tg.start_soon(lambda: retention_loop(engine.api.pool, engine.schema, "caller",
+                                                 interval=float(getattr(args, "purge_interval", 60.0))))
             if args.transport == "http":
                 await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop)
             else:

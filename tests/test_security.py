@@ -30,7 +30,7 @@ from mcp_hotmesh.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from mcp_hotmesh.migrate import migrate
+from mcp_hotmesh.migrate import migrate, migrations
 from mcp_hotmesh.roles import Kind, ProvisionedRole, revoke, rotate
 from mcp_hotmesh.streams import CallerAPI, Claimed, WorkerAPI, caller_channel, tools_channel, worker_channel
 from tests.conftest import Env, drop_schema
@@ -965,7 +965,7 @@ async def test_a_worker_cannot_stall_migrations_with_an_advisory_lock(env: Env) 
         try:
             with anyio.fail_after(20):
                 assert await migrate(admin, env.schema) == []
-                assert await migrate(admin, fresh) == [1]
+                assert await migrate(admin, fresh) == [m.version for m in migrations()]
         finally:
             await drop_schema(admin, fresh)
             await admin.close()
