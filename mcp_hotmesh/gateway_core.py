@@ -114,7 +114,8 @@ def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
     parts = []
     for e in sorted(errors, key=relevance)[:limit]:
         where = "/".join(str(p) for p in e.absolute_path)
-        parts.append(f"{where or '(top level)'}: {_clip(e.message, 200)}")
+        message = e.message if len(e.message) <= 200 else e.message[:120] + " ... " + e.message[-75:]  # the
+        parts.append(f"{where or '(top level)'}: {message}")  # end says what is wrong: keep it
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts) + more
 
@@ -277,8 +278,14 @@ class Engine:
         args = arguments if arguments is not None else {}
         try:
             size = len(json.dumps(args, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
-        except (TypeError, ValueError):
-            return f"The arguments for {name!r} are not valid JSON."
+        except RecursionError:
+            return f"The arguments for {name!r} are nested too deeply."
+        except UnicodeEncodeError:
+            return f"The arguments for {name!r} are not valid JSON: a string holds a lone surrogate (no UTF-8)."
+        except (TypeError, ValueError) as exc:
+            why = "NaN or an infinite number" if "float" in str(exc) else (
+                "a number with too many digits" if "digits" in str(exc) else "a value that is no JSON")
+            return f"The arguments for {name!r} are not valid JSON: they hold {why}."
         if size > self.max_args_bytes:
             return (f"The arguments for {name!r} are {size} bytes of JSON; this server accepts at most "
                     f"{self.max_args_bytes}. Send less data.")

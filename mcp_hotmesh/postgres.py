@@ -124,13 +124,40 @@ async def connect(dsn: str, *, connect_timeout: float = 10) -> asyncpg.Connectio
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:  # as a ValueError: translated() makes it InvalidInput, like any value not sendable
+        raise ValueError("the value is nested too deeply to be sent as JSON") from None
+
+
+class UnreadableJSON:
+    """Stands in for a JSON value from the database that Python cannot read: nested deeper than its recursion
+    limit, or an integer with more digits than ``int()`` converts. PostgreSQL accepts both, and any caller role
+    can write them with ``caller_call``; decoding must not raise, or the one value would make the whole batch of
+    messages it was claimed with unreadable. Whoever receives it refuses it with ``reason``."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"UnreadableJSON({self.reason!r})"
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return UnreadableJSON("it is nested too deeply")
+    except ValueError:  # PostgreSQL only sends valid JSON: this is int()'s limit on digits
+        return UnreadableJSON("it holds a number with too many digits")
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
     """Codecs for every pooled connection: json and jsonb travel as Python values."""
     for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(name, encoder=_dumps, decoder=_loads, schema="pg_catalog")
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

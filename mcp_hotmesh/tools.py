@@ -29,6 +29,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from .config import TOOL_NAME_PATTERN, check_stream
 from .errors import ConfigError, HotMeshError
+from .postgres import UnreadableJSON
 
 JSON = Any
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -126,6 +127,8 @@ class Tool:
 
     def parse_arguments(self, args: JSON) -> BaseModel:
         """Validate arguments from the queue; ``ToolInputError`` says what is wrong, for the model to fix."""
+        if isinstance(args, UnreadableJSON):
+            raise ToolInputError(f"the arguments could not be read: {args.reason}")
         if not isinstance(args, dict):
             raise ToolInputError("the arguments must be a JSON object")
         try:
