@@ -51,6 +51,9 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.ConnectionFailureError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # a connection left mid-operation when the server went away ("cannot switch to state ...; another
+    # operation is in progress"): seen when PostgreSQL restarts under load
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
