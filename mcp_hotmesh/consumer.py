@@ -4,6 +4,11 @@ A consumer serves every callback of one topic (one ``WorkerConfig`` per workflow
 ``worker_dequeue(..., workflows=<the names it serves>)``, so a message that no local callback serves stays
 queued for a worker that can serve it. It never claims more messages than the worker has free handler slots.
 
+Answers go out in batches (``batch.Batcher``): the results that are ready while one statement is in flight share
+the next, ``worker_respond_and_dequeue``, which also claims the next messages for the slots the answered
+handlers leave free (the slots free before stay with the claim loop), so a busy worker pays one round trip and
+one commit per batch, not two per message. One task keeps the leases of all running handlers.
+
 How a handler's outcome is answered (one rule each, the same for every tool):
 
 =====================================  =================================================================
@@ -25,6 +30,7 @@ the worker is shutting down            the handler is cancelled after the grace 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,10 +40,11 @@ from uuid import UUID
 import anyio
 import anyio.abc
 
+from .batch import Batcher
 from .config import WorkerConfig
 from .errors import HotMeshError, InvalidInput, PayloadTooLarge
 from .postgres import backoff, is_connection_error
-from .streams import Claimed, WorkerAPI
+from .streams import Answer, Claimed, WorkerAPI
 from .tools import ToolContext, ToolInputError, ToolOutputError
 
 log = logging.getLogger(__name__)
@@ -80,9 +87,11 @@ class _Running:
     msg: Claimed
     config: WorkerConfig
     ctx: ToolContext
+    due: float  # when its lease is next extended (anyio.current_time())
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    check: anyio.Event = field(default_factory=anyio.Event)  # set: look at the lease now
+    check_now: bool = False  # look at the lease at once (a c:<id> NOTIFY came)
     reason: str | None = None  # why the handler was stopped: "cancelled", "lost" or "shutdown"
+    slot_passed: bool = False  # its slot went to the claim of the statement that answered it
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
@@ -119,31 +128,50 @@ class Consumer:
         self._slots = slots
         self._running: dict[UUID, _Running] = {}  # by lease: a message reclaimed from us may run here twice
         self._wake = anyio.Event()
-        self._finished = anyio.Event()
+        self._finished: anyio.Event | None = None  # made by whoever waits for a handler to end
+        self._keeper_wake = anyio.Event()
+        self._keeper_until = math.inf  # when the lease keeper wakes next, unless woken
         self._stopping = False
         self._starved = False
+        # Whether messages may be waiting: a NOTIFY of new work, or a claim that came back full. An answer
+        # claims in the same statement only then; otherwise it would add a claim's work to every answer's
+        # commit (and to the latency of a lone call) for nothing. ``_news`` counts NOTIFYs, so a claim that
+        # came back short clears ``_backlog`` only if no NOTIFY came meanwhile.
+        self._backlog = True
+        self._news = 0
         self._beat = anyio.Lock()  # a heartbeat never lands after the goodbye
         self._gone = False
         self._handlers: anyio.abc.TaskGroup | None = None
+        self._answers: Batcher[tuple[_Running, Answer], bool] = Batcher(self._send_answers)
         slots.on_free.append(self._slot_freed)
 
     # ------------------------------------------------------------------------------------- wake-ups
 
     def wake(self) -> None:
+        self._news += 1
+        self._backlog = True
         self._wake.set()
+
+    def _claimed(self, news: int, want: int, got: int) -> None:
+        """A claim asked for ``want`` and got ``got``; ``news`` was the NOTIFY count when it was sent."""
+        if got >= want:
+            self._backlog = True
+        elif news == self._news:
+            self._backlog = False
 
     def notify(self, payload: str) -> None:
         """A NOTIFY on the topic's channel: new work, or ``c:<id>`` (a caller cancelled message ``id``)."""
         if payload.startswith("c:"):
             for running in list(self._running.values()):
                 if payload == f"c:{running.msg.id}":
-                    running.check.set()
+                    running.check_now = True
+                    self._keeper_wake.set()
             return
         self.wake()
 
     def _slot_freed(self) -> None:
         if self._starved:
-            self.wake()
+            self._wake.set()
 
     async def _wake_after(self, seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -159,6 +187,8 @@ class Consumer:
         """Claim and run until ``stop_claiming``; then keep heartbeating until cancelled."""
         async with anyio.create_task_group() as tg:
             self._handlers = tg
+            await tg.start(self._answers.run)
+            tg.start_soon(self._keep_leases)
             tg.start_soon(self._heartbeat_loop)
             await self._claim_loop()
 
@@ -173,6 +203,8 @@ class Consumer:
 
     async def wait_idle(self) -> None:
         while self._running:
+            if self._finished is None:
+                self._finished = anyio.Event()
             await self._finished.wait()
 
     async def goodbye(self) -> None:
@@ -221,12 +253,14 @@ class Consumer:
             if not want:
                 return
             claimed: list[Claimed] = []
+            news = self._news
             try:
                 claimed = await self.api.dequeue(
                     self.topic, self.consumer_id, want, self.lease_ms, self.workflows, self.reclaim_count
                 )
             finally:
                 self._slots.give(want - len(claimed))
+            self._claimed(news, want, len(claimed))
             for msg in claimed:
                 self._handlers.start_soon(self._handle, msg)
             if len(claimed) < want:
@@ -251,7 +285,9 @@ class Consumer:
             attempt=msg.attempt, deadline=msg.deadline, progress=progress,
             workflow_name=msg.workflow_name, topic=self.topic,
         )
-        running = self._running[msg.lease] = _Running(msg, config, ctx)
+        running = self._running[msg.lease] = _Running(msg, config, ctx, self._next_check(msg))
+        if running.due < self._keeper_until:
+            self._keeper_wake.set()
         try:
             outcome = await self._execute(running)
             with anyio.move_on_after(ANSWER_TIMEOUT, shield=True):
@@ -261,25 +297,24 @@ class Consumer:
                     log.error("could not answer message %d on %r: %s", msg.id, self.topic, exc)
         finally:
             del self._running[msg.lease]
-            self._finished.set()  # wakes whoever waits for a handler to end; the next wait needs a new event
-            self._finished = anyio.Event()
-            self._slots.give(1)
+            if self._finished is not None:  # wakes whoever waits for a handler to end
+                self._finished.set()
+                self._finished = None
+            if not running.slot_passed:
+                self._slots.give(1)
 
     async def _execute(self, running: _Running) -> Outcome:
         assert running.config.callback is not None
         outcome: Outcome = ("raised", RuntimeError("the handler did not finish"))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_lease, running)
-                with running.scope:
-                    try:
-                        outcome = ("ok", await running.config.callback(running.msg.args, running.ctx))
-                    except (ToolInputError, ToolOutputError) as exc:
-                        outcome = ("refused", str(exc))
-                    except Exception as exc:
-                        log.warning("tool on %r raised", self.topic, exc_info=True)
-                        outcome = ("raised", exc)
-                tg.cancel_scope.cancel()
+            with running.scope:  # the lease keeper cancels it (running.stop)
+                try:
+                    outcome = ("ok", await running.config.callback(running.msg.args, running.ctx))
+                except (ToolInputError, ToolOutputError) as exc:
+                    outcome = ("refused", str(exc))
+                except Exception as exc:
+                    log.warning("tool on %r raised", self.topic, exc_info=True)
+                    outcome = ("raised", exc)
         except anyio.get_cancelled_exc_class():
             # The worker itself was cancelled, not stopped gracefully: give the message back anyway.
             with anyio.move_on_after(5, shield=True):
@@ -287,37 +322,56 @@ class Consumer:
             raise
         return outcome
 
-    async def _keep_lease(self, running: _Running) -> None:
-        """Extend the lease at half its length; stop the handler when the caller cancels or the deadline passes.
+    # ---------------------------------------------------------------------------------------- leases
 
-        ``worker_extend`` is asked at once when a ``c:<id>`` NOTIFY says this message was cancelled, and when
-        the local clock says the deadline passed (the server's clock decides).
-        """
-        msg = running.msg
+    def _next_check(self, msg: Claimed, *, retry: bool = False) -> float:
+        """When to extend a lease next: at half its length (within a second after a failed try), and just after
+        the call's deadline by the local clock (the server's clock decides)."""
         half = self.lease_ms / 2000
-        retry_soon = False
+        wait = min(half, 1.0) if retry else half
+        if msg.deadline is not None:
+            left = (msg.deadline - datetime.now(UTC)).total_seconds()
+            wait = min(wait, max(left + 0.05, 0.25))
+        return anyio.current_time() + wait
+
+    async def _keep_leases(self) -> None:
+        """One task keeps the leases of all running handlers: a lease is extended when it is due (``_next_check``)
+        or at once when a ``c:<id>`` NOTIFY says the caller cancelled; the handler is stopped when the caller
+        cancelled or the deadline passed ("cancelled"), or when the lease was lost ("lost"). A handler that ends
+        before half its lease costs no extension and no task of its own."""
         while True:
-            wait = min(half, 1.0) if retry_soon else half
-            if msg.deadline is not None:
-                left = (msg.deadline - datetime.now(UTC)).total_seconds()
-                wait = min(wait, max(left + 0.05, 0.25))
-            with anyio.move_on_after(wait):
-                await running.check.wait()
-            running.check = anyio.Event()
-            try:
-                state = await self.api.extend(self.topic, msg.id, msg.lease, self.lease_ms)
-            except HotMeshError as exc:
-                log.warning("could not extend the lease of message %d: %s", msg.id, exc)
-                retry_soon = True
+            now = anyio.current_time()
+            due = [r for r in self._running.values() if r.reason is None and (r.check_now or r.due <= now)]
+            if due:
+                async with anyio.create_task_group() as tg:
+                    for running in due:
+                        running.check_now = False
+                        running.due = math.inf  # in hand
+                        tg.start_soon(self._extend, running)
+            self._keeper_until = min((r.due for r in self._running.values() if r.reason is None), default=math.inf)
+            if any(r.check_now for r in self._running.values()):
                 continue
-            retry_soon = False
-            if state is None:
-                log.warning("lost the lease of message %d on %r; another worker may run it", msg.id, self.topic)
-                running.stop("lost")
-                return
-            if state:
-                running.stop("cancelled")
-                return
+            with anyio.move_on_after(self._keeper_until - anyio.current_time()):
+                await self._keeper_wake.wait()
+            self._keeper_wake = anyio.Event()
+
+    async def _extend(self, running: _Running) -> None:
+        msg = running.msg
+        try:
+            state = await self.api.extend(self.topic, msg.id, msg.lease, self.lease_ms)
+        except HotMeshError as exc:
+            log.warning("could not extend the lease of message %d: %s", msg.id, exc)
+            running.due = self._next_check(msg, retry=True)
+            return
+        if self._running.get(msg.lease) is not running:
+            return  # it was answered meanwhile
+        if state is None:
+            log.warning("lost the lease of message %d on %r; another worker may run it", msg.id, self.topic)
+            running.stop("lost")
+        elif state:
+            running.stop("cancelled")
+        else:
+            running.due = self._next_check(msg)
 
     # ------------------------------------------------------------------------------------- answer
 
@@ -335,12 +389,12 @@ class Consumer:
         kind, value = outcome
         if kind == "ok":
             try:
-                ok = await _persist(lambda: api.respond(stream, msg.id, msg.lease, value))
+                ok = await self._answers.submit((running, Answer(msg.id, msg.lease, value)))
             except (InvalidInput, PayloadTooLarge) as exc:
                 error = {"error": f"the tool's result was refused: {exc}"}
-                ok = await _persist(lambda: api.respond(stream, msg.id, msg.lease, error, True))
+                ok = await self._answers.submit((running, Answer(msg.id, msg.lease, error, True)))
         elif kind == "refused":
-            ok = await _persist(lambda: api.respond(stream, msg.id, msg.lease, {"error": value}, True))
+            ok = await self._answers.submit((running, Answer(msg.id, msg.lease, {"error": value}, True)))
         else:
             delay = running.config.retry.next_delay(msg.attempt)
             ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _text(value), delay))
@@ -348,6 +402,59 @@ class Consumer:
                 self._handlers.start_soon(self._wake_after, delay / 1000)
         if not ok:
             log.warning("message %d on %r was answered by nobody: its lease was lost", msg.id, stream)
+
+
+    async def _send_answers(self, items: list[tuple[_Running, Answer]]) -> list[bool | BaseException]:
+        """One batch of answers, and the next claim for the slots they free (none while stopping). A refused
+        batch (a result too large, say) is sent again answer by answer, so each gets its own refusal."""
+        held = len(items)
+        for running, _ in items:
+            running.slot_passed = True  # from here on this statement gives the slot back (or fills it)
+        # Only the answered handlers' slots: the free ones stay with the claim loop, which a NOTIFY wakes.
+        batch = held if self._backlog and not self._stopping else 0
+        news = self._news
+        answers = [a for _, a in items]
+        claimed: list[Claimed] = []
+        try:
+            try:
+                answered, claimed = await self._respond_and_claim(answers, batch)
+                outcomes: list[bool | BaseException] = [answered.get(a.id, False) for a in answers]
+            except (InvalidInput, PayloadTooLarge):
+                if len(answers) == 1:
+                    raise
+                outcomes = []
+                for a in answers:
+                    try:
+                        alone, _ = await self._respond_and_claim([a], 0)
+                        outcomes.append(alone.get(a.id, False))
+                    except HotMeshError as exc:
+                        outcomes.append(exc)
+        finally:
+            self._slots.give(held - len(claimed))
+        if batch:
+            self._claimed(news, batch, len(claimed))
+        assert self._handlers is not None
+        for msg in claimed:
+            self._handlers.start_soon(self._handle, msg)
+        return outcomes
+
+    async def _respond_and_claim(self, answers: list[Answer], batch: int) -> tuple[dict[int, bool], list[Claimed]]:
+        """``worker_respond_and_dequeue``, retried through connection errors for ``ANSWER_TIMEOUT`` seconds (the
+        lease outlives a short outage). A retry claims nothing: the first try may have claimed and committed."""
+        failures = 0
+        give_up = anyio.current_time() + ANSWER_TIMEOUT
+        while True:
+            try:
+                return await self.api.respond_and_dequeue(
+                    self.topic, self.consumer_id, answers, batch, self.lease_ms, self.workflows, self.reclaim_count
+                )
+            except HotMeshError as exc:
+                if not is_connection_error(exc) or anyio.current_time() >= give_up:
+                    raise
+                failures += 1
+                batch = 0
+                log.warning("could not reach PostgreSQL to answer (%s); retrying", exc)
+                await anyio.sleep(backoff(failures - 1, base=0.1, cap=2.0))
 
 
 def _text(exc: BaseException) -> str:

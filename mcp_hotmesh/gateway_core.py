@@ -4,8 +4,12 @@
 channel fires), checks a call's arguments against the registered JSON Schema before anything is enqueued,
 enqueues with ``caller_call`` and waits for the answer. Waiting costs no polling per call: ONE LISTEN connection
 per process hears ``r:<call_id>`` (ended) and ``p:<call_id>`` (progress) on the caller role's channel and wakes
-the waiting call, which then reads ``caller_result``. Notifications can be lost (a dropped LISTEN connection),
-so after a reconnect, and on a slow timer, every waiting call looks again.
+the waiting call, which then reads its state. Notifications can be lost (a dropped LISTEN connection), so after
+a reconnect, and on a slow timer, every waiting call looks again.
+
+Calls that arrive together share statements: enqueues go out through ``caller_call_many`` and reads through
+``caller_results``, each batched while the previous statement is in flight (``batch.Batcher``). A call alone
+goes at once.
 
 Every error that reaches an agent goes through ``safe_message``: no SQL, role names, DSNs or tracebacks.
 """
@@ -26,6 +30,7 @@ import asyncpg
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
+from .batch import Batcher
 from .errors import (
     ConnectionFailed,
     DatabaseError,
@@ -136,6 +141,9 @@ def _error_text(res: CallResult) -> str:
     return "the tool failed without a message"
 
 
+EARLY_NOTIFICATIONS = 4096
+
+
 class Engine:
     """The caller-role side of every tool call; one per gateway process."""
 
@@ -161,6 +169,14 @@ class Engine:
         self.on_tools_changed: Callable[[], Awaitable[None]] | None = None
         self._tools: dict[str, _Entry] = {}
         self._waiters: dict[UUID, _Waiter] = {}
+        # r:/p: notifications that came before their call's waiter (the worker can answer before caller_call's
+        # reply is read): the waiter looks at once instead of at the next timer tick. Bounded: ids of calls of
+        # other gateways logged in as the same role land here too.
+        self._early: dict[UUID, None] = {}
+        self._enqueues: Batcher[tuple[str, str, JSON, int], UUID] = Batcher(
+            self._send_calls, on_orphan=self._orphaned
+        )
+        self._reads: Batcher[UUID, CallResult] = Batcher(self._read_results)
         self._dirty = anyio.Event()
         self._refresh_lock = anyio.Lock()
         self._calls_channel = caller_channel(schema, role)
@@ -177,6 +193,8 @@ class Engine:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self.listener.run)
+        await self._tg.start(self._enqueues.run)
+        await self._tg.start(self._reads.run)
         self._tg.start_soon(self._refresher)
         self._tg.start_soon(self._ticker)
         with anyio.move_on_after(10):
@@ -198,11 +216,16 @@ class Engine:
         if kind not in ("r", "p"):
             return
         try:
-            waiter = self._waiters.get(UUID(ident))
+            call_id = UUID(ident)
         except ValueError:
             return
+        waiter = self._waiters.get(call_id)
         if waiter is not None:
             waiter.wake()
+        else:
+            self._early[call_id] = None
+            if len(self._early) > EARLY_NOTIFICATIONS:
+                del self._early[next(iter(self._early))]
 
     def wake_all(self) -> None:
         for waiter in list(self._waiters.values()):
@@ -315,10 +338,15 @@ class Engine:
         limit = self.timeout if time_limit is None else time_limit
         record = entry.record
         try:
-            call_id = await self.api.call(record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
+            call_id = await self._enqueues.submit(
+                (record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
+            )
         except HotMeshError as exc:
             return Outcome(error=safe_message(exc))
         waiter = self._waiters[call_id] = _Waiter()
+        if call_id in self._early:  # its NOTIFY came before we got here
+            del self._early[call_id]
+            waiter.wake()
         try:
             return await self._wait(name, call_id, waiter, limit, report)
         except anyio.get_cancelled_exc_class():
@@ -327,6 +355,30 @@ class Engine:
             raise
         finally:
             self._waiters.pop(call_id, None)
+
+    async def _send_calls(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID | BaseException]:
+        """One batch of enqueues. A refused batch is sent again call by call, so each call gets its own answer."""
+        try:
+            return list(await self.api.call_many(calls))
+        except HotMeshError as exc:
+            if len(calls) == 1 or isinstance(exc, ConnectionFailed):
+                return [exc] * len(calls)
+        outcomes: list[UUID | BaseException] = []
+        for call in calls:
+            try:
+                outcomes.append(await self.api.call(*call))
+            except HotMeshError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _orphaned(self, _call: tuple[str, str, JSON, int], call_id: UUID) -> None:
+        """A call enqueued for a caller that was cancelled meanwhile: cancel it in the database too."""
+        if self._tg is not None:
+            self._tg.start_soon(self._cancel, call_id)
+
+    async def _read_results(self, call_ids: list[UUID]) -> list[CallResult | BaseException]:
+        found = await self.api.results(list(dict.fromkeys(call_ids)))
+        return [found.get(i) or NotFound("no such call") for i in call_ids]
 
     async def _cancel(self, call_id: UUID) -> str | None:
         try:
@@ -341,27 +393,27 @@ class Engine:
         deadline = time.monotonic() + limit
         last_progress: float | None = None
         while True:
-            waiter.event = anyio.Event()  # a wake-up from now on is not lost while we read
-            try:
-                res = await self.api.result(call_id)
-            except ConnectionFailed as exc:
-                log.warning("reading call %s: %s", call_id, exc)
-                res = None
-            except HotMeshError as exc:
-                return Outcome(error=safe_message(exc))
-            if res is not None:
-                if res.finished:
-                    return self._outcome(res)
-                if report is not None and res.progress is not None and (
-                    last_progress is None or res.progress > last_progress
-                ):
-                    last_progress = res.progress
-                    await report(res.progress, res.progress_total, res.progress_message)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return await self._timed_out(name, call_id, limit)
+            # No read before the first wake-up: the answer's NOTIFY (or the timer, if it is lost) says when.
             with anyio.move_on_after(min(remaining, self.recheck_interval * 2)):
                 await waiter.event.wait()
+            waiter.event = anyio.Event()  # a wake-up from now on is not lost while we read
+            try:
+                res = await self._reads.submit(call_id)
+            except ConnectionFailed as exc:
+                log.warning("reading call %s: %s", call_id, exc)
+                continue
+            except HotMeshError as exc:
+                return Outcome(error=safe_message(exc))
+            if res.finished:
+                return self._outcome(res)
+            if report is not None and res.progress is not None and (
+                last_progress is None or res.progress > last_progress
+            ):
+                last_progress = res.progress
+                await report(res.progress, res.progress_total, res.progress_message)
 
     async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
         state = await self._cancel(call_id)

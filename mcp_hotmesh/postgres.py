@@ -163,6 +163,13 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(name, encoder=_dumps, decoder=_loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is. asyncpg's default reset sends ``SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL`` on every release: one more round trip per call, for session state that
+    pooled connections here never make (they only call the API functions; LISTEN has its own connections).
+    An open transaction is still rolled back by asyncpg before this runs."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     with translated():
         pool = await asyncpg.create_pool(
@@ -171,6 +178,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
             max_size=max_size,
             timeout=10,
             init=init_connection,
+            reset=_keep_session,
             server_settings={"application_name": APPLICATION_NAME},
         )
     assert pool is not None

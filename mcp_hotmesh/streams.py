@@ -50,6 +50,16 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
+class Answer:
+    """A result for a held message, as ``worker_respond`` takes it."""
+
+    id: int
+    lease: UUID
+    result: JSON
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ToolRecord:
     stream: str
     workflow_name: str
@@ -119,6 +129,32 @@ class WorkerAPI(_API):
                 stream=stream,
             )
         )
+
+    async def respond_and_dequeue(
+        self,
+        stream: str,
+        consumer: str,
+        answers: list[Answer],
+        batch: int,
+        lease_ms: int,
+        workflows: list[str] | None = None,
+        reclaim_count: int = 3,
+    ) -> tuple[dict[int, bool], list[Claimed]]:
+        """Answer held messages and claim up to ``batch`` more in one round trip (``worker_respond_and_dequeue``).
+        Returns whether each answer was written (False: the lease was lost), by message id, and the claimed."""
+        rows = await self._rows(
+            f"SELECT * FROM {self._s}.worker_respond_and_dequeue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            stream, consumer, [a.id for a in answers], [a.lease for a in answers], [a.result for a in answers],
+            [a.is_error for a in answers], batch, lease_ms, workflows, reclaim_count, stream=stream,
+        )
+        answered: dict[int, bool] = {}
+        claimed: list[Claimed] = []
+        for r in rows:
+            if r[0] == "claimed":
+                claimed.append(Claimed(stream, r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
+            else:
+                answered[r[1]] = r[0] == "answered"
+        return answered, claimed
 
     async def fail(self, stream: str, id: int, lease: UUID, error: str, retry_in_ms: int | None) -> bool:
         return bool(
@@ -197,6 +233,21 @@ class CallerAPI(_API):
             stream, workflow_name, args, timeout_ms, idempotency_key, stream=stream,
         )
         return value
+
+    async def call_many(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID]:
+        """Several calls ``(stream, workflow_name, args, timeout_ms)`` in one statement and one commit
+        (``caller_call_many``); their ids, in order. One refused call refuses them all."""
+        value: list[UUID] = await self._val(
+            f"SELECT {self._s}.caller_call_many($1, $2, $3, $4)",
+            [c[0] for c in calls], [c[1] for c in calls], [c[2] for c in calls], [c[3] for c in calls],
+            stream=calls[0][0] if len({c[0] for c in calls}) == 1 else None,
+        )
+        return value
+
+    async def results(self, call_ids: list[UUID]) -> dict[UUID, CallResult]:
+        """The state of several of this role's calls (``caller_results``); calls not found are left out."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_results($1)", call_ids)
+        return {r[0]: CallResult(*r[1:]) for r in rows}
 
     async def result(self, call_id: UUID) -> CallResult:
         rows = await self._rows(f"SELECT * FROM {self._s}.caller_result($1)", call_id)
