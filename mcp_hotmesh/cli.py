@@ -332,6 +332,31 @@ async def cmd_dlq_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_settings(args: argparse.Namespace) -> int:
+    """Show the admin's settings, or change some: ``KEY=VALUE`` (durations for the ``*_ms`` keys)."""
+    changes: dict[str, int] = {}
+    for item in args.changes:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"write a change as KEY=VALUE, not {item!r}")
+        changes[key.strip()] = ops.parse_setting(key.strip(), value)
+    async with admin_connection(args) as conn:
+        await migrate(conn, check_schema(args.schema))
+        if changes:
+            current = await ops.change_settings(conn, args.schema, changes)
+            log.info("changed %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
+        else:
+            current = await ops.settings(conn, args.schema)
+    if args.json:
+        _print_json(current)
+    else:
+        width = max(map(len, current))
+        for key, value in current.items():
+            shown = f"{value}" + (f"  ({ops.format_age(value / 1000)})" if key.endswith("_ms") and value else "")
+            sys.stdout.write(f"{key.ljust(width)}  {shown}\n")
+    return 0
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     from .gateway import serve
 
@@ -466,6 +491,19 @@ object per line."""
     p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until interrupted")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch (default: 2)")
     p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many refreshes")
+
+    p = add("settings", cmd_settings, "Show the admin's settings (lease bounds, size limits, retention), or change "
+            "some with KEY=VALUE.")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = """\
+examples:
+  mcp-hotmesh settings                                  show them all
+  mcp-hotmesh settings retention_ms=1d                  keep done calls a day (durations for *_ms keys)
+  mcp-hotmesh settings dead_retention_ms=30d            purge dead calls after 30 days (0: keep until purged)
+  mcp-hotmesh settings max_payload_bytes=4194304        larger arguments and results"""
+    _common(p)
+    p.add_argument("changes", nargs="*", metavar="KEY=VALUE", help="settings to change")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     dlq = sub.add_parser("dlq", help="List, show, retry or purge dead messages (the dead-letter queue).",
                          description="The dead-letter queue: messages whose attempts, reclaims or deadline ran out, "

@@ -53,9 +53,11 @@ def _seconds(value: timedelta | None) -> str:
 
 
 def format_age(seconds: float | None) -> str:
-    """``-``, ``0.4s``, ``12s``, ``3m05s``, ``2h10m``, ``3d4h``: short and readable in a table."""
+    """``-``, ``400ms``, ``1.4s``, ``12s``, ``3m05s``, ``2h10m``, ``3d4h``: short and readable in a table."""
     if seconds is None:
         return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
     if seconds < 10:
         return f"{seconds:.1f}s"
     s = int(seconds)
@@ -314,6 +316,48 @@ def format_dead(m: DeadMessage) -> str:
     if m.result is not None:
         lines.append("result: " + json.dumps(m.result, ensure_ascii=False, indent=2))
     return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- settings
+
+INTERNAL_SETTINGS = {"purge_lock"}
+
+
+async def settings(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
+    """The admin's settings (lease bounds, size limits, retention), by key."""
+    s = check_schema(schema)
+    with translated():
+        rows = await conn.fetch(f'SELECT key, value FROM "{s}".settings ORDER BY key')
+    return {r["key"]: r["value"] for r in rows if r["key"] not in INTERNAL_SETTINGS}
+
+
+def parse_setting(key: str, text: str) -> int:
+    """A setting's new value: a whole number; for the ``*_ms`` keys a duration too (``2h``, ``30s``)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if key.endswith("_ms"):
+        return int(parse_duration(text).total_seconds() * 1000)
+    raise ConfigError(f"{key} must be a whole number, not {text!r}")
+
+
+async def change_settings(conn: asyncpg.Connection, schema: str, changes: dict[str, int]) -> dict[str, int]:
+    """Set existing settings (all or none); returns the settings after the change."""
+    s = check_schema(schema)
+    known = await settings(conn, s)
+    for key, value in changes.items():
+        if key not in known:
+            raise ConfigError(f"no setting {key!r}; the settings are: {', '.join(sorted(known))}")
+        if value < 0 or value > 2**62:
+            raise ConfigError(f"{key} must be between 0 and 2^62")
+    merged = {**known, **changes}
+    if merged.get("min_lease_ms", 0) > merged.get("max_lease_ms", 2**62):
+        raise ConfigError("min_lease_ms must not be larger than max_lease_ms")
+    with translated():
+        async with conn.transaction():
+            for key, value in changes.items():
+                await conn.execute(f'UPDATE "{s}".settings SET value = $2 WHERE key = $1', key, value)
+    return await settings(conn, s)
 
 
 # ------------------------------------------------------------------------------------------- retention

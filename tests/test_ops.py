@@ -182,6 +182,7 @@ def test_durations() -> None:
         with pytest.raises(ConfigError):
             ops.parse_duration(bad)
     assert ops.format_age(None) == "-" and ops.format_age(3.25) == "3.2s" and ops.format_age(185) == "3m05s"
+    assert ops.format_age(0.05) == "50ms" and ops.format_age(90_000) == "1d1h"
 
 
 # ------------------------------------------------------------------------------------------- retention
@@ -333,6 +334,16 @@ async def test_status_and_dlq_commands(env: Env) -> None:
                             "WHERE id = $1", int(dead_id))
     assert "purged 1 dead message(s)" in ok(await cli("dlq", "purge", *common, "--all")).stdout
     assert json.loads(ok(await cli("dlq", "list", *common, "--json")).stdout) == []
+
+    shown = ok(await cli("settings", *common)).stdout
+    assert re.search(r"^retention_ms\s+3600000  \(1h00m\)$", shown, re.MULTILINE), shown
+    assert "purge_lock" not in shown
+    changed = json.loads(ok(await cli("settings", *common, "retention_ms=2h", "purge_batch=100", "--json")).stdout)
+    assert (changed["retention_ms"], changed["purge_batch"]) == (7_200_000, 100)
+    assert (await ops.status(env.admin, env.schema)).retention_seconds == 7200
+    one_line_error(await cli("settings", *common, "purge_lock=1"), "settings", 2)
+    one_line_error(await cli("settings", *common, "min_lease_ms=2h"), "settings", 2)
+    one_line_error(await cli("settings", *common, "retention_ms"), "settings", 2)
 
 
 async def test_json_logs_for_every_command(env: Env) -> None:
