@@ -173,7 +173,7 @@ async def rows(conn: asyncpg.Connection, schema: str, stream: str) -> list[async
 
 # -------------------------------------------------------------------------------------------- SIGKILL workers
 async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None:
-    """300 calls through the gateway, three workers, one killed (and replaced) every 0.6 s, five times. Every
+    """300 calls through the gateway, three workers, a random one killed (and replaced) every 0.6 s, five times. Every
     call gets exactly one answer, its own; the killed workers' calls are reclaimed and run again elsewhere."""
     calls, kills = 300, 5
     worker_role = await env.provision(STREAMS, "worker")
@@ -181,6 +181,7 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
     dsn = env.dsn(worker_role)
     options = ("--reclaim-delay", "1000", "--concurrency", "20")
     alive = [procs.worker(dsn, env.schema, *options) for _ in range(3)]
+    started = {p.pid: time.monotonic() for p in alive}
     rng = random.Random(6)
     results: dict[int, list[CallToolResult]] = {}
     async with gateway(await env.pool(caller_role, max_size=20), env.schema, caller_role.role,
@@ -202,9 +203,12 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
                 tg.start_soon(load)
                 for _ in range(kills):
                     await anyio.sleep(0.6)
-                    victim = alive.pop(0)  # the oldest: it has calls in flight
+                    # a random one of those that have been up a while (so it has calls in flight)
+                    victim = rng.choice([p for p in alive if time.monotonic() - started[p.pid] > 1.0] or alive)
+                    alive.remove(victim)
                     await anyio.to_thread.run_sync(kill, victim)
-                    alive.append(procs.worker(dsn, env.schema, *options))
+                    alive.append(replacement := procs.worker(dsn, env.schema, *options))
+                    started[replacement.pid] = time.monotonic()
 
     assert sorted(results) == list(range(calls))
     assert all(len(answers) == 1 for answers in results.values())  # one answer per call
