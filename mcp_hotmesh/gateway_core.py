@@ -7,15 +7,17 @@ per process hears ``r:<call_id>`` (ended) and ``p:<call_id>`` (progress) on the 
 the waiting call, which then reads its state. Notifications can be lost (a dropped LISTEN connection), so after
 a reconnect, and on a slow timer, every waiting call looks again.
 
-Calls that arrive together share statements: enqueues go out through ``caller_call_many`` and reads through
-``caller_results``, each batched while the previous statement is in flight (``batch.Batcher``). A call alone
-goes at once.
+Calls that arrive together share statements: enqueues go out through ``caller_call_many``, batched while the
+previous one is in flight (``batch.Batcher``); one reader task reads every call marked to look at (by a NOTIFY,
+the timer, or a waiter's own poll) in one ``caller_results``. A call alone goes at once. Arguments are encoded
+to JSON once: the text measured against the size limit is the text sent.
 
 Every error that reaches an agent goes through ``safe_message``: no SQL, role names, DSNs or tracebacks.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -40,7 +42,7 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from .postgres import Listener
+from .postgres import JsonText, Listener
 from .streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 
 log = logging.getLogger(__name__)
@@ -102,12 +104,15 @@ class _Entry:
                 json.dumps(r.output_schema, sort_keys=True))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiter:
-    event: anyio.Event = field(default_factory=anyio.Event)
+    """A call waiting for its answer. The reader sets ``result`` (a finished call) or ``error``, then ``done``."""
 
-    def wake(self) -> None:
-        self.event.set()
+    report: ProgressReport | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: CallResult | None = None
+    error: HotMeshError | None = None
+    last_progress: float | None = None
 
 
 def _clip(text: str, limit: int = 300) -> str:
@@ -142,6 +147,13 @@ def _error_text(res: CallResult) -> str:
 
 
 EARLY_NOTIFICATIONS = 4096
+ENQUEUE_BATCH = 8
+"""Most calls one caller_call_many carries. Calls answered together are asked again together (the agents get
+their answers in the same moment), so without a cap they travel as one convoy: the gateway prepares all of them
+while the database and the worker wait, then waits while they work. Batches of 8 split such a wave, and the
+stages overlap: one batch is in the database while the gateway prepares the next. Measured at 16 concurrent
+calls: about 1,300 calls/s instead of about 1,050 (benchmarks.profile)."""
+READ_BATCH = 500
 
 
 class Engine:
@@ -174,9 +186,11 @@ class Engine:
         # other gateways logged in as the same role land here too.
         self._early: dict[UUID, None] = {}
         self._enqueues: Batcher[tuple[str, str, JSON, int], UUID] = Batcher(
-            self._send_calls, on_orphan=self._orphaned
+            self._send_calls, on_orphan=self._orphaned, max_size=ENQUEUE_BATCH
         )
-        self._reads: Batcher[UUID, CallResult] = Batcher(self._read_results)
+        # Calls to look at: the reader reads them all in one caller_results statement.
+        self._to_read: dict[UUID, None] = {}
+        self._read_wake = anyio.Event()
         self._dirty = anyio.Event()
         self._refresh_lock = anyio.Lock()
         self._calls_channel = caller_channel(schema, role)
@@ -194,7 +208,7 @@ class Engine:
         await self._tg.__aenter__()
         self._tg.start_soon(self.listener.run)
         await self._tg.start(self._enqueues.run)
-        await self._tg.start(self._reads.run)
+        self._tg.start_soon(self._reader)
         self._tg.start_soon(self._refresher)
         self._tg.start_soon(self._ticker)
         with anyio.move_on_after(10):
@@ -219,17 +233,21 @@ class Engine:
             call_id = UUID(ident)
         except ValueError:
             return
-        waiter = self._waiters.get(call_id)
-        if waiter is not None:
-            waiter.wake()
+        if call_id in self._waiters:
+            self._look_at(call_id)
         else:
             self._early[call_id] = None
             if len(self._early) > EARLY_NOTIFICATIONS:
                 del self._early[next(iter(self._early))]
 
+    def _look_at(self, call_id: UUID) -> None:
+        self._to_read[call_id] = None
+        self._read_wake.set()
+
     def wake_all(self) -> None:
-        for waiter in list(self._waiters.values()):
-            waiter.wake()
+        """Every waiting call is read again (a lost NOTIFY, a reconnect)."""
+        for call_id in list(self._waiters):
+            self._look_at(call_id)
 
     async def _on_reconnect(self) -> None:
         # notifications sent while the connection was down are lost: look at everything again
@@ -295,12 +313,13 @@ class Engine:
         return entry
 
     # -------------------------------------------------------------------------------------------- calls
-    async def check(self, name: str, arguments: dict[str, JSON] | None) -> tuple[_Entry, dict[str, JSON]] | str:
-        """The tool and its arguments, or why the call must not be enqueued. Raises ``UnknownTool``."""
+    async def check(self, name: str, arguments: dict[str, JSON] | None) -> tuple[_Entry, JsonText] | str:
+        """The tool and its arguments as JSON text, or why the call must not be enqueued. Raises ``UnknownTool``."""
         entry = await self._entry(name)
         args = arguments if arguments is not None else {}
         try:
-            size = len(json.dumps(args, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode())
+            text = json.dumps(args, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            size = len(text.encode())
         except RecursionError:
             return f"The arguments for {name!r} are nested too deeply."
         except UnicodeEncodeError:
@@ -324,7 +343,7 @@ class Engine:
             if entry.record.live_workers == 0:
                 return (f"Tool {name!r} is offline: no worker is running for it right now, so the call was not "
                         "sent. Try again later, or tell the user the service behind this tool is not running.")
-        return entry, args
+        return entry, JsonText(text)
 
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
@@ -343,12 +362,12 @@ class Engine:
             )
         except HotMeshError as exc:
             return Outcome(error=safe_message(exc))
-        waiter = self._waiters[call_id] = _Waiter()
+        waiter = self._waiters[call_id] = _Waiter(report)
         if call_id in self._early:  # its NOTIFY came before we got here
             del self._early[call_id]
-            waiter.wake()
+            self._look_at(call_id)
         try:
-            return await self._wait(name, call_id, waiter, limit, report)
+            return await self._wait(name, call_id, waiter, limit)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._cancel(call_id)
@@ -376,9 +395,56 @@ class Engine:
         if self._tg is not None:
             self._tg.start_soon(self._cancel, call_id)
 
-    async def _read_results(self, call_ids: list[UUID]) -> list[CallResult | BaseException]:
-        found = await self.api.results(list(dict.fromkeys(call_ids)))
-        return [found.get(i) or NotFound("no such call") for i in call_ids]
+    async def _reader(self) -> None:
+        """Reads the calls marked to look at (by a NOTIFY, the timer or a waiter's own poll), all of them in one
+        statement, and wakes each finished one; progress goes to its reporter."""
+        failures = 0
+        while True:
+            await self._read_wake.wait()
+            self._read_wake = anyio.Event()
+            while self._to_read:
+                taken = list(itertools.islice(self._to_read, READ_BATCH))
+                for call_id in taken:
+                    del self._to_read[call_id]
+                batch = [i for i in taken if i in self._waiters]
+                if not batch:
+                    continue
+                try:
+                    found = await self.api.results(batch)
+                    failures = 0
+                except ConnectionFailed as exc:  # look again soon; a waiter that times out asks on its own
+                    failures += 1
+                    log.warning("reading %d call(s): %s", len(batch), exc)
+                    for call_id in batch:
+                        self._to_read.setdefault(call_id, None)
+                    await anyio.sleep(min(0.1 * 2 ** failures, self.recheck_interval))
+                    continue
+                except HotMeshError as exc:
+                    found, error = {}, exc
+                else:
+                    error = NotFound("no such call")
+                for call_id in batch:
+                    waiter = self._waiters.get(call_id)
+                    if waiter is not None:
+                        self._deliver(call_id, waiter, found.get(call_id), error)
+
+    def _deliver(self, call_id: UUID, waiter: _Waiter, res: CallResult | None, error: HotMeshError) -> None:
+        if res is None:
+            waiter.error = error
+            waiter.done.set()
+        elif res.finished:
+            waiter.result = res
+            waiter.done.set()
+        elif waiter.report is not None and res.progress is not None and (
+            waiter.last_progress is None or res.progress > waiter.last_progress
+        ):
+            waiter.last_progress = res.progress
+            if self._tg is not None:
+                self._tg.start_soon(self._report, call_id, waiter.report, res)
+
+    async def _report(self, call_id: UUID, report: ProgressReport, res: CallResult) -> None:
+        if call_id in self._waiters and res.progress is not None:
+            await report(res.progress, res.progress_total, res.progress_message)
 
     async def _cancel(self, call_id: UUID) -> str | None:
         try:
@@ -387,33 +453,20 @@ class Engine:
             log.warning("could not cancel call %s: %s", call_id, exc)
             return None
 
-    async def _wait(
-        self, name: str, call_id: UUID, waiter: _Waiter, limit: float, report: ProgressReport | None
-    ) -> Outcome:
+    async def _wait(self, name: str, call_id: UUID, waiter: _Waiter, limit: float) -> Outcome:
         deadline = time.monotonic() + limit
-        last_progress: float | None = None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return await self._timed_out(name, call_id, limit)
-            # No read before the first wake-up: the answer's NOTIFY (or the timer, if it is lost) says when.
+            # No read before the answer's NOTIFY (or the timer's, if one is lost) marks the call for the reader.
             with anyio.move_on_after(min(remaining, self.recheck_interval * 2)):
-                await waiter.event.wait()
-            waiter.event = anyio.Event()  # a wake-up from now on is not lost while we read
-            try:
-                res = await self._reads.submit(call_id)
-            except ConnectionFailed as exc:
-                log.warning("reading call %s: %s", call_id, exc)
-                continue
-            except HotMeshError as exc:
-                return Outcome(error=safe_message(exc))
-            if res.finished:
-                return self._outcome(res)
-            if report is not None and res.progress is not None and (
-                last_progress is None or res.progress > last_progress
-            ):
-                last_progress = res.progress
-                await report(res.progress, res.progress_total, res.progress_message)
+                await waiter.done.wait()
+            if waiter.result is not None:
+                return self._outcome(waiter.result)
+            if waiter.error is not None:
+                return Outcome(error=safe_message(waiter.error))
+            self._look_at(call_id)  # nothing heard for a while: look anyway
 
     async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
         state = await self._cancel(call_id)

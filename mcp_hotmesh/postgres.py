@@ -126,7 +126,19 @@ async def connect(dsn: str, *, connect_timeout: float = 10) -> asyncpg.Connectio
             raise
 
 
+class JsonText:
+    """A value already encoded as JSON text: the json/jsonb codec sends the text as it is, so a value that was
+    encoded once (to measure it, say) is not encoded again."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 def _dumps(value: Any) -> str:
+    if type(value) is JsonText:
+        return value.text
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except RecursionError:  # as a ValueError: translated() makes it InvalidInput, like any value not sendable
