@@ -53,28 +53,23 @@ ANSWER_TIMEOUT = 30.0
 """Seconds a worker keeps trying to write an answer through connection errors (a restarting server)."""
 
 DEADLINE_TEXT = "the call's deadline passed while the tool was running"
+HANDLER_TASK = "mcp-hotmesh handler"  # named: anyio otherwise works a name out of the callable for every task
 
 
 class Slots:
     """The worker's free handler slots, shared by its consumers; freeing one wakes consumers that ran out."""
 
     def __init__(self, total: int) -> None:
-        self._free = anyio.Semaphore(total)
+        self._free = total  # never awaited: a count is enough (one event loop, no await between test and take)
         self.on_free: list[Callable[[], None]] = []
 
     def take(self, most: int) -> int:
-        taken = 0
-        while taken < most:
-            try:
-                self._free.acquire_nowait()
-            except anyio.WouldBlock:
-                break
-            taken += 1
+        taken = min(most, self._free)
+        self._free -= taken
         return taken
 
     def give(self, count: int) -> None:
-        for _ in range(count):
-            self._free.release()
+        self._free += count
         if count:
             for wake in self.on_free:
                 wake()
@@ -262,7 +257,7 @@ class Consumer:
                 self._slots.give(want - len(claimed))
             self._claimed(news, want, len(claimed))
             for msg in claimed:
-                self._handlers.start_soon(self._handle, msg)
+                self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
             if len(claimed) < want:
                 return
 
@@ -290,7 +285,9 @@ class Consumer:
             self._keeper_wake.set()
         try:
             outcome = await self._execute(running)
-            with anyio.move_on_after(ANSWER_TIMEOUT, shield=True):
+            # Shielded: the answer is written even if the worker is cancelled meanwhile. Every way of answering
+            # gives up after ANSWER_TIMEOUT (the batched one in _respond_and_claim, the others below).
+            with anyio.CancelScope(shield=True):
                 try:
                     await self._answer(running, outcome)
                 except HotMeshError as exc:
@@ -381,10 +378,12 @@ class Consumer:
         if running.reason == "lost":
             return
         if running.reason == "shutdown":
-            await _persist(lambda: api.release(stream, msg.id, msg.lease))
+            with anyio.move_on_after(ANSWER_TIMEOUT):
+                await _persist(lambda: api.release(stream, msg.id, msg.lease))
             return
         if running.reason == "cancelled":  # the database writes "cancelled by the caller" when it was
-            await _persist(lambda: api.fail(stream, msg.id, msg.lease, DEADLINE_TEXT, None))
+            with anyio.move_on_after(ANSWER_TIMEOUT):
+                await _persist(lambda: api.fail(stream, msg.id, msg.lease, DEADLINE_TEXT, None))
             return
         kind, value = outcome
         if kind == "ok":
@@ -397,7 +396,9 @@ class Consumer:
             ok = await self._answers.submit((running, Answer(msg.id, msg.lease, {"error": value}, True)))
         else:
             delay = running.config.retry.next_delay(msg.attempt)
-            ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _text(value), delay))
+            ok = True
+            with anyio.move_on_after(ANSWER_TIMEOUT):
+                ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _text(value), delay))
             if ok and delay is not None and self._handlers is not None:
                 self._handlers.start_soon(self._wake_after, delay / 1000)
         if not ok:
@@ -435,7 +436,7 @@ class Consumer:
             self._claimed(news, batch, len(claimed))
         assert self._handlers is not None
         for msg in claimed:
-            self._handlers.start_soon(self._handle, msg)
+            self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
         return outcomes
 
     async def _respond_and_claim(self, answers: list[Answer], batch: int) -> tuple[dict[int, bool], list[Claimed]]:
