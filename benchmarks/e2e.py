@@ -17,17 +17,18 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from mcp import Client
 
 from mcp_hotmesh.config import WorkerCredentials
 from mcp_hotmesh.gateway import McpGateway
-from mcp_hotmesh.gateway_core import Engine
+from mcp_hotmesh.gateway_core import Engine, Outcome, ProgressReport
 from mcp_hotmesh.migrate import migrate
 from mcp_hotmesh.postgres import create_pool
 from mcp_hotmesh.roles import ProvisionedRole, provision_role
+from mcp_hotmesh.streams import ToolRecord
 from mcp_hotmesh.worker import Worker
 
 from .db import Database
@@ -133,3 +134,32 @@ async def call(client: Client) -> Any:
     if result.is_error:
         raise RuntimeError(f"the no-op call failed: {result.content}")
     return result.structured_content
+
+
+class _StubEngine:
+    """An ``Engine`` that answers every call at once with ``{}``: no database, no worker, no queue."""
+
+    on_tools_changed = None
+
+    def __init__(self) -> None:
+        self.record = ToolRecord(STREAM, "", "noop", "Does nothing and returns an empty object; for benchmarks.",
+                                 toolset.tools[0].input_schema, toolset.tools[0].output_schema, 1)
+
+    def input_schema(self, name: str) -> dict[str, Any] | None:
+        return self.record.input_schema if name == "noop" else None
+
+    def tools(self) -> list[ToolRecord]:
+        return [self.record]
+
+    async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
+                   time_limit: float | None = None) -> Outcome:
+        return Outcome(result={})
+
+
+@contextlib.asynccontextmanager
+async def mcp_only(lanes: int) -> AsyncIterator[list[Client]]:
+    """The MCP layer alone: the same ``McpGateway`` and in-process clients, its engine stubbed out. What a call
+    costs before any queue is involved: the most the gateway process could do with a free queue."""
+    gateway = McpGateway(cast(Engine, _StubEngine()))
+    async with contextlib.AsyncExitStack() as es:
+        yield [await es.enter_async_context(Client(gateway.server)) for _ in range(lanes)]

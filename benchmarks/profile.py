@@ -204,9 +204,13 @@ async def main(args: argparse.Namespace) -> None:
         floor_dsn = await floor.setup(db)
         for c in args.concurrency:
             conns = [await asyncpg.connect(floor_dsn) for _ in range(c)]
+
+            async def floor_op(lane: int, conns: list[asyncpg.Connection] = conns) -> None:
+                await floor_once(conns[lane])
+
             try:
-                reports.append(await measure("floor (bare SQL)", lambda i, conns=conns: floor_once(conns[i]), c,
-                                             args.seconds, None, db, pgss, None, args.top))
+                reports.append(await measure("floor (bare SQL)", floor_op, c, args.seconds, None, db, pgss, None,
+                                             args.top))
             finally:
                 for conn in conns:
                     await conn.close()

@@ -136,7 +136,7 @@ class Pooled:
 
 
 async def interleaved(args: argparse.Namespace, db: Database, roles: e2e.Roles, stack: e2e.Stack,
-                      floor_dsn: str, pgq_op: Any) -> list[Result]:
+                      mcp_clients: list[Any], floor_dsn: str, pgq_op: Any) -> list[Result]:
     """Parts 1-3 at each concurrency, in rounds."""
     pooled: dict[tuple[str, int], Pooled] = {}
     timing = {"seconds": args.seconds, "warmup": args.warmup}
@@ -147,6 +147,9 @@ async def interleaved(args: argparse.Namespace, db: Database, roles: e2e.Roles, 
             log(f"round {rnd + 1}/{args.rounds}, {c} concurrent: end to end")
             pooled.setdefault(("e2e", c), Pooled()).add(
                 await closed_loop(lambda i: e2e.call(stack.clients[i]), c, **timing))
+            log(f"round {rnd + 1}/{args.rounds}, {c} concurrent: MCP layer alone")
+            pooled.setdefault(("mcp", c), Pooled()).add(
+                await closed_loop(lambda i: e2e.call(mcp_clients[i]), c, **timing))
             if pgq_op is not None:
                 log(f"round {rnd + 1}/{args.rounds}, {c} concurrent: PGQueuer RPC")
                 pooled.setdefault(("pgq", c), Pooled()).add(await closed_loop(pgq_op, c, **timing))
@@ -156,6 +159,10 @@ async def interleaved(args: argparse.Namespace, db: Database, roles: e2e.Roles, 
         results.append(pooled[("e2e", c)].result(
             "1 e2e", "MCP tool call end to end", c,
             f"mcp.Client in-process -> gateway (caller role) -> PG -> worker ({where}, worker role) -> back"))
+    for c in CONCURRENCIES:
+        results.append(pooled[("mcp", c)].result(
+            "1 e2e", "MCP layer alone (no queue)", c,
+            "the same McpGateway and in-process clients, its engine answering at once: the gateway's ceiling"))
     for c in CONCURRENCIES:
         results.append(pooled[("floor", c)].result("2 floor", "bare SQL round trip", c,
                                                    "insert; claim SKIP LOCKED; done+response; read"))
@@ -216,11 +223,13 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ("part", "what", "conc", "calls", "calls/s", "p50 ms", "p99 ms", "vs floor", "vs PGQueuer")
+    head = ("part", "what", "conc", "calls", "calls/s", "p50 ms", "p99 ms", "vs floor", "vs PGQueuer",
+            "vs MCP alone")
     rows = [head]
     for r in results:
         rows.append((r.part, r.name, "-" if r.concurrency is None else str(r.concurrency), f"{r.count:,}",
-                     _f(r.rate, 0), _f(r.p50_ms), _f(r.p99_ms), ratio_text(r, "floor"), ratio_text(r, "pgqueuer")))
+                     _f(r.rate, 0), _f(r.p50_ms), _f(r.p99_ms), ratio_text(r, "floor"), ratio_text(r, "pgqueuer"),
+                     ratio_text(r, "mcp")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -228,7 +237,7 @@ def table(results: list[Result]) -> str:
 
 
 def targets(results: list[Result]) -> list[dict[str, Any]]:
-    by = {(r.part, r.concurrency, r.name): r for r in results}
+    by = {(r.part, r.concurrency, r.name): r for r in results if not r.name.startswith("MCP layer")}
 
     def find(part: str, c: int | None = None, name: str | None = None) -> Result | None:
         for (p, cc, n), r in by.items():
@@ -286,7 +295,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 if pgq_dsn is not None:
                     await pgq_stack.enter_async_context(pgq.worker_process(pgq_dsn))
                     pgq_op = await pgq_stack.enter_async_context(pgq.rpc_client(pgq_dsn))
-                results += await interleaved(args, db, roles, stack, floor_dsn, pgq_op)
+                mcp_clients = await pgq_stack.enter_async_context(e2e.mcp_only(max(CONCURRENCIES)))
+                results += await interleaved(args, db, roles, stack, mcp_clients, floor_dsn, pgq_op)
             if pgq_dsn is not None:
                 log(f"PGQueuer drain of {args.drain}")
                 results.append(await pgq.drain(pgq_dsn, args.drain))
@@ -298,12 +308,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results += await scale.claim_latency(db, roles, args.sizes, samples=args.samples)
         results.append(memory)
         info["messages_table_after"] = await scale.table_stats(db)
-    by = {(r.part, r.concurrency): r for r in results}
+    by = {(r.part, r.concurrency): r for r in results if not r.name.startswith("MCP layer")}
+    mcp_alone = {r.concurrency: r for r in results if r.name.startswith("MCP layer")}
     for r in results:
         if r.part in ("1 e2e", "3 pgqueuer") and r.concurrency is not None:
             compare(r, by.get(("2 floor", r.concurrency)), "floor")
-        if r.part == "1 e2e":
+        if r.part == "1 e2e" and not r.name.startswith("MCP layer"):
             compare(r, by.get(("3 pgqueuer", r.concurrency)), "pgqueuer")
+            compare(r, mcp_alone.get(r.concurrency), "mcp")
         if r.part == "4 drain":
             compare(r, by.get(("3 pgqueuer", None)), "pgqueuer")
     claims = [r for r in results if r.part == "5 scale" and r.name.startswith("claim")]

@@ -79,7 +79,9 @@ async def _claim_plan(admin: asyncpg.Connection) -> str:
 
 
 def _n(size: int) -> str:
-    return f"{size // 1_000_000}M" if size >= 1_000_000 and size % 1_000_000 == 0 else f"{size // 1000}k"
+    if size >= 1_000_000 and size % 1_000_000 == 0:
+        return f"{size // 1_000_000}M"
+    return f"{size // 1000}k" if size >= 1000 and size % 1000 == 0 else f"{size:,}"
 
 
 async def table_stats(db: Database) -> dict[str, object]:
