@@ -42,7 +42,7 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from .postgres import JsonText, Listener
+from .postgres import JsonText, Listener, backoff
 from .streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 
 log = logging.getLogger(__name__)
@@ -417,10 +417,13 @@ class Engine:
                     log.warning("reading %d call(s): %s", len(batch), exc)
                     for call_id in batch:
                         self._to_read.setdefault(call_id, None)
-                    await anyio.sleep(min(0.1 * 2 ** failures, self.recheck_interval))
+                    await anyio.sleep(backoff(failures - 1, base=0.1, cap=self.recheck_interval))
                     continue
                 except HotMeshError as exc:
                     found, error = {}, exc
+                except Exception:  # a bug must fail these calls, not stop every later read
+                    log.exception("reading %d call(s) failed", len(batch))
+                    found, error = {}, DatabaseError("the database could not complete the request")
                 else:
                     error = NotFound("no such call")
                 for call_id in batch:

@@ -318,6 +318,6 @@ class Listener:
 
 def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     """Reconnect delay after ``attempt`` failures: exponential, capped."""
-    return min(cap, base * math.pow(2, attempt))
+    return min(cap, base * math.pow(2, min(attempt, 60)))  # 2 ** 1024 overflows a float: an outage of hours
 
 
