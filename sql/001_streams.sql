@@ -224,10 +224,14 @@ $$;
 -- functions therefore plan with enable_seqscan off (every lookup they make has an index), set for the
 -- transaction by _plan_with_indexes() and given back by _plan_restore() before they return.
 CREATE OR REPLACE FUNCTION hotmesh._plan_with_indexes() RETURNS text
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT s.old FROM (SELECT pg_catalog.current_setting('enable_seqscan') AS old) s,
-                  LATERAL pg_catalog.set_config('enable_seqscan', 'off', true) AS changed
+DECLARE
+    v_old text := pg_catalog.current_setting('enable_seqscan');  -- read first, then changed: in that order
+BEGIN
+    PERFORM pg_catalog.set_config('enable_seqscan', 'off', true);
+    RETURN v_old;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION hotmesh._plan_restore(p_old text) RETURNS void
