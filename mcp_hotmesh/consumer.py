@@ -346,8 +346,8 @@ class Consumer:
                         running.due = math.inf  # in hand
                         tg.start_soon(self._extend, running)
             self._keeper_until = min((r.due for r in self._running.values() if r.reason is None), default=math.inf)
-            if any(r.check_now for r in self._running.values()):
-                continue
+            if any(r.check_now and r.reason is None for r in self._running.values()):
+                continue  # a NOTIFY came while extending: look at once (a stopped handler is not looked at)
             with anyio.move_on_after(self._keeper_until - anyio.current_time()):
                 await self._keeper_wake.wait()
             self._keeper_wake = anyio.Event()
@@ -403,7 +403,6 @@ class Consumer:
                 self._handlers.start_soon(self._wake_after, delay / 1000)
         if not ok:
             log.warning("message %d on %r was answered by nobody: its lease was lost", msg.id, stream)
-
 
     async def _send_answers(self, items: list[tuple[_Running, Answer]]) -> list[bool | BaseException]:
         """One batch of answers, and the next claim for the slots they free (none while stopping). A refused

@@ -247,3 +247,44 @@ async def test_batcher_fails_what_waits_when_it_stops() -> None:
         await anyio.sleep(0.02)
         tg.cancel_scope.cancel()  # the flusher stops with one batch in flight and more waiting
     assert len(errors) == 3
+
+
+# ---------------------------------------------------------------------------------------- lease keeper
+
+
+async def test_a_cancel_notify_for_a_stopped_handler_leaves_the_lease_keeper_waiting(env: Env) -> None:
+    """A handler stopped for a lost lease that has not ended yet (it shields itself), then a ``c:<id>`` NOTIFY
+    for it: the one task that keeps every lease must not spin on it (the whole worker would hang)."""
+    from mcp_hotmesh.streams import worker_channel
+    from mcp_hotmesh.tools import ToolSet
+    from tests.test_worker import finished, serving
+
+    tools = ToolSet()
+    started = anyio.Event()
+
+    @tools.tool(topic="slowlost")
+    async def stubborn() -> dict[str, Any]:
+        """Ignores cancellation for a while."""
+        started.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(1.0)
+        return {}
+
+    @tools.tool(topic="quick")
+    async def quick() -> dict[str, Any]:
+        """Answers at once."""
+        return {"quick": True}
+
+    _, caller = await env.caller(["slowlost", "quick"])
+    async with serving(env, tools, reclaim_delay=100, poll_interval=0.05):
+        call_id = await caller.call("slowlost", "", {}, 60_000)
+        with anyio.fail_after(10):
+            await started.wait()
+        row = await env.call_row(call_id)
+        # the lease is lost (the call ended elsewhere): the next extension says so and the handler is stopped
+        await env.admin.execute(f"UPDATE \"{env.schema}\".messages SET state = 'done' WHERE id = $1", row["id"])
+        await anyio.sleep(0.2)
+        await env.admin.execute("SELECT pg_notify($1, $2)", worker_channel(env.schema, "slowlost"), f"c:{row['id']}")
+        # the worker goes on serving while the stopped handler is still shielded
+        answer = await finished(caller, await caller.call("quick", "", {}, 60_000), seconds=5)
+        assert answer.result == {"quick": True}
