@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,27 +21,12 @@ from mcp_hotmesh import embedded, ops
 from mcp_hotmesh.errors import ConfigError
 from mcp_hotmesh.streams import CallerAPI, WorkerAPI
 from tests.conftest import Env
-from tests.test_cli_admin import clean_env, one_line_error
+from tests.test_cli_admin import cli, ok, one_line_error
 from tests.test_gateway import Hub, hub_for, wait_for
 from tests.test_gateway_transports import TOKEN, http_client, http_hub  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.anyio
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-async def cli(*args: str, limit: float = 60) -> subprocess.CompletedProcess[str]:
-    with anyio.fail_after(limit):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "mcp_hotmesh.cli", *args], check=False, env=clean_env(), cwd=REPO
-        )
-    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    return done
 
 
 async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
