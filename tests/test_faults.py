@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -40,6 +39,7 @@ from mcp_hotmesh.roles import provision_role
 from tests.conftest import Env
 from tests.test_gateway import hub_for, wait_for
 from tests.test_gateway_transports import cli
+from tests.test_worker import port_outside_the_ephemeral_range
 
 pytestmark = pytest.mark.anyio
 
@@ -235,22 +235,11 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL restart
-def free_port_below_ephemeral() -> int:
-    for port in random.Random().sample(range(20000, 30000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 30000")
-
-
 async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs: Procs) -> None:
     """A server of its own, stopped and started again on the same port while calls run. The gateway and the
     workers reconnect by themselves; calls in flight end with an answer or a clear error; later calls work."""
     os.chmod(tmp_path, 0o755)  # the embedded server's OS user must reach its data directory
-    data_dir, port, schema = tmp_path / "pg", free_port_below_ephemeral(), "faults"
+    data_dir, port, schema = tmp_path / "pg", port_outside_the_ephemeral_range(), "faults"
     server = await anyio.to_thread.run_sync(lambda: embedded.start(data_dir, port=port))
     pool: asyncpg.Pool | None = None
     try:

@@ -491,7 +491,7 @@ async def test_a_stream_the_role_may_not_use_fails_at_start(env: Env) -> None:
 # ---------------------------------------------------------------------------------- server restart
 
 
-def _port_outside_the_ephemeral_range() -> int:
+def port_outside_the_ephemeral_range() -> int:
     """While the server is down, clients retrying 127.0.0.1:port may be given that very port as their own
     (a TCP self-connect), and the restarted server could not bind it; ports below 32768 are never handed out."""
     for _ in range(100):
@@ -507,7 +507,7 @@ def _port_outside_the_ephemeral_range() -> int:
 
 async def test_worker_recovers_after_the_server_restarts(tmp_path: Any) -> None:
     tmp_path.chmod(0o755)
-    port = _port_outside_the_ephemeral_range()
+    port = port_outside_the_ephemeral_range()
     server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg", port=port))
     try:
         admin = await connect(server.admin_dsn)
