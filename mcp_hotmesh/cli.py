@@ -25,8 +25,8 @@ from . import embedded, logs, ops
 from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
 from .errors import ConfigError, HotMeshError
 from .migrate import full_sql, migrate
-from .postgres import connect, create_pool, is_connection_error
-from .roles import list_roles, provision_role, revoke, rotate
+from .postgres import connect, create_pool, is_transient
+from .roles import CONNECTION_LIMIT, list_roles, provision_role, revoke, rotate, set_limits
 
 log = logging.getLogger("mcp_hotmesh")
 
@@ -118,7 +118,8 @@ async def cmd_sql(args: argparse.Namespace) -> int:
 async def cmd_provision(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
-        role = await provision_role(conn, args.stream, args.kind, schema=args.schema, password=args.password)
+        role = await provision_role(conn, args.stream, args.kind, schema=args.schema, password=args.password,
+                                    connection_limit=args.connection_limit)
     if args.json:
         _print_json(role.as_json())
     else:
@@ -140,7 +141,23 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
 async def cmd_revoke(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         ended = await revoke(conn, args.role, schema=check_schema(args.schema))
-    log.info("revoked %s; ended %d open session(s)", args.role, ended)
+    sys.stdout.write(f"revoked {args.role}: it can no longer log in; {ended} open session(s) ended; its streams "
+                     "and grants were removed\n")
+    return 0
+
+
+async def cmd_limits(args: argparse.Namespace) -> int:
+    schema = check_schema(args.schema)
+    async with admin_connection(args) as conn:
+        await migrate(conn, schema)
+        limits = await set_limits(conn, args.role, schema=schema, connection_limit=args.connection_limit,
+                                  max_queued=args.max_queued, max_queued_bytes=args.max_queued_bytes)
+    if args.json:
+        _print_json(limits.as_json())
+    else:
+        sys.stdout.write(f"role: {limits.role}\nconnection limit: {limits.connection_limit}\n"
+                         f"queued messages per stream: {limits.max_queued}\n"
+                         f"queued bytes per stream: {limits.max_queued_bytes}\n")
     return 0
 
 
@@ -187,8 +204,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     failed: BaseException | None = None
     retention = None
     async with anyio.create_task_group() as tg:
-        if args.purge_interval > 0:  # connects when it first purges: a refused login is the worker's to report
-            retention = await create_pool(connection_dsn(args.dsn, credentials), min_size=0, max_size=1)
+        # one connection for housekeeping, made when first used: a refused login is the worker's to report
+        retention = await create_pool(connection_dsn(args.dsn, credentials), min_size=0, max_size=1)
+        tg.start_soon(lambda: ops.watchdog_loop(retention, schema, "worker"))
+        if args.purge_interval > 0:
             tg.start_soon(lambda: ops.retention_loop(retention, schema, "worker", interval=args.purge_interval))
         try:
             await run_worker(
@@ -239,7 +258,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                         await migrate(conn, schema)
                     st = await ops.status(conn, schema)
                 except HotMeshError as exc:
-                    if not is_connection_error(exc):
+                    if not is_transient(exc):
                         raise
                     log.warning("status: %s; trying again in %gs", exc, args.interval)
                     if conn is not None:
@@ -453,6 +472,8 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--kind", choices=["worker", "caller"], required=True,
                    help="worker: consumes and answers; caller: makes calls (what a gateway logs in as)")
     p.add_argument("--password", default=None, help="the password (default: a new random one)")
+    p.add_argument("--connection-limit", dest="connection_limit", type=int, default=CONNECTION_LIMIT, metavar="N",
+                   help=f"sessions the role may hold at once (default {CONNECTION_LIMIT}: two or three processes)")
     p.add_argument("--json", action="store_true", help='print {"role", "password", "kind", "streams"}')
 
     p = add("rotate", cmd_rotate, "Give a role a new password; the old one stops working at once.")
@@ -464,6 +485,18 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p = add("revoke", cmd_revoke, "Take a role's login, streams and grants away and end its open sessions.")
     _common(p)
     p.add_argument("role")
+
+    p = add("limits", cmd_limits, "Show or set a role's limits: sessions, and messages and bytes it may have "
+            "waiting per stream (the schema's settings max_queued_messages/max_queued_bytes are the defaults).")
+    _common(p)
+    p.add_argument("role")
+    p.add_argument("--connection-limit", dest="connection_limit", type=int, default=None, metavar="N",
+                   help="sessions the role may hold at once")
+    p.add_argument("--max-queued", dest="max_queued", type=int, default=None, metavar="N",
+                   help="messages the role may have waiting on each stream (-1: back to the schema's default)")
+    p.add_argument("--max-queued-bytes", dest="max_queued_bytes", type=int, default=None, metavar="BYTES",
+                   help="their stored size per stream (-1: back to the schema's default)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")
     _common(p)

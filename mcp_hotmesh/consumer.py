@@ -43,7 +43,7 @@ import anyio.abc
 from .batch import Batcher
 from .config import WorkerConfig
 from .errors import HotMeshError, InvalidInput, PayloadTooLarge
-from .postgres import backoff, is_connection_error
+from .postgres import backoff, is_transient
 from .streams import Answer, Claimed, WorkerAPI
 from .tools import ToolContext, ToolInputError, ToolOutputError
 
@@ -234,7 +234,7 @@ class Consumer:
             except Exception as exc:  # the loop must outlive the server: back off, then try again
                 failures += 1
                 delay = min(backoff(failures - 1, base=0.2, cap=5.0), max(self.poll_interval, 0.2))
-                level = logging.WARNING if failures == 1 or not is_connection_error(exc) else logging.DEBUG
+                level = logging.WARNING if failures == 1 or not is_transient(exc) else logging.DEBUG
                 log.log(level, "claiming from %r failed (%s); retrying in %.1fs", self.topic, _text(exc), delay)
             with anyio.move_on_after(delay):
                 await self._wake.wait()
@@ -449,7 +449,7 @@ class Consumer:
                     self.topic, self.consumer_id, answers, batch, self.lease_ms, self.workflows, self.reclaim_count
                 )
             except HotMeshError as exc:
-                if not is_connection_error(exc) or anyio.current_time() >= give_up:
+                if not is_transient(exc) or anyio.current_time() >= give_up:
                     raise
                 failures += 1
                 batch = 0
@@ -469,7 +469,7 @@ async def _persist(call: Callable[[], Awaitable[bool]]) -> bool:
         try:
             return await call()
         except HotMeshError as exc:
-            if not is_connection_error(exc):
+            if not is_transient(exc):
                 raise
             failures += 1
             log.warning("could not reach PostgreSQL to answer (%s); retrying", exc)

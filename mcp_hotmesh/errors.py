@@ -12,6 +12,8 @@ Database errors are translated in one place, ``mcp_hotmesh.postgres.translate``.
     │   ├── PayloadTooLarge    arguments, result or schema exceed the configured limit
     │   ├── InvalidInput       a name, argument or tool registration was refused
     │   ├── NotFound           no such call, role or message (for this role)
+    │   ├── QuotaExceeded      the role's queue quota on a stream is used up (SQLSTATE HM006)
+    │   ├── Busy               a lock wait timed out: a row is held by another session; try again
     │   └── ServerTooOld       PostgreSQL older than 15
     └── EmbeddedServerError    the embedded PostgreSQL could not be started or stopped
 
@@ -63,6 +65,14 @@ class InvalidInput(DatabaseError):
 
 class NotFound(DatabaseError):
     """Not found."""
+
+
+class QuotaExceeded(DatabaseError):
+    """Too many messages are waiting on this stream for this role."""
+
+
+class Busy(DatabaseError):
+    """The database is busy with this row (another session holds it); try again shortly."""
 
 
 class ServerTooOld(DatabaseError):

@@ -59,7 +59,7 @@ from starlette.routing import Route
 from .errors import ConfigError, HotMeshError
 from .gateway_core import Engine, UnknownTool
 from .metrics import CONTENT_TYPE, UNKNOWN, GatewayMetrics, classify
-from .ops import QueueStats, queue_stats, retention_loop
+from .ops import QueueStats, queue_stats, retention_loop, watchdog_loop
 from .streams import ToolRecord
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,7 @@ async def serve(args: Any) -> None:
             # retention: this process purges the finished calls of its streams now and then (bounded, locked)
             tg.start_soon(lambda: retention_loop(engine.api.pool, engine.schema, "caller",
                                                  interval=float(getattr(args, "purge_interval", 60.0))))
+            tg.start_soon(watchdog_loop, engine.api.pool, engine.schema, "caller")
             if args.transport == "http":
                 await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop)
             else:

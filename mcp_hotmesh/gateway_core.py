@@ -34,6 +34,7 @@ from jsonschema.exceptions import SchemaError, ValidationError, relevance
 
 from .batch import Batcher
 from .errors import (
+    Busy,
     ConnectionFailed,
     DatabaseError,
     HotMeshError,
@@ -41,6 +42,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    QuotaExceeded,
 )
 from .postgres import JsonText, Listener, backoff
 from .streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
@@ -63,6 +65,11 @@ def safe_message(exc: HotMeshError) -> str:
         return "The arguments are larger than the tool service accepts. Send less data."
     if isinstance(exc, ConnectionFailed):
         return "The tool service is unreachable right now (its database connection failed). Try again shortly."
+    if isinstance(exc, QuotaExceeded):
+        return ("Too many calls to this tool are waiting in its queue for this server. Wait for some to finish, "
+                "then call again.")
+    if isinstance(exc, Busy):
+        return "The tool service is busy with this call right now. Try again shortly."
     if isinstance(exc, InvalidInput):
         return f"The tool service refused the arguments: {exc.message}."
     if isinstance(exc, NotFound):

@@ -18,6 +18,7 @@ import asyncpg
 from .config import check_schema
 from .errors import DatabaseError
 from .postgres import check_server_version, translated
+from .roles import adopt_all
 
 LOCK_TIMEOUT = "3s"
 _WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_tools|$)", re.MULTILINE)
@@ -105,6 +106,8 @@ async def _apply(conn: asyncpg.Connection, schema: str) -> list[int]:
                 f'INSERT INTO "{schema}".migrations (version, name) VALUES ($1, $2)', m.version, m.name
             )
             done.append(m.version)
+        if 3 in done:  # the watchdog (003) sees a role's sessions through the owner's membership in it
+            await adopt_all(conn, schema)
     return done
 
 

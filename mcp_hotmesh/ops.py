@@ -25,7 +25,7 @@ import asyncpg
 
 from .config import check_schema, check_stream
 from .errors import ConfigError, HotMeshError
-from .postgres import is_connection_error, translated
+from .postgres import is_transient, translated
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,20 @@ class StreamStatus:
 
 
 @dataclass(frozen=True)
+class RoleStatus:
+    """One scoped role, as ``mcp-hotmesh status`` shows it: what it holds of the server."""
+
+    role: str
+    kind: str
+    can_login: bool
+    connection_limit: int  # -1: none
+    sessions: int
+    oldest_transaction_seconds: float | None  # its oldest open transaction (the watchdog ends long ones)
+    queued: int  # calls it made that wait to be claimed
+    queued_bytes: int
+
+
+@dataclass(frozen=True)
 class Status:
     schema: str
     time: datetime
@@ -102,12 +116,14 @@ class Status:
     retention_seconds: float
     dead_retention_seconds: float | None  # None: dead calls are kept until purged by hand
     last_purge: datetime | None
+    roles: list[RoleStatus]
 
     def as_json(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
             "time": self.time.isoformat(),
             "streams": [asdict(s) for s in self.streams],
+            "roles": [asdict(r) for r in self.roles],
             "totals": {key: sum(getattr(s, key) for s in self.streams)
                        for key in ("ready", "in_flight", "stalled", "retrying", "dead", "done", "live_workers")},
             "retention": {
@@ -127,11 +143,12 @@ async def status(conn: asyncpg.Connection, schema: str) -> Status:
             f"SELECT key, value FROM \"{s}\".settings WHERE key IN "
             "('retention_ms', 'dead_retention_ms', 'purge_lock')")}
         now = await conn.fetchval("SELECT now()")
+        role_rows = await conn.fetch(f'SELECT * FROM "{s}"._ops_roles()')
     streams = [
         StreamStatus(
             stream=r["stream"], tools=list(r["tools"]), ready=r["ready"], in_flight=r["in_flight"],
             stalled=r["stalled"], retrying=r["retrying"], dead=r["dead"], done=r["done"],
-            oldest_waiting_seconds=None if r["oldest_ready_seconds"] is None else round(r["oldest_ready_seconds"], 3),
+            oldest_waiting_seconds=_rounded(r["oldest_ready_seconds"]),
             live_workers=r["live_workers"], calls_per_second=round(r["finished_last_minute"] / 60, 3),
         )
         for r in rows
@@ -142,7 +159,14 @@ async def status(conn: asyncpg.Connection, schema: str) -> Status:
         schema=s, time=now, streams=streams, retention_seconds=(settings.get("retention_ms") or 0) / 1000,
         dead_retention_seconds=dead_ms / 1000 if dead_ms > 0 else None,
         last_purge=datetime.fromtimestamp(last, UTC) if last else None,
+        roles=[RoleStatus(r["role_name"], r["kind"], r["can_login"], r["connection_limit"], r["sessions"],
+                          _rounded(r["oldest_transaction_seconds"]), r["queued"], r["queued_bytes"])
+               for r in role_rows],
     )
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def format_status(st: Status) -> str:
@@ -160,6 +184,13 @@ def format_status(st: Status) -> str:
     dead = "kept until purged" if st.dead_retention_seconds is None else f"kept {format_age(st.dead_retention_seconds)}"
     last = "never" if st.last_purge is None else f"{st.last_purge:%Y-%m-%d %H:%M:%S} UTC"
     out += f"retention: done calls kept {kept}, dead calls {dead}; last purge {last}\n"
+    if st.roles:
+        out += "\n" + _table([("ROLE", "KIND", "LOGIN", "SESSIONS", "OLDEST TRANSACTION", "QUEUED", "QUEUED BYTES")] + [
+            (r.role, r.kind, "yes" if r.can_login else "no",
+             f"{r.sessions}/{r.connection_limit}" if r.connection_limit >= 0 else str(r.sessions),
+             format_age(r.oldest_transaction_seconds), str(r.queued), str(r.queued_bytes))
+            for r in st.roles
+        ])
     notes = []
     for s in st.streams:
         if (s.ready or s.stalled) and not s.live_workers:
@@ -398,9 +429,52 @@ async def retention_loop(
             failures = 0
         except HotMeshError as exc:
             failures += 1
-            level = logging.DEBUG if is_connection_error(exc) and failures > 1 else logging.WARNING
+            level = logging.DEBUG if is_transient(exc) and failures > 1 else logging.WARNING
             log.log(level, "retention: purge failed: %s", exc)
         await anyio.sleep(interval * random.uniform(0.8, 1.2))
+
+
+# -------------------------------------------------------------------------------------------- watchdog
+
+WATCHDOG_INTERVAL = 3.0
+"""How often a gateway or worker process runs the watchdog. A session that holds a transaction open on purpose
+is ended within the schema's ``watchdog_idle_ms`` (5 s) plus this."""
+
+
+@dataclass(frozen=True)
+class EndedSession:
+    role: str
+    pid: int
+    state: str
+    seconds: float  # how long its transaction had been open
+
+
+async def watchdog(pool: asyncpg.Pool | asyncpg.Connection, schema: str, kind: Kind) -> list[EndedSession]:
+    """End the scoped sessions whose transaction sat idle or stayed open too long (``<kind>_watchdog()``)."""
+    s = check_schema(schema)
+    function = {"worker": "worker_watchdog", "caller": "caller_watchdog"}[kind]
+    with translated():
+        rows = await pool.fetch(f'SELECT * FROM "{s}".{function}()')
+    return [EndedSession(r["role_name"], r["pid"], r["state"] or "", r["seconds"] or 0.0) for r in rows]
+
+
+async def watchdog_loop(
+    pool: asyncpg.Pool, schema: str, kind: Kind, *, interval: float = WATCHDOG_INTERVAL
+) -> None:
+    """Run the watchdog every ``interval`` seconds until cancelled; one log line per session it ends."""
+    failures = 0
+    while True:
+        await anyio.sleep(interval * random.uniform(0.8, 1.2))
+        try:
+            for ended in await watchdog(pool, schema, kind):
+                log.warning("watchdog: ended session %d of role %s: its transaction was %s for %.1fs",
+                            ended.pid, ended.role, "open" if ended.state == "active" else ended.state or "open",
+                            ended.seconds)
+            failures = 0
+        except HotMeshError as exc:
+            failures += 1
+            level = logging.DEBUG if is_transient(exc) and failures > 1 else logging.WARNING
+            log.log(level, "watchdog: %s", exc)
 
 
 # -------------------------------------------------------------------------------------- queue statistics

@@ -19,6 +19,7 @@ import asyncpg
 
 from .config import redact
 from .errors import (
+    Busy,
     ConnectionFailed,
     DatabaseError,
     HotMeshError,
@@ -27,6 +28,7 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    QuotaExceeded,
     ServerTooOld,
 )
 
@@ -41,6 +43,7 @@ _OUR_CODES: dict[str, type[DatabaseError]] = {
     "HM003": PayloadTooLarge,
     "HM004": InvalidInput,
     "HM005": NotFound,
+    "HM006": QuotaExceeded,
 }
 _CONNECTION_ERRORS = (
     OSError,
@@ -73,6 +76,8 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
             if stream is not None and "stream" in str(exc):
                 return PermissionDenied(f"permission denied for stream {_shown(stream)}")
             return PermissionDenied("permission denied: this role may not do that")
+        if code == "55P03":  # lock_not_available: a scoped function's lock_timeout (SQL 003)
+            return Busy("the database is busy with this request's rows (another session holds them); try again")
         if code in ("28P01", "28000"):
             return ConnectionFailed("PostgreSQL refused the login: wrong user or password, or the role may not log in")
         if code == "22P05" or code.startswith("22"):
@@ -101,8 +106,9 @@ def translated(*, stream: str | None = None) -> Iterator[None]:
         raise translate(exc, stream=stream) from exc
 
 
-def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, (ConnectionFailed, *_CONNECTION_ERRORS))
+def is_transient(exc: BaseException) -> bool:
+    """Worth trying again as it is: the connection was lost, or a lock wait timed out (``Busy``)."""
+    return isinstance(exc, (ConnectionFailed, Busy, *_CONNECTION_ERRORS))
 
 
 async def check_server_version(conn: asyncpg.Connection) -> None:

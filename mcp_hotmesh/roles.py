@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -24,12 +25,22 @@ from typing import Literal
 import asyncpg
 
 from .config import check_schema, check_stream
-from .errors import ConfigError, NotFound
+from .errors import ConfigError, DatabaseError, NotFound
 from .postgres import translated
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["worker", "caller"]
 KINDS: tuple[Kind, ...] = ("worker", "caller")
 SCRAM_ITERATIONS = 4096
+CONNECTION_LIMIT = 32
+"""Sessions one provisioned role may hold at once (``CONNECTION LIMIT``), so a role cannot take every slot of
+the server. A worker process holds its pool (10 at most), one LISTEN connection and one for retention; a
+gateway its pool and one LISTEN connection: 32 fits two or three such processes. Raise it per role
+(``provision --connection-limit``) when more processes share one role."""
+ALTER_LOCK_TIMEOUT = "1s"
+"""How long revoke and rotate wait for a role's catalog row: a session of the role itself can hold it (an
+``ALTER ROLE CURRENT_USER ...`` left uncommitted), so they wait this long, end that session, and try again."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,37 @@ async def _exec_format(conn: asyncpg.Connection, template: str, *args: str) -> N
     await conn.execute(statement)
 
 
+def _check_connection_limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+        raise ConfigError("the connection limit must be a whole number from 1 to 10000")
+    return limit
+
+
+async def adopt(conn: asyncpg.Connection, role: str, schema: str) -> None:
+    """Make ``<schema>_owner`` a member of ``role``, so the watchdog (``<kind>_watchdog()``, running as the
+    owner) can see and end the role's sessions. The owner gains nothing by it: a scoped role can do less than
+    the owner already does. From PostgreSQL 16 the grant says INHERIT itself (the owner is NOINHERIT); on 15
+    membership is inherited only if the owner is INHERIT, which it then becomes."""
+    owner = f"{schema}_owner"
+    if await conn.fetchval("SELECT pg_has_role($1, $2, 'USAGE')", owner, role):
+        return
+    if conn.get_server_version().major >= 16:
+        await _exec_format(conn, "GRANT %I TO %I WITH INHERIT TRUE, SET FALSE", role, owner)
+    else:
+        await _exec_format(conn, "GRANT %I TO %I", role, owner)
+        await _exec_format(conn, "ALTER ROLE %I INHERIT", owner)
+
+
+async def adopt_all(conn: asyncpg.Connection, schema: str) -> None:
+    """``adopt`` every provisioned role that is not revoked (roles made before the watchdog existed)."""
+    with translated():
+        for row in await conn.fetch(
+            f'SELECT m.role_name FROM "{schema}".roles m JOIN pg_roles r ON r.rolname = m.role_name '
+            "WHERE m.revoked_at IS NULL"
+        ):
+            await adopt(conn, row["role_name"], schema)
+
+
 async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[str], schema: str) -> None:
     """Make ``role`` a member of its kind's group, and of that kind only; set its allow-list, record it.
 
@@ -164,6 +206,7 @@ async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[
         "rotated_at = now(), revoked_at = NULL",
         role, kind, streams,
     )
+    await adopt(conn, role, schema)
 
 
 async def provision_role(
@@ -174,9 +217,12 @@ async def provision_role(
     schema: str = "hotmesh",
     password: str | None = None,
     role: str | None = None,
+    connection_limit: int = CONNECTION_LIMIT,
 ) -> ProvisionedRole:
-    """Create a login role of ``kind`` that may use ``streams`` and nothing else."""
+    """Create a login role of ``kind`` that may use ``streams`` and nothing else, with at most
+    ``connection_limit`` sessions at once."""
     check_schema(schema)
+    limit = _check_connection_limit(connection_limit)
     if kind not in KINDS:
         raise ConfigError("kind must be 'worker' or 'caller'")
     streams = _check_streams(streams)
@@ -191,16 +237,18 @@ async def provision_role(
             await _exec_format(
                 conn,
                 "CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "
-                "PASSWORD %L",
+                "PASSWORD %L CONNECTION LIMIT %s",
                 role,
                 _password_literal(password),
+                str(limit),
             )
             await _scope(conn, role, kind, streams, schema)
     return ProvisionedRole(role, password, kind, streams)
 
 
 async def ensure_role(
-    conn: asyncpg.Connection, role: str, streams: list[str], kind: Kind, *, schema: str = "hotmesh"
+    conn: asyncpg.Connection, role: str, streams: list[str], kind: Kind, *, schema: str = "hotmesh",
+    connection_limit: int = CONNECTION_LIMIT,
 ) -> ProvisionedRole:
     """Create ``role``, or take it over again with a fresh password and exactly ``streams``.
 
@@ -218,8 +266,9 @@ async def ensure_role(
             "AS privileged FROM pg_roles r WHERE r.rolname = $1",
             role, f"{schema}_owner",
         )
+    limit = _check_connection_limit(connection_limit)
     if existing is None:
-        return await provision_role(conn, streams, kind, schema=schema, role=role)
+        return await provision_role(conn, streams, kind, schema=schema, role=role, connection_limit=limit)
     # Taking over an existing role must never hand out a login that is more than a scoped role: a superuser,
     # an owner member or one of the schema's own roles would pass (or widen) every check.
     if existing["privileged"] or role in {f"{schema}_owner", f"{schema}_worker", f"{schema}_caller"}:
@@ -227,7 +276,8 @@ async def ensure_role(
     password = new_password()
     with translated():
         async with conn.transaction():
-            await _exec_format(conn, "ALTER ROLE %I LOGIN PASSWORD %L", role, _password_literal(password))
+            await _exec_format(conn, "ALTER ROLE %I LOGIN PASSWORD %L CONNECTION LIMIT %s", role,
+                               _password_literal(password), str(limit))
             await _scope(conn, role, kind, streams, schema)
     return ProvisionedRole(role, password, kind, streams)
 
@@ -253,17 +303,47 @@ async def _find(conn: asyncpg.Connection, schema: str, role: str) -> RoleInfo:
     raise NotFound(f"no mcp-hotmesh role named {role!r}")
 
 
+async def _end_sessions(conn: asyncpg.Connection, role: str, *, in_transaction_only: bool = False) -> int:
+    """End ``role``'s sessions (only those inside a transaction: the ones that can hold a lock); returns how many.
+    With a timeout, ``pg_terminate_backend`` waits until each has ended, so none runs another statement after."""
+    ended: int = await conn.fetchval(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+        "WHERE usename = $1 AND pid <> pg_backend_pid() AND (NOT $2 OR xact_start IS NOT NULL)",
+        role, in_transaction_only,
+    )
+    return ended
+
+
+async def _alter_role(conn: asyncpg.Connection, role: str, template: str, *args: str) -> int:
+    """Run ``ALTER ROLE`` on ``role`` (``template`` formatted with the role and ``args``), committed, without
+    waiting on the role itself: when its catalog row is locked by one of its own sessions (an uncommitted
+    ``ALTER ROLE CURRENT_USER ...``), that session is ended and the change made again. Returns the sessions
+    ended."""
+    ended = 0
+    for _ in range(5):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{ALTER_LOCK_TIMEOUT}'")
+                await _exec_format(conn, template, role, *args)
+            return ended
+        except asyncpg.LockNotAvailableError:
+            ended += await _end_sessions(conn, role, in_transaction_only=True)
+    raise DatabaseError(f"role {role!r} could not be changed: its catalog row stayed locked by another session")
+
+
 async def rotate(
     conn: asyncpg.Connection, role: str, password: str | None = None, *, schema: str = "hotmesh"
 ) -> ProvisionedRole:
-    """Give ``role`` a new password; the old one stops working for new logins at once."""
+    """Give ``role`` a new password; the old one stops working for new logins at once. Never waits on the role:
+    a session of it that holds the role's row locked is ended (and logged)."""
     check_schema(schema)
     info = await _find(conn, schema, role)
     password = password or new_password()
     with translated():
-        async with conn.transaction():
-            await _exec_format(conn, "ALTER ROLE %I PASSWORD %L", role, _password_literal(password))
-            await conn.execute(f'UPDATE "{schema}".roles SET rotated_at = now() WHERE role_name = $1', role)
+        ended = await _alter_role(conn, role, "ALTER ROLE %I PASSWORD %L", _password_literal(password))
+        await conn.execute(f'UPDATE "{schema}".roles SET rotated_at = now() WHERE role_name = $1', role)
+    if ended:
+        log.warning("rotate: ended %d session(s) of %s that held the role's row locked", ended, role)
     kind: Kind = "worker" if info.kind == "worker" else "caller"
     return ProvisionedRole(role, password, kind, info.streams)
 
@@ -271,13 +351,18 @@ async def rotate(
 async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh") -> int:
     """Take ``role``'s login, allow-list and grants away and end its open sessions; returns how many ended.
 
+    In bounded time whatever the role is doing: first no new logins (NOLOGIN, committed; a session of the role
+    holding its row is ended), then every session is ended, which lets go of whatever they held, then the rest.
     The role itself stays (NOLOGIN), so what it did remains attributable.
     """
     check_schema(schema)
     await _find(conn, schema, role)
     with translated():
+        ended = await _alter_role(conn, role, "ALTER ROLE %I NOLOGIN")
+        ended += await _end_sessions(conn, role)
         async with conn.transaction():
-            await _exec_format(conn, "ALTER ROLE %I NOLOGIN", role)
+            # Nothing of the role is left to hold a lock; the wait is bounded all the same.
+            await conn.execute("SET LOCAL lock_timeout = '10s'")
             await _exec_format(conn, "ALTER ROLE %I RESET app.allowed_streams", role)
             await _exec_format(
                 conn, "ALTER ROLE %I IN DATABASE %I RESET app.allowed_streams",
@@ -299,14 +384,58 @@ async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh"
                 f'UPDATE "{schema}".roles SET revoked_at = now() WHERE role_name = $1', role
             )
             await conn.execute(f'DELETE FROM "{schema}".workers WHERE role_name = $1', role)
-        # With a timeout, pg_terminate_backend waits until each session has really ended, so none of them can
-        # run another statement once revoke() returns.
-        ended: int = await conn.fetchval(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-            "WHERE usename = $1 AND pid <> pg_backend_pid()",
+    return ended
+
+
+@dataclass(frozen=True)
+class RoleLimits:
+    role: str
+    connection_limit: int  # -1: none
+    max_queued: int  # messages waiting per stream (the schema's default unless set for the role)
+    max_queued_bytes: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"role": self.role, "connection_limit": self.connection_limit, "max_queued": self.max_queued,
+                "max_queued_bytes": self.max_queued_bytes}
+
+
+async def set_limits(
+    conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh", connection_limit: int | None = None,
+    max_queued: int | None = None, max_queued_bytes: int | None = None,
+) -> RoleLimits:
+    """Change what is given (None: unchanged; -1 for a quota: back to the schema's default) and return the limits
+    in force for ``role``."""
+    check_schema(schema)
+    await _find(conn, schema, role)
+    for name, value in (("--max-queued", max_queued), ("--max-queued-bytes", max_queued_bytes)):
+        if value is not None and value < -1:
+            raise ConfigError(f"{name} must be 0 or more (or -1 for the schema's default)")
+    with translated():
+        if connection_limit is not None:
+            await _alter_role(conn, role, "ALTER ROLE %I CONNECTION LIMIT %s",
+                              str(_check_connection_limit(connection_limit)))
+        if max_queued is not None or max_queued_bytes is not None:
+            await conn.execute(
+                f'INSERT INTO "{schema}".role_limits AS l (role_name, max_queued_messages, max_queued_bytes) '
+                "VALUES ($1, nullif($2::bigint, -1), nullif($3::bigint, -1)) ON CONFLICT (role_name) DO UPDATE SET "
+                "max_queued_messages = CASE WHEN $2::bigint IS NULL THEN l.max_queued_messages "
+                "ELSE excluded.max_queued_messages END, "
+                "max_queued_bytes = CASE WHEN $3::bigint IS NULL THEN l.max_queued_bytes "
+                "ELSE excluded.max_queued_bytes END",
+                role, max_queued, max_queued_bytes,
+            )
+        row = await conn.fetchrow(
+            f"""SELECT r.rolconnlimit,
+                   coalesce(l.max_queued_messages, (SELECT value FROM "{schema}".settings
+                                                    WHERE key = 'max_queued_messages')) AS max_queued,
+                   coalesce(l.max_queued_bytes, (SELECT value FROM "{schema}".settings
+                                                 WHERE key = 'max_queued_bytes')) AS max_queued_bytes
+            FROM pg_roles r LEFT JOIN "{schema}".role_limits l ON l.role_name = r.rolname
+            WHERE r.rolname = $1""",
             role,
         )
-    return ended
+    assert row is not None
+    return RoleLimits(role, row["rolconnlimit"], row["max_queued"], row["max_queued_bytes"])
 
 
 async def list_roles(conn: asyncpg.Connection, *, schema: str = "hotmesh") -> list[RoleInfo]:

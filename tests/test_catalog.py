@@ -46,8 +46,10 @@ async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) ->
     for fn in await functions(env):
         assert fn["owner"] == owner, fn["sig"]
         assert fn["kind"] == "f", fn["sig"]
-        assert fn["proconfig"] == ["search_path=pg_catalog, pg_temp"], fn["sig"]
         api = fn["proname"].startswith(("worker_", "caller_"))
+        # API functions wait for a lock 2 s at most: a row a stranger holds costs a bounded wait (SQL 003)
+        config = ["search_path=pg_catalog, pg_temp"] + (["lock_timeout=2s"] if api else [])
+        assert fn["proconfig"] == config, fn["sig"]
         assert fn["prosecdef"] == api, f"{fn['sig']}: only the API functions are SECURITY DEFINER"
         assert api or fn["proname"].startswith("_"), f"{fn['sig']}: neither API nor internal helper"
         if fn["prosecdef"]:
@@ -66,7 +68,12 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
     assert row is not None
     assert not row["rolsuper"] and not row["rolcanlogin"]
     assert not (row["rolcreaterole"] or row["rolcreatedb"] or row["rolreplication"] or row["rolbypassrls"])
-    assert await env.admin.fetch("SELECT roleid::regrole FROM pg_auth_members WHERE member = $1::regrole", owner) == []
+    # it is a member only of provisioned scoped roles (so the watchdog can end their sessions), none privileged
+    await env.provision(["alpha"], "worker")
+    memberships = await env.admin.fetch(
+        "SELECT r.* FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid WHERE m.member = $1::regrole", owner)
+    assert [r["rolname"] for r in memberships] and all(r["rolname"].startswith(f"{env.schema}_w_") for r in memberships)
+    assert not any(r["rolsuper"] or r["rolcreaterole"] or r["rolcreatedb"] or r["rolbypassrls"] for r in memberships)
     # its members are admins only (the superuser needs none; a CREATEROLE admin is made one to migrate)
     for member in await env.admin.fetch(
         "SELECT r.rolname, r.rolsuper FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member "
@@ -80,7 +87,7 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
         "WHERE relnamespace = $1::regnamespace", env.schema
     )
     assert {r["relname"] for r in owned if r["relkind"] == "r"} == {
-        "messages", "tools", "workers", "roles", "settings", "migrations"
+        "messages", "tools", "workers", "roles", "settings", "migrations", "role_limits"
     }
     assert {r["owner"] for r in owned} == {owner}
     assert await env.admin.fetchval(

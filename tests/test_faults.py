@@ -34,7 +34,7 @@ from mcp_hotmesh.errors import ConnectionFailed
 from mcp_hotmesh.gateway import McpGateway
 from mcp_hotmesh.gateway_core import Engine
 from mcp_hotmesh.migrate import migrate
-from mcp_hotmesh.postgres import create_pool, is_connection_error, translate
+from mcp_hotmesh.postgres import create_pool, is_transient, translate
 from mcp_hotmesh.roles import provision_role
 from tests.conftest import Env
 from tests.test_gateway import hub_for, wait_for
@@ -545,4 +545,4 @@ def test_a_connection_left_mid_operation_is_a_connection_failure() -> None:
     worker must retry its answer, not die of an unknown exception."""
     exc = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
     translated_ = translate(exc)
-    assert isinstance(translated_, ConnectionFailed) and is_connection_error(translated_)
+    assert isinstance(translated_, ConnectionFailed) and is_transient(translated_)
