@@ -77,6 +77,7 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
     """Raw JSON-RPC in, every stdout line must be JSON-RPC out; the embedded server starts and stops quietly."""
     os.chmod(tmp_path, 0o755)  # the embedded server's OS user must reach its data directory
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}
+    env.pop("PYTHONUNBUFFERED", None)  # a user's host does not set it: the child's stdout is block-buffered
     env["HOTMESH_DATA_DIR"] = str(tmp_path / "pg")
     requests = [
         {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
