@@ -141,8 +141,8 @@ async def cmd_rotate(args: argparse.Namespace) -> int:
 async def cmd_revoke(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         ended = await revoke(conn, args.role, schema=check_schema(args.schema))
-    sys.stdout.write(f"revoked {args.role}: it can no longer log in; {ended} open session(s) ended; its streams "
-                     "and grants were removed\n")
+    log.info("revoked %s: it can no longer log in; ended %d open session(s); its streams and grants are gone",
+             args.role, ended)
     return 0
 
 

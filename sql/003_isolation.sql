@@ -22,7 +22,7 @@ INSERT INTO hotmesh.settings (key, value) VALUES
     ('max_schema_nodes',        10000),      -- values in one tool's registration, all levels
     ('max_description_chars',   10000),      -- a tool's description
     ('max_tools_per_stream',    100),        -- tools one stream may register (one per workflow name)
-    ('max_json_depth',          64),         -- nesting of arguments and results (the MCP SDK writes ~250 at most)
+    ('max_json_depth',          128),        -- nesting of arguments and results (the MCP SDK writes ~250 at most)
     ('max_queued_messages',     100000),     -- ready messages per role and stream (role_limits overrides)
     ('max_queued_bytes',        1073741824), -- their stored size, likewise
     ('watchdog_idle_ms',        5000),       -- a scoped session idle inside a transaction this long is ended
@@ -145,9 +145,10 @@ DECLARE
     v_messages bigint;
     v_bytes bigint;
 BEGIN
+    -- (no row: the settings stand; SELECT INTO would set both to NULL)
     SELECT coalesce(l.max_queued_messages, v_max_messages), coalesce(l.max_queued_bytes, v_max_bytes)
     INTO v_max_messages, v_max_bytes
-    FROM hotmesh.role_limits l WHERE l.role_name = coalesce(p_owner, session_user);
+    FROM (SELECT 1) AS one LEFT JOIN hotmesh.role_limits l ON l.role_name = coalesce(p_owner, session_user);
     -- counted up to the limit: the cost is bounded by the quota, whatever the queue holds
     IF p_owner IS NULL THEN
         SELECT count(*), coalesce(sum(pg_catalog.pg_column_size(q.args)), 0) INTO v_messages, v_bytes
@@ -189,7 +190,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM hotmesh.tools t
                WHERE lower(replace(t.name, '-', '_')) = lower(replace(v_name, '-', '_'))
                  AND (t.stream, t.workflow_name) IS DISTINCT FROM (worker_register_tool.stream, v_workflow)) THEN
-        RAISE EXCEPTION 'another stream or workflow already serves a tool with this name (or one differing only by case or - and _)'
+        RAISE EXCEPTION 'another stream already serves a tool with this name, or one differing from it only by case or - and _'
             USING ERRCODE = 'HM004';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM hotmesh.tools t

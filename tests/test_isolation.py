@@ -1,0 +1,351 @@
+"""Availability attacks by a scoped role (issue: tenant isolation), each made as the restricted role over TCP with
+its password, each asserting that the victim (another stream's worker, a caller, an admin command) is unaffected
+within a bound, and that the defence leaves the normal path alone.
+
+The bounds are generous (a busy 2-core machine): a defence that works answers in well under a second; one that
+does not hangs until the bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from mcp_hotmesh import ops
+from mcp_hotmesh.errors import Busy, InvalidInput, PayloadTooLarge, QuotaExceeded
+from mcp_hotmesh.roles import CONNECTION_LIMIT, ProvisionedRole, provision_role, revoke, rotate, set_limits
+from tests.conftest import Env
+
+pytestmark = pytest.mark.anyio
+
+BOUND = 20  # seconds: the most any victim may wait below (they answer at once when the defence works)
+TOOL = {"name": "t", "description": "a tool", "input_schema": {"type": "object"}}
+
+
+@contextlib.asynccontextmanager
+async def attacker(env: Env, role: ProvisionedRole) -> AsyncIterator[asyncpg.Connection]:
+    """A raw session of ``role`` (the attacker's own client); terminated at the end whatever happened to it."""
+    conn = await env.connect(role)
+    try:
+        yield conn
+    finally:
+        conn.terminate()
+
+
+async def ended(conn: asyncpg.Connection) -> bool:
+    """Whether the server ended this session (the client sees it once it tries to use it)."""
+    try:
+        with anyio.fail_after(BOUND):
+            await conn.fetchval("SELECT 1")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError):
+        return True
+    return False
+
+
+# ------------------------------------------------------------------------------------- locks held open
+
+async def test_a_held_heartbeat_does_not_take_other_streams_workers_offline(env: Env) -> None:
+    bad_role, _ = await env.worker(["alpha"])
+    _, victim = await env.worker(["beta"])
+    _, caller = await env.caller(["beta"])
+    await victim.register_tool("beta", "", TOOL)
+    # long-expired rows: every heartbeat's cleanup deletes them, so whoever deletes first holds them
+    await env.admin.execute(
+        f'INSERT INTO "{env.schema}".workers (stream, consumer, role_name, expires_at) '
+        "SELECT 'beta', 'old' || i, 'x', now() - interval '2 hours' FROM generate_series(1, 5) i"
+    )
+    async with attacker(env, bad_role) as conn:
+        await conn.execute("BEGIN")
+        await conn.fetchval(f"SELECT \"{env.schema}\".worker_heartbeat(ARRAY['alpha'], 'a1', 60000)")
+        # ... and the attacker keeps its transaction open
+        with anyio.fail_after(BOUND):
+            assert await victim.heartbeat(["beta"], "v1", 60_000) == 1
+        [tool] = await caller.tools()
+        assert tool.live_workers == 1
+
+
+async def test_a_held_purge_does_not_stop_retention_of_other_streams(env: Env) -> None:
+    bad_role, bad = await env.worker(["alpha"])
+    _, worker = await env.worker(["beta"])
+    _, caller = await env.caller(["beta"])
+    await env.set("retention_ms", 0)
+    call = await caller.call("beta", "", {}, 5_000)
+    [msg] = await worker.dequeue("beta", "w", 1, 60_000)
+    await worker.respond("beta", msg.id, msg.lease, {"ok": True})
+    # done, and past its deadline: what retention deletes
+    await env.admin.execute(f"UPDATE \"{env.schema}\".messages SET deadline = now() - interval '1 s'")
+    async with attacker(env, bad_role) as conn:
+        await conn.execute("BEGIN")
+        await conn.fetchval(f'SELECT "{env.schema}".worker_purge()')
+        with anyio.fail_after(BOUND):
+            assert await ops.purge(caller.pool, env.schema, "caller") == 1
+    assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".messages WHERE call_id = $1', call) == 0
+    assert bad is not None
+
+
+async def test_a_row_a_caller_keeps_locked_costs_the_worker_a_bounded_wait(env: Env) -> None:
+    """A caller can lock its own call (an uncommitted caller_cancel); the worker answering it waits for the
+    scoped functions' lock_timeout, gets a retryable ``Busy``, and answers once the lock is gone."""
+    caller_role, caller = await env.caller(["a"])
+    _, worker = await env.worker(["a"])
+    call = await caller.call("a", "", {}, 60_000)
+    [msg] = await worker.dequeue("a", "w", 1, 60_000)
+    async with attacker(env, caller_role) as conn:
+        await conn.execute("BEGIN")
+        await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', call)
+        with anyio.fail_after(BOUND), pytest.raises(Busy):
+            await worker.respond("a", msg.id, msg.lease, {"ok": True})
+    with anyio.fail_after(BOUND):  # the attacker's session is gone: its lock with it
+        assert await worker.respond("a", msg.id, msg.lease, {"ok": True})
+
+
+# ----------------------------------------------------------------------------------- admin commands
+
+@pytest.mark.parametrize("hold", ["own password", "open heartbeat"])
+async def test_revoke_finishes_whatever_the_role_holds(env: Env, hold: str) -> None:
+    role, worker = await env.worker(["a"])
+    await worker.heartbeat(["a"], "w1", 60_000)
+    async with attacker(env, role) as conn:
+        await conn.execute("BEGIN")
+        if hold == "own password":  # locks the role's own catalog row until the transaction ends
+            await conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'mine now'")
+        else:  # locks its rows of the workers table
+            await conn.fetchval(f"SELECT \"{env.schema}\".worker_heartbeat(ARRAY['a'], 'w1', 60000)")
+        with anyio.fail_after(BOUND):
+            count = await revoke(env.admin, role.role, schema=env.schema)
+        assert count >= 1
+        assert await ended(conn)
+    assert not await env.admin.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role.role)
+    assert await env.admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role.role) == 0
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await env.connect(role)
+    assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".workers WHERE role_name = $1',
+                                    role.role) == 0
+
+
+async def test_rotate_finishes_while_the_role_holds_its_own_row(env: Env) -> None:
+    role = await env.provision(["a"], "worker")
+    async with attacker(env, role) as conn:
+        await conn.execute("BEGIN")
+        await conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'mine now'")
+        with anyio.fail_after(BOUND):
+            rotated = await rotate(env.admin, role.role, schema=env.schema)
+        assert await ended(conn)
+    new = await env.connect(rotated)
+    await new.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await env.connect(role)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await env.connect(ProvisionedRole(role.role, "mine now", "worker", ["a"]))
+
+
+async def test_rotate_ends_no_session_that_holds_nothing(env: Env) -> None:
+    role = await env.provision(["a"], "worker")
+    async with attacker(env, role) as idle:
+        await rotate(env.admin, role.role, schema=env.schema)
+        assert await idle.fetchval("SELECT 1") == 1  # a session open before keeps working
+
+
+# --------------------------------------------------------------------------------- server resources
+
+async def test_a_role_cannot_take_every_connection(env: Env) -> None:
+    role = await provision_role(env.admin, ["a"], "worker", schema=env.schema, connection_limit=3)
+    assert await env.admin.fetchval("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", role.role) == 3
+    default = await env.provision(["b"], "caller")
+    assert await env.admin.fetchval("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+                                    default.role) == CONNECTION_LIMIT
+    held = [await env.connect(role) for _ in range(3)]
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await env.connect(role)
+        victim = await env.connect(default)  # another role still gets in
+        assert await victim.fetchval("SELECT 1") == 1
+        await victim.close()
+    finally:
+        for conn in held:
+            conn.terminate()
+
+
+async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    await env.set("watchdog_idle_ms", 300)
+    bad_role, _ = await env.caller(["a"])
+    _, worker = await env.worker(["b"])
+    polite_role = await env.provision(["b"], "caller")
+    async with attacker(env, bad_role) as idle_in_tx, attacker(env, bad_role) as listener, \
+            attacker(env, polite_role) as polite:
+        await idle_in_tx.execute("BEGIN")
+        await idle_in_tx.fetchval(f"SELECT count(*) FROM \"{env.schema}\".caller_tools()")
+        # a listener inside a transaction keeps the server's NOTIFY queue from being freed, for everyone
+        await listener.add_listener("anything", lambda *_: None)
+        await listener.execute("BEGIN")
+        await polite.fetchval("SELECT 1")  # idle, not in a transaction: left alone
+        await env.admin.execute("BEGIN")  # the admin is never ended
+        try:
+            await anyio.sleep(0.6)
+            with caplog.at_level(logging.WARNING, logger="mcp_hotmesh.ops"):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: ops.watchdog_loop(worker.pool, env.schema, "worker", interval=0.1))
+                    with anyio.fail_after(BOUND):
+                        while len([r for r in caplog.records if "watchdog: ended session" in r.message]) < 2:  # noqa: ASYNC110 (a log)
+                            await anyio.sleep(0.05)
+                    tg.cancel_scope.cancel()
+        finally:
+            await env.admin.execute("ROLLBACK")
+        assert await ended(idle_in_tx) and await ended(listener)
+        assert await polite.fetchval("SELECT 1") == 1
+        assert all(bad_role.role in r.message for r in caplog.records if "watchdog: ended" in r.message)
+    # a long transaction that is busy, not idle, is ended too, past watchdog_transaction_ms
+    await env.set("watchdog_transaction_ms", 300)
+    async with attacker(env, bad_role) as busy:
+        await busy.execute("BEGIN")
+        sleeping = busy.execute("SELECT pg_sleep(60)")
+        async with anyio.create_task_group() as tg:
+            async def sleep_then_fail() -> None:
+                with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                    await sleeping
+            tg.start_soon(sleep_then_fail)
+            await anyio.sleep(0.6)
+            with anyio.fail_after(BOUND):
+                while not [e for e in await ops.watchdog(worker.pool, env.schema, "worker")  # noqa: ASYNC110
+                           if e.role == bad_role.role]:
+                    await anyio.sleep(0.1)  # (the server's state: no event to wait on)
+
+
+async def test_the_watchdog_is_only_for_scoped_roles_with_streams(env: Env) -> None:
+    role = await env.provision(["a"], "worker")
+    await env.admin.execute(f'ALTER ROLE "{role.role}" IN DATABASE "{env.server.database}" RESET app.allowed_streams')
+    async with attacker(env, role) as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch(f'SELECT * FROM "{env.schema}".worker_watchdog()')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a worker runs the worker's, not the caller's
+            await conn.fetch(f'SELECT * FROM "{env.schema}".caller_watchdog()')
+
+
+# ---------------------------------------------------------------------------------------------- quotas
+
+async def test_queue_quotas_per_role_and_stream(env: Env) -> None:
+    greedy_role, greedy = await env.caller(["q"])
+    _, other = await env.caller(["q"])
+    limits = await set_limits(env.admin, greedy_role.role, schema=env.schema, max_queued=3)
+    assert (limits.max_queued, limits.max_queued_bytes) == (3, 1 << 30)
+    for i in range(3):
+        await greedy.call("q", "", {"i": i}, 60_000)
+    before = await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".messages')
+    with pytest.raises(QuotaExceeded, match="at most 3 messages"):
+        await greedy.call("q", "", {"i": 3}, 60_000)
+    with pytest.raises(QuotaExceeded):
+        await greedy.call_many([("q", "", {"i": 4}, 60_000)])
+    assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".messages') == before  # nothing written
+    await other.call_many([("q", "", {"i": i}, 60_000) for i in range(5)])  # another role: its own quota
+    # bytes
+    await set_limits(env.admin, greedy_role.role, schema=env.schema, max_queued=-1, max_queued_bytes=2000)
+    with pytest.raises(QuotaExceeded, match="bytes"):
+        await greedy.call("q", "", {"text": "x" * 5000}, 60_000)
+    # claimed calls no longer count
+    _, worker = await env.worker(["q"])
+    await worker.dequeue("q", "w", 100, 60_000)
+    await set_limits(env.admin, greedy_role.role, schema=env.schema, max_queued=1, max_queued_bytes=-1)
+    await greedy.call("q", "", {"i": 5}, 60_000)
+
+
+async def test_fire_and_forget_messages_have_a_quota_too(env: Env) -> None:
+    _, worker = await env.worker(["p"])
+    await env.set("max_queued_messages", 2)
+    await worker.publish("p", "job", {})
+    await worker.publish("p", "job", {})
+    with pytest.raises(QuotaExceeded):
+        await worker.publish("p", "job", {})
+
+
+# ---------------------------------------------------------------------------- hostile registrations
+
+def nested(depth: int) -> Any:
+    value: Any = {"type": "string"}
+    for _ in range(depth):
+        value = {"type": "object", "properties": {"x": value}}
+    return value
+
+
+@pytest.mark.parametrize(("tool", "error", "says"), [
+    ({**TOOL, "input_schema": nested(20)}, PayloadTooLarge, "nested deeper than 32"),
+    ({**TOOL, "input_schema": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}},
+     PayloadTooLarge, "more than 10000 values"),
+    ({**TOOL, "description": "d" * 10_001}, InvalidInput, "description longer than 10000"),
+    ({**TOOL, "input_schema": {"type": "object", "maximum": int("9" * 500)}}, InvalidInput, "number longer"),
+    ({**TOOL, "input_schema": {"type": "object", "properties": {"x": {"$ref": "file:///etc/passwd"}}}},
+     InvalidInput, "$ref"),
+    ({**TOOL, "input_schema": {"type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/s.json"}}}},
+     InvalidInput, "$ref"),
+    ({**TOOL, "input_schema": {"type": "object", "$dynamicRef": "https://example.com/x"}}, InvalidInput, "$ref"),
+    ({**TOOL, "input_schema": {"type": "object", "properties": {"x": {"$ref": 7}}}}, InvalidInput, "$ref"),
+])
+async def test_hostile_registrations_are_refused_with_the_rule(
+    env: Env, tool: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    _, worker = await env.worker(["a"])
+    with pytest.raises(error, match=f".*{says.replace('$', '[$]')}"):
+        await worker.register_tool("a", "", tool)
+    assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".tools') == 0
+
+
+async def test_reasonable_schemas_still_register(env: Env) -> None:
+    _, worker = await env.worker(["a"])
+    schema = {"type": "object", "$defs": {"Item": {"type": "object", "properties": {"sku": {"type": "string"}}}},
+              "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}, "n": {"maximum": 1e10}}}
+    assert await worker.register_tool("a", "", {**TOOL, "input_schema": schema, "description": "d" * 5000})
+
+
+async def test_lookalike_and_squatted_names_are_refused(env: Env) -> None:
+    _, alpha = await env.worker(["alpha"])
+    _, beta = await env.worker(["beta"])
+    await alpha.register_tool("alpha", "", {**TOOL, "name": "get_weather"})
+    for lookalike in ["get_weather", "Get_Weather", "get-weather", "GET-WEATHER"]:
+        with pytest.raises(InvalidInput, match="another stream"):
+            await beta.register_tool("beta", "", {**TOOL, "name": lookalike})
+    await alpha.register_tool("alpha", "", {**TOOL, "name": "get-weather"})  # its own tool may be renamed so
+
+
+async def test_a_stream_registers_a_bounded_number_of_tools(env: Env) -> None:
+    _, worker = await env.worker(["a"])
+    await env.set("max_tools_per_stream", 3)
+    for i in range(3):
+        await worker.register_tool("a", f"w{i}", {**TOOL, "name": f"t{i}"})
+    with pytest.raises(InvalidInput, match="already has 3 tools"):
+        await worker.register_tool("a", "w3", {**TOOL, "name": "t3"})
+    assert await worker.register_tool("a", "w0", {**TOOL, "name": "t0", "description": "changed"})  # an update
+
+
+# ------------------------------------------------------------------------------- values read by others
+
+async def test_arguments_and_results_are_bounded_in_depth(env: Env) -> None:
+    _, caller = await env.caller(["a"])
+    _, worker = await env.worker(["a"])
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+    with pytest.raises(PayloadTooLarge, match="nested deeper than 128"):
+        await caller.call("a", "", {"x": deep}, 60_000)
+    with pytest.raises(PayloadTooLarge):
+        await caller.call_many([("a", "", {"x": deep}, 60_000)])
+    with pytest.raises(PayloadTooLarge):
+        await worker.publish("a", "job", {"x": deep})
+    await caller.call("a", "", {"x": json.loads("[" * 120 + "]" * 120)}, 60_000)  # within the bound
+    [msg] = await worker.dequeue("a", "w", 1, 60_000)
+    with pytest.raises(PayloadTooLarge):
+        await worker.respond("a", msg.id, msg.lease, {"x": deep})
+    from mcp_hotmesh.streams import Answer
+    with pytest.raises(PayloadTooLarge):
+        await worker.respond_and_dequeue("a", "w", [Answer(msg.id, msg.lease, {"x": deep})], 0, 60_000)
+    for progress, total in [(float("nan"), None), (float("inf"), None), (1.0, float("-inf"))]:
+        with pytest.raises(InvalidInput, match="finite"):
+            await worker.progress("a", msg.id, msg.lease, progress, total, "x")
+    assert await worker.respond("a", msg.id, msg.lease, {"ok": True})
