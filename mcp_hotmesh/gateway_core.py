@@ -91,8 +91,8 @@ class _Entry:
 
 
 def _measured(record: ToolRecord) -> tuple[str, str | None]:
-    """The definition key of a record and why it is past the limits (None: within them). Cheap and never raises,
-    whatever the row holds."""
+    """The definition key of a record and why it is past the limits (None: within them). Its cost is bounded by
+    the limits, and it never raises, whatever the row holds."""
     try:
         problem = schemas.bounds(record.name, record.description, record.input_schema, record.output_schema)
         key = schemas.definition_key(record.name, record.description, record.input_schema, record.output_schema,
