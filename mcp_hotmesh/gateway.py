@@ -31,8 +31,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from mcp import MCPError
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.auth.provider import AccessToken, TokenVerifier
@@ -60,7 +58,6 @@ from .errors import ConfigError, HotMeshError
 from .gateway_core import Engine, UnknownTool
 from .metrics import CONTENT_TYPE, UNKNOWN, GatewayMetrics, classify
 from .ops import QueueStats, queue_stats, retention_loop, watchdog_loop
-from .streams import ToolRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +104,6 @@ class McpGateway:
     def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
         self.engine = engine
         self.metrics = GatewayMetrics()
-        self._schema_checks: dict[str, tuple[str, bool]] = {}
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
         self.server = _HotMeshServer(
@@ -147,32 +143,14 @@ class McpGateway:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListToolsResult:
+        """The tools whose registered definitions passed the engine's checks (a verdict cached per definition when
+        the catalog was refreshed: nothing is checked here)."""
         self._remember(ctx)
         tools = [
             Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
-            for r in self.engine.tools()
-            if self._listable(r)
+            for r in self.engine.listable()
         ]
         return ListToolsResult(tools=tools)
-
-    def _listable(self, record: ToolRecord) -> bool:
-        """Whether a registered tool's schemas are valid JSON Schema. The database checks only that they are
-        objects of type object; a host may refuse a whole tool list for one invalid schema, so a tool whose
-        schema is not valid is left out (and a call to it says why)."""
-        key = json.dumps([record.input_schema, record.output_schema], sort_keys=True)
-        cached = self._schema_checks.get(record.name)
-        if cached is None or cached[0] != key:
-            try:
-                for schema in (record.input_schema, record.output_schema):
-                    if schema is not None:
-                        Draft202012Validator.check_schema(schema)
-                cached = (key, True)
-            except SchemaError as exc:
-                log.warning("tool %r is not listed: its registered schema is invalid (%s)", record.name,
-                            exc.message[:200])
-                cached = (key, False)
-            self._schema_checks[record.name] = cached
-        return cached[1]
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         self._remember(ctx)

@@ -29,9 +29,9 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import asyncpg
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, relevance
+from jsonschema.exceptions import ValidationError, relevance
 
+from . import schemas
 from .batch import Batcher
 from .errors import (
     Busy,
@@ -91,24 +91,36 @@ class Outcome:
 
 @dataclass
 class _Entry:
+    """A tool in the catalog: its latest record and the cached verdict on its definition."""
+
     record: ToolRecord
-    _validator: Draft202012Validator | None = None
-    _schema_error: str | None = None
+    checked: schemas.Checked
 
-    def validator(self) -> Draft202012Validator | None:
-        """The compiled validator (cached); None when the registered schema itself is invalid."""
-        if self._validator is None and self._schema_error is None:
-            try:
-                Draft202012Validator.check_schema(self.record.input_schema)
-                self._validator = Draft202012Validator(self.record.input_schema)
-            except SchemaError as exc:
-                self._schema_error = exc.message
-        return self._validator
 
-    def definition(self) -> tuple[str, str, str, str]:
-        r = self.record
-        return (r.name, r.description, json.dumps(r.input_schema, sort_keys=True),
-                json.dumps(r.output_schema, sort_keys=True))
+def _measured(record: ToolRecord) -> tuple[str, str | None]:
+    """The definition key of a record and why it is past the limits (None: within them). Its cost is bounded by
+    the limits, and it never raises, whatever the row holds."""
+    try:
+        problem = schemas.bounds(record.name, record.description, record.input_schema, record.output_schema)
+        key = schemas.definition_key(record.name, record.description, record.input_schema, record.output_schema,
+                                     problem)
+    except Exception:  # unexpected (both are total on JSON): still one unusable tool, not a failed refresh
+        problem = "its registered definition cannot be read"
+        key = schemas.definition_key(record.name, None, None, None, problem)
+    return key, problem
+
+
+def _check(record: ToolRecord, key: str, problem: str | None) -> schemas.Checked:
+    """The verdict on a record's definition; in a worker thread (slow on a large schema)."""
+    try:
+        checked = schemas.check(key, problem, record.input_schema, record.output_schema)
+    except Exception:  # a bug must cost one tool, never the catalog (or the gateway's start)
+        log.exception("tool %r could not be checked", _clip(record.name, 80))
+        checked = schemas.Checked(key, "its registered definition could not be checked")
+    if checked.problem is not None:  # once per definition: the verdict is cached for as long as it is registered
+        log.warning("tool %r of stream %r is not listed: %s", _clip(record.name, 80), _clip(record.stream, 80),
+                    checked.problem)
+    return checked
 
 
 @dataclass(eq=False)
@@ -284,31 +296,41 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ catalog
     async def refresh(self, *, notify: bool = True) -> bool:
-        """Re-read ``caller_tools()``; returns whether the tool definitions changed (and tells listeners)."""
+        """Re-read ``caller_tools()``; returns whether the tool definitions changed (and tells listeners).
+
+        Registered definitions are untrusted (see ``schemas``): each is measured, and checked once per distinct
+        definition, in worker threads, so a large schema holds up no other request. tools/list and calls only
+        read the cached verdicts."""
         async with self._refresh_lock:
             records = await self.api.tools()
-            old = self._tools
+            measured = await anyio.to_thread.run_sync(lambda: [_measured(r) for r in records])
+            known = {e.checked.key: e.checked for e in self._tools.values()}
             new: dict[str, _Entry] = {}
-            for r in records:
-                entry = old.get(r.name)
-                if entry is not None and entry.record.input_schema == r.input_schema:
-                    entry.record = r  # keep the compiled validator
-                    new[r.name] = entry
-                else:
-                    new[r.name] = _Entry(r)
-            changed = sorted(e.definition() for e in new.values()) != sorted(e.definition() for e in old.values())
+            for record, (key, problem) in zip(records, measured, strict=True):
+                checked = known.get(key)
+                if checked is None:
+                    checked = known[key] = await anyio.to_thread.run_sync(_check, record, key, problem)
+                new[record.name] = _Entry(record, checked)
+            changed = sorted((n, e.checked.key) for n, e in new.items()) != sorted(
+                (n, e.checked.key) for n, e in self._tools.items())
             self._tools = new
         if changed and notify and self.on_tools_changed is not None:
             await self.on_tools_changed()
         return changed
 
     def tools(self) -> list[ToolRecord]:
-        """The cached catalog, by name."""
+        """The cached catalog, by name: every registered tool, listable or not."""
         return [e.record for e in sorted(self._tools.values(), key=lambda e: e.record.name)]
 
+    def listable(self) -> list[ToolRecord]:
+        """The tools an agent may see, by name: those whose definitions passed the checks. A host may refuse a
+        whole tool list for one bad schema, so a tool that did not pass is left out (and a call to it says why)."""
+        return [r for r in self.tools() if self._tools[r.name].checked.problem is None]
+
     def input_schema(self, name: str) -> dict[str, Any] | None:
+        """A listable tool's input schema; None for an unknown tool or one that did not pass the checks."""
         entry = self._tools.get(name)
-        return entry.record.input_schema if entry else None
+        return entry.record.input_schema if entry is not None and entry.checked.problem is None else None
 
     async def _entry(self, name: str) -> _Entry:
         entry = self._tools.get(name)
@@ -338,12 +360,18 @@ class Engine:
         if size > self.max_args_bytes:
             return (f"The arguments for {name!r} are {size} bytes of JSON; this server accepts at most "
                     f"{self.max_args_bytes}. Send less data.")
-        validator = entry.validator()
-        if validator is None:
-            return f"Tool {name!r} cannot be called: its registered input schema is invalid ({entry._schema_error})."
-        errors = list(validator.iter_errors(args))
-        if errors:
-            return f"Invalid arguments for {name!r}: {describe_errors(errors)}. Fix the arguments and call again."
+        checked = entry.checked
+        if checked.validator is None:
+            return f"Tool {name!r} cannot be called: {checked.problem or 'its registered input schema is invalid'}."
+        try:
+            errors = list(checked.validator.iter_errors(args))
+            invalid = describe_errors(errors) if errors else None
+        except Exception as exc:  # an unresolvable reference (nothing is ever retrieved), a reference loop
+            log.warning("tool %r: its input schema could not be applied (%s)", name, type(exc).__name__)
+            return (f"Tool {name!r} cannot be called: its registered input schema could not be applied to the "
+                    "arguments (it refers to something it does not contain, or to itself without end).")
+        if invalid is not None:
+            return f"Invalid arguments for {name!r}: {invalid}. Fix the arguments and call again."
         if entry.record.live_workers == 0:
             await self.refresh()  # a worker may have started a moment ago
             entry = self._tools.get(name, entry)
