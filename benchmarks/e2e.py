@@ -151,6 +151,9 @@ class _StubEngine:
     def tools(self) -> list[ToolRecord]:
         return [self.record]
 
+    def listable(self) -> list[ToolRecord]:
+        return [self.record]
+
     async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
                    time_limit: float | None = None) -> Outcome:
         return Outcome(result={})

@@ -248,7 +248,8 @@ async def test_hostile_registrations_while_serving(env: Env, secret_file: tuple[
     async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
         hostile = hostile_tools(secret_file[0], iso.silent.port)
         how = {name: await iso.plant(name, fields) for name, fields in hostile.items()}
-        assert how["file_ref"] == how["http_ref"] == "registered"  # the attack needs no admin
+        # the database refuses both now (a $ref must start with #); rows written before that still reach gateways
+        assert how["file_ref"] == how["http_ref"] == "planted"
         await iso.known(set(hostile))
         listed = await iso.serves_the_good_tools(client)
         assert not listed & set(hostile), listed & set(hostile)
@@ -323,7 +324,8 @@ async def test_large_schemas_are_checked_off_the_event_loop(
     try:
         async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
             for i in range(20):
-                assert await iso.plant(f"wide_{i}", {"input_schema": properties(7000)}) == "registered"
+                # the database refuses them now (max_schema_nodes); rows from before that still reach gateways
+                assert await iso.plant(f"wide_{i}", {"input_schema": properties(7000)}) == "planted"
             await iso.known({f"wide_{i}" for i in range(20)})  # refused by the walk: no thread held
             assert not started.is_set()
             assert not {f"wide_{i}" for i in range(20)} & await iso.serves_the_good_tools(client)
