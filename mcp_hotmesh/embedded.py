@@ -250,6 +250,27 @@ def _tail(log_file: Path, lines: int = 3) -> str:
         return "(no log)"
 
 
+# The embedded database is mcp-hotmesh's alone, so it takes from PUBLIC (every role, scoped ones included) what
+# PostgreSQL gives any login and a scoped role could use against the server as a whole: temporary tables and
+# large objects (disk, without a quota), and advisory locks (enough of them, taken in one statement, fill the
+# server's shared lock table, and every other session's next lock fails). The admin is a superuser and keeps all.
+HARDEN = f"""
+REVOKE TEMPORARY ON DATABASE {DATABASE} FROM PUBLIC;
+DO $harden$
+DECLARE f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'pg_catalog'::regnamespace
+               AND (p.proname ~ '^pg_(try_)?advisory_(xact_)?lock(_shared)?$'
+                    OR p.proname IN ('lo_creat', 'lo_create', 'lo_from_bytea', 'lo_import'))
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$harden$;
+"""
+
+
 def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
     """initdb into a scratch directory, configure it, create the database, then move it into place.
 
@@ -277,6 +298,8 @@ def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
           "start"])
     try:
         _run(["createdb", "-h", str(scratch), "-p", str(port), "-U", ADMIN_USER, DATABASE])
+        _run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(scratch), "-p", str(port), "-U", ADMIN_USER,
+              "-d", DATABASE, "-c", HARDEN])
     finally:
         _run(["pg_ctl", "-D", str(scratch), "-m", "fast", "-w", "stop"], check=False)
     scratch.rename(data_dir)

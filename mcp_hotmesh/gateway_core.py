@@ -173,6 +173,9 @@ while the database and the worker wait, then waits while they work. Batches of 8
 stages overlap: one batch is in the database while the gateway prepares the next. Measured at 16 concurrent
 calls: about 1,300 calls/s instead of about 1,050 (benchmarks.profile)."""
 READ_BATCH = 500
+REFRESH_MIN_INTERVAL = 0.5
+"""Seconds between two refreshes of the catalog woken by the registry's NOTIFY (a call to a tool not yet known
+refreshes at once)."""
 
 
 class Engine:
@@ -284,6 +287,9 @@ class Engine:
                 log.warning("could not refresh the tool list: %s", exc)
                 await anyio.sleep(1)
                 self._dirty.set()
+            # Any role can NOTIFY the registry's channel, and a worker can change its tool in a loop: each refresh
+            # re-reads the catalog and may tell every client the list changed. At most one per interval.
+            await anyio.sleep(REFRESH_MIN_INTERVAL)
 
     async def _ticker(self) -> None:
         last_refresh = time.monotonic()

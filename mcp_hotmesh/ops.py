@@ -445,8 +445,8 @@ is ended within the schema's ``watchdog_idle_ms`` (5 s) plus this."""
 class EndedSession:
     role: str
     pid: int
-    state: str
-    seconds: float  # how long its transaction had been open
+    reason: str  # idle in a transaction, a transaction open too long, an advisory lock held
+    seconds: float  # how long its transaction had been open (0: none)
 
 
 async def watchdog(pool: asyncpg.Pool | asyncpg.Connection, schema: str, kind: Kind) -> list[EndedSession]:
@@ -455,7 +455,7 @@ async def watchdog(pool: asyncpg.Pool | asyncpg.Connection, schema: str, kind: K
     function = {"worker": "worker_watchdog", "caller": "caller_watchdog"}[kind]
     with translated():
         rows = await pool.fetch(f'SELECT * FROM "{s}".{function}()')
-    return [EndedSession(r["role_name"], r["pid"], r["state"] or "", r["seconds"] or 0.0) for r in rows]
+    return [EndedSession(r["role_name"], r["pid"], r["reason"], r["seconds"]) for r in rows]
 
 
 async def watchdog_loop(
@@ -467,9 +467,8 @@ async def watchdog_loop(
         await anyio.sleep(interval * random.uniform(0.8, 1.2))
         try:
             for ended in await watchdog(pool, schema, kind):
-                log.warning("watchdog: ended session %d of role %s: its transaction was %s for %.1fs",
-                            ended.pid, ended.role, "open" if ended.state == "active" else ended.state or "open",
-                            ended.seconds)
+                log.warning("watchdog: ended session %d of role %s: %s (transaction open %.1fs)",
+                            ended.pid, ended.role, ended.reason, ended.seconds)
             failures = 0
         except HotMeshError as exc:
             failures += 1

@@ -22,6 +22,7 @@ INSERT INTO hotmesh.settings (key, value) VALUES
     ('max_schema_nodes',        10000),      -- values in one tool's registration, all levels
     ('max_description_chars',   10000),      -- a tool's description
     ('max_tools_per_stream',    100),        -- tools one stream may register (one per workflow name)
+    ('max_consumers_per_stream', 1000),      -- live consumers one role may announce per stream (heartbeats)
     ('max_json_depth',          128),        -- nesting of arguments and results (the MCP SDK writes ~250 at most)
     ('max_queued_messages',     100000),     -- ready messages per role and stream (role_limits overrides)
     ('max_queued_bytes',        1073741824), -- their stored size, likewise
@@ -243,6 +244,15 @@ BEGIN
         WHERE w.role_name = session_user
         RETURNING (xmax = 0) INTO v_new;
         IF v_new THEN
+            -- a new consumer: within the role's bound on this stream (a flood of made-up consumers would make
+            -- every gateway's live-worker count, and the table, grow without end)
+            IF (SELECT count(*) FROM (SELECT 1 FROM hotmesh.workers o
+                                      WHERE o.stream = v_stream AND o.role_name = session_user
+                                      LIMIT hotmesh._setting('max_consumers_per_stream') + 1) n)
+               > hotmesh._setting('max_consumers_per_stream') THEN
+                RAISE EXCEPTION 'at most % consumers of one role per stream', hotmesh._setting('max_consumers_per_stream')
+                    USING ERRCODE = 'HM006';
+            END IF;
             PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
         END IF;
     END LOOP;
@@ -502,16 +512,39 @@ BEGIN
 END
 $$;
 
+-- ------------------------------------------------------------------------------------------ admin: dlq
+
+-- As in 002, skipping rows another session holds: a caller can lock its own dead call (an uncommitted
+-- caller_cancel), and the admin's purge must not wait for it. A row skipped now goes with the next purge.
+CREATE OR REPLACE FUNCTION hotmesh._dlq_purge(
+    p_ids bigint[], p_stream text, p_older_than interval, p_newer_than interval, p_limit integer)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    DELETE FROM hotmesh.messages m
+    WHERE m.id IN (SELECT d.id FROM hotmesh.messages d
+                   WHERE d.id IN (SELECT hotmesh._dlq_ids(p_ids, p_stream, p_older_than, p_newer_than, p_limit))
+                     AND d.state = 'dead'
+                   FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
 -- ---------------------------------------------------------------------------------------------- watchdog
 
 -- End the sessions of scoped roles (members of hotmesh_worker or hotmesh_caller, never an admin) whose
--- transaction sat idle longer than watchdog_idle_ms or stayed open longer than watchdog_transaction_ms. No API
+-- transaction sat idle longer than watchdog_idle_ms or stayed open longer than watchdog_transaction_ms, or that
+-- hold an advisory lock. No API
 -- function takes that long, so only a session that holds a transaction open on purpose (or a broken client) is
 -- ended: what frees the row locks, the NOTIFY queue (a listener inside a transaction holds it) and the
 -- connection slot it kept. Returns the sessions ended. The owner sees and signals a role's sessions through its
 -- membership in that role, granted when the role is provisioned.
 CREATE OR REPLACE FUNCTION hotmesh._watchdog()
-RETURNS TABLE (role_name name, pid integer, state text, seconds double precision)
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -521,21 +554,28 @@ DECLARE
     r record;
 BEGIN
     FOR r IN
-        SELECT a.usename, a.pid, a.state, extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start) AS age
+        SELECT a.usename, a.pid,
+               CASE WHEN a.state LIKE 'idle in transaction%' AND a.state_change < pg_catalog.clock_timestamp() - v_idle
+                        THEN 'idle in a transaction'
+                    WHEN a.xact_start < pg_catalog.clock_timestamp() - v_open THEN 'a transaction open too long'
+                    ELSE 'an advisory lock held' END AS reason,
+               coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0) AS age
         FROM pg_catalog.pg_stat_activity a
         JOIN pg_catalog.pg_roles o ON o.oid = a.usesysid
         WHERE a.pid <> pg_catalog.pg_backend_pid()
           AND a.backend_type = 'client backend'
-          AND a.xact_start IS NOT NULL
           AND NOT o.rolsuper
           AND NOT pg_catalog.pg_has_role(o.oid, 'hotmesh_owner', 'MEMBER')
           AND (pg_catalog.pg_has_role(o.oid, 'hotmesh_worker', 'MEMBER')
                OR pg_catalog.pg_has_role(o.oid, 'hotmesh_caller', 'MEMBER'))
           AND ((a.state LIKE 'idle in transaction%' AND a.state_change < pg_catalog.clock_timestamp() - v_idle)
-               OR a.xact_start < pg_catalog.clock_timestamp() - v_open)
+               OR a.xact_start < pg_catalog.clock_timestamp() - v_open
+               -- an advisory lock: no API function takes one, and enough of them fill the server's lock table
+               -- (one statement can take thousands), after which every session's next lock fails
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'))
     LOOP
         IF pg_catalog.pg_terminate_backend(r.pid) THEN
-            role_name := r.usename; pid := r.pid; state := r.state; seconds := r.age;
+            role_name := r.usename; pid := r.pid; reason := r.reason; seconds := r.age;
             RETURN NEXT;
         END IF;
     END LOOP;
@@ -543,7 +583,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION hotmesh.worker_watchdog()
-RETURNS TABLE (role_name name, pid integer, state text, seconds double precision)
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -556,7 +596,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION hotmesh.caller_watchdog()
-RETURNS TABLE (role_name name, pid integer, state text, seconds double precision)
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,7 +45,7 @@ async def ended(conn: asyncpg.Connection) -> bool:
     try:
         with anyio.fail_after(BOUND):
             await conn.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError):
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionError):
         return True
     return False
 
@@ -349,3 +350,164 @@ async def test_arguments_and_results_are_bounded_in_depth(env: Env) -> None:
         with pytest.raises(InvalidInput, match="finite"):
             await worker.progress("a", msg.id, msg.lease, progress, total, "x")
     assert await worker.respond("a", msg.id, msg.lease, {"ok": True})
+
+
+# ------------------------------------------------------------------------- the server as a whole
+
+@pytest.mark.skipif(bool(os.environ.get("HOTMESH_TEST_DSN")), reason="the embedded server's own database")
+async def test_the_embedded_database_gives_roles_nothing_to_exhaust_the_server_with(env: Env) -> None:
+    role = await env.provision(["a"], "worker")
+    async with attacker(env, role) as conn:
+        for statement in (
+            "CREATE TEMP TABLE filler AS SELECT 1",  # disk, with no quota
+            "SELECT lo_from_bytea(0, 'x'::bytea)",  # large objects: disk, and they outlive the session
+            "SELECT lo_create(0)",
+            "SELECT pg_advisory_lock(g) FROM generate_series(1, 100000) g",  # the server's shared lock table
+            "SELECT pg_try_advisory_xact_lock(1)",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+
+
+async def test_the_watchdog_ends_a_session_holding_advisory_locks(env: Env) -> None:
+    bad_role = await env.provision(["a"], "caller")
+    _, worker = await env.worker(["b"])
+    # where the server allows it (the embedded one does not), a role may take advisory locks: grant it here
+    await env.admin.execute(f'GRANT EXECUTE ON FUNCTION pg_advisory_lock(bigint) TO "{bad_role.role}"')
+    try:
+        async with attacker(env, bad_role) as conn:
+            await conn.execute("SELECT pg_advisory_lock(42)")  # outside any transaction: only the lock stays
+            with anyio.fail_after(BOUND):
+                [gone] = await ops.watchdog(worker.pool, env.schema, "worker")
+            assert (gone.role, gone.reason) == (bad_role.role, "an advisory lock held")
+            assert await ended(conn)
+    finally:
+        await env.admin.execute(f'REVOKE EXECUTE ON FUNCTION pg_advisory_lock(bigint) FROM "{bad_role.role}"')
+
+
+async def test_a_role_announces_a_bounded_number_of_consumers(env: Env) -> None:
+    _, worker = await env.worker(["a"])
+    await env.set("max_consumers_per_stream", 3)
+    for i in range(3):
+        await worker.heartbeat(["a"], f"c{i}", 60_000)
+    with pytest.raises(QuotaExceeded, match="consumers"):
+        await worker.heartbeat(["a"], "c3", 60_000)
+    assert await worker.heartbeat(["a"], "c0", 60_000) == 1  # a known consumer keeps beating
+
+
+async def test_a_dead_call_its_caller_keeps_locked_does_not_stall_the_dlq_purge(env: Env) -> None:
+    caller_role, caller = await env.caller(["a"])
+    calls = [await caller.call("a", "", {"i": i}, 60_000) for i in range(3)]
+    for call in calls:
+        await caller.cancel(call)  # queued: dead at once
+    async with attacker(env, caller_role) as conn:
+        await conn.execute("BEGIN")
+        await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', calls[0])  # holds its own dead row
+        with anyio.fail_after(BOUND):
+            assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(stream="a")) == 2
+    assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(stream="a")) == 1
+
+
+# ------------------------------------------------------------------------- NULL and extreme arguments
+
+EXTREMES: list[Any] = [None, 0, -1, 2**31 - 1, -(2**31), "", "x" * 100_000, "a\tb", "ü", "#", "%s"]
+
+
+async def test_null_and_extreme_arguments_fail_cleanly_and_touch_nothing_else(env: Env) -> None:
+    """Every scoped function, called by its own kind with NULL or an extreme value in each argument in turn:
+    a result or one of the errors the API defines (never an internal error, never a hang), and another
+    stream's message and tool are just as they were."""
+    worker_role = await env.provision(["a"], "worker")
+    caller_role = await env.provision(["a"], "caller")
+    _, victim_worker = await env.worker(["v"])
+    _, victim_caller = await env.caller(["v"])
+    await victim_worker.register_tool("v", "", {**TOOL, "name": "victim"})
+    victim_call = await victim_caller.call("v", "", {"keep": True}, 60_000)
+    before = await env.admin.fetch(f'SELECT * FROM "{env.schema}".messages WHERE stream = $1', "v")
+    signatures = await env.admin.fetch(
+        "SELECT p.proname, p.oid::regprocedure::text AS sig, "
+        "array(SELECT format_type(t, NULL) FROM unnest(p.proargtypes) t) AS types "
+        "FROM pg_proc p WHERE p.pronamespace = $1::regnamespace AND p.proname ~ '^(worker|caller)_' "
+        "AND p.proname NOT LIKE '%watchdog'",
+        env.schema,
+    )
+    assert len(signatures) >= 20
+    samples = {"text": EXTREMES, "integer": EXTREMES, "bigint": EXTREMES, "uuid": [None, "0" * 8 + "-0000-0000-0000-"
+               + "0" * 12], "jsonb": [None, "null", "[]", '"x"', "1e400", "{}"], "boolean": [None, True],
+               "double precision": [None, "NaN", "Infinity", "-1e308", 0]}
+    allowed = ("42501", "HM", "22", "23505", "55P03", "54")  # denied, ours, bad value, duplicate, busy, too large
+    reached = 0  # calls the server ran (answered or refused): the test must not pass by sending nothing
+    async with attacker(env, worker_role) as as_worker, attacker(env, caller_role) as as_caller:
+        for row in signatures:
+            conn = as_worker if row["proname"].startswith("worker_") else as_caller
+            types: list[str] = list(row["types"])
+            base: list[Any] = [_ordinary(t) for t in types]
+            for i, kind in enumerate(types):
+                for value in samples.get(kind.removesuffix("[]"), [None]) if not kind.endswith("[]") else [None, []]:
+                    args = list(base)
+                    args[i] = _cast(value, kind)
+                    placeholders = ", ".join(f"${n + 1}::{t}" for n, t in enumerate(types))
+                    try:
+                        with anyio.fail_after(BOUND):
+                            await conn.fetch(f'SELECT * FROM "{env.schema}".{row["proname"]}({placeholders})', *args)
+                        reached += 1
+                    except asyncpg.PostgresError as exc:
+                        reached += 1
+                        assert (exc.sqlstate or "").startswith(allowed), (row["sig"], i, value, exc.sqlstate, exc)
+                    except (asyncpg.DataError, OverflowError, ValueError):
+                        pass  # the driver refused to send it: nothing reached the server
+    assert reached > 300, reached
+    after = await env.admin.fetch(f'SELECT * FROM "{env.schema}".messages WHERE stream = $1', "v")
+    assert [dict(r) for r in after] == [dict(r) for r in before]
+    assert [t.name for t in await victim_caller.tools()] == ["victim"]
+    assert (await victim_caller.result(victim_call)).state == "ready"
+
+
+def _ordinary(kind: str) -> Any:
+    """A well-formed value of ``kind`` for the arguments not under test."""
+    return {"text": "a", "integer": 1000, "bigint": 1, "uuid": "00000000-0000-0000-0000-000000000000",
+            "jsonb": "{}", "boolean": False, "double precision": 1.0, "text[]": ["a"], "bigint[]": [], "uuid[]": [],
+            "jsonb[]": [], "boolean[]": [], "integer[]": []}.get(kind)
+
+
+def _cast(value: Any, kind: str) -> Any:
+    if value is None:
+        return None
+    if kind.endswith("[]"):
+        return value
+    if kind in ("integer", "bigint"):
+        return value if isinstance(value, int) else None
+    if kind == "double precision":
+        return float(value)
+    if kind == "boolean":
+        return bool(value)
+    if kind == "uuid":
+        return value if len(str(value)) == 36 else None
+    return str(value)
+
+
+async def test_a_worker_changing_its_tool_in_a_loop_does_not_flood_the_gateway_or_its_clients(env: Env) -> None:
+    from mcp_hotmesh.gateway_core import REFRESH_MIN_INTERVAL, Engine
+
+    _, worker = await env.worker(["a"])
+    caller_role = await env.provision(["a"], "caller")
+    engine = Engine(await env.pool(caller_role), schema=env.schema, role=caller_role.role,
+                    listen_dsn=env.dsn(caller_role))
+    told = 0
+
+    async def tools_changed() -> None:
+        nonlocal told
+        told += 1
+
+    engine.on_tools_changed = tools_changed
+    async with engine:
+        started = anyio.current_time()
+        for i in range(200):
+            await worker.register_tool("a", "", {**TOOL, "description": f"version {i}"})
+        await anyio.sleep(REFRESH_MIN_INTERVAL * 2)
+        elapsed = anyio.current_time() - started
+        # one refresh per interval at most (and the last version is what is listed)
+        assert 1 <= told <= elapsed / REFRESH_MIN_INTERVAL + 2, (told, elapsed)
+        with anyio.fail_after(BOUND):
+            while engine.tools()[0].description != "version 199":  # noqa: ASYNC110 (the catalog: no event)
+                await anyio.sleep(0.05)

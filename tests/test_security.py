@@ -957,7 +957,9 @@ async def test_a_worker_cannot_stall_migrations_with_an_advisory_lock(env: Env) 
     fresh = env.schema + "_m"
     async with session(env, role) as conn:
         for schema in (env.schema, fresh):  # the key migrate() used to wait on
-            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:migrate:{schema}")
+            # (the embedded server refuses advisory locks to scoped roles outright; another server allows them)
+            with contextlib.suppress(DENIED):
+                await conn.execute("SELECT pg_advisory_lock(hashtext($1))", f"mcp-hotmesh:migrate:{schema}")
         with pytest.raises(DENIED):
             async with conn.transaction():
                 await conn.execute(f"LOCK TABLE {env.schema}.migrations IN ACCESS SHARE MODE")
