@@ -89,6 +89,16 @@ class CallResult:
         return self.state in ("done", "dead")
 
 
+def _claimed(stream: str, r: asyncpg.Record) -> Claimed:
+    return Claimed(stream, r["id"], r["lease"], r["workflow_name"], r["args"], r["attempt"], r["reclaims"],
+                   r["deadline"])
+
+
+def _call_result(r: asyncpg.Record) -> CallResult:
+    return CallResult(r["state"], r["result"], r["is_error"], r["error"], r["attempt"], r["progress"],
+                      r["progress_total"], r["progress_message"], r["deadline"])
+
+
 class _API:
     def __init__(self, pool: asyncpg.Pool, schema: str = "hotmesh") -> None:
         self.pool = pool
@@ -120,7 +130,7 @@ class WorkerAPI(_API):
             f"SELECT * FROM {self._s}.worker_dequeue($1, $2, $3, $4, $5, $6)",
             stream, consumer, batch, lease_ms, workflows, reclaim_count, stream=stream,
         )
-        return [Claimed(stream, r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return [_claimed(stream, r) for r in rows]
 
     async def respond(self, stream: str, id: int, lease: UUID, result: JSON, is_error: bool = False) -> bool:
         return bool(
@@ -150,10 +160,10 @@ class WorkerAPI(_API):
         answered: dict[int, bool] = {}
         claimed: list[Claimed] = []
         for r in rows:
-            if r[0] == "claimed":
-                claimed.append(Claimed(stream, r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
+            if r["kind"] == "claimed":
+                claimed.append(_claimed(stream, r))
             else:
-                answered[r[1]] = r[0] == "answered"
+                answered[r["id"]] = r["kind"] == "answered"
         return answered, claimed
 
     async def fail(self, stream: str, id: int, lease: UUID, error: str, retry_in_ms: int | None) -> bool:
@@ -223,7 +233,8 @@ class CallerAPI(_API):
 
     async def tools(self) -> list[ToolRecord]:
         rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
-        return [ToolRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return [ToolRecord(r["stream"], r["workflow_name"], r["name"], r["description"], r["input_schema"],
+                           r["output_schema"], r["live_workers"]) for r in rows]
 
     async def call(
         self, stream: str, workflow_name: str, args: JSON, timeout_ms: int, idempotency_key: str | None = None
@@ -247,11 +258,11 @@ class CallerAPI(_API):
     async def results(self, call_ids: list[UUID]) -> dict[UUID, CallResult]:
         """The state of several of this role's calls (``caller_results``); calls not found are left out."""
         rows = await self._rows(f"SELECT * FROM {self._s}.caller_results($1)", call_ids)
-        return {r[0]: CallResult(*r[1:]) for r in rows}
+        return {r["call_id"]: _call_result(r) for r in rows}
 
     async def result(self, call_id: UUID) -> CallResult:
         rows = await self._rows(f"SELECT * FROM {self._s}.caller_result($1)", call_id)
-        return CallResult(*rows[0])
+        return _call_result(rows[0])
 
     async def cancel(self, call_id: UUID) -> str:
         value: str = await self._val(f"SELECT {self._s}.caller_cancel($1)", call_id)
