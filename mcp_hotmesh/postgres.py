@@ -20,6 +20,7 @@ import asyncpg
 from .config import redact
 from .errors import (
     Busy,
+    ConfigError,
     ConnectionFailed,
     DatabaseError,
     HotMeshError,
@@ -65,8 +66,9 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
     """The ``HotMeshError`` for a driver or OS error."""
     if isinstance(exc, HotMeshError):
         return exc
-    if isinstance(exc, (asyncpg.exceptions._base.DataError, TypeError, ValueError)):
-        # a value the driver could not encode (not JSON-serialisable, NaN, the wrong type)
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        # a value the driver could not encode (not JSON-serialisable, NaN, the wrong type); the driver wraps the
+        # encoder's own TypeError or ValueError in it, so a TypeError of ours is a bug and is not translated
         return InvalidInput("a value could not be sent to the database: it is not valid JSON or not the right type")
     if isinstance(exc, asyncpg.PostgresError):
         code = exc.sqlstate or ""
@@ -102,7 +104,7 @@ def translated(*, stream: str | None = None) -> Iterator[None]:
         yield
     except HotMeshError:
         raise
-    except (asyncpg.PostgresError, TypeError, ValueError, *_CONNECTION_ERRORS) as exc:
+    except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
         raise translate(exc, stream=stream) from exc
 
 
@@ -120,16 +122,33 @@ async def check_server_version(conn: asyncpg.Connection) -> None:
         )
 
 
+@contextlib.contextmanager
+def _connecting(dsn: str) -> Iterator[None]:
+    """Errors of a new connection, in words that name the DSN (without its password) and what to fix."""
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{redact(dsn)!r} is not a PostgreSQL URL: use postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+    try:
+        with translated():
+            yield
+    except ConnectionFailed as exc:
+        cause = exc.__cause__
+        if isinstance(cause, asyncpg.PostgresError):  # the server answered: a refused login, say
+            raise
+        detail = f" ({cause})" if isinstance(cause, OSError) and str(cause) else ""
+        raise ConnectionFailed(f"could not reach PostgreSQL at {redact(dsn)}{detail}") from cause
+    except asyncpg.ClientConfigurationError as exc:  # an InterfaceError too: before translated() saw it
+        raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
+
+
 async def connect(dsn: str, *, connect_timeout: float = 10) -> asyncpg.Connection:
     """One connection; errors translated."""
-    with translated():
-        try:
+    try:
+        with _connecting(dsn):
             return await asyncpg.connect(
                 dsn, timeout=connect_timeout, server_settings={"application_name": APPLICATION_NAME}
             )
-        except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
-            log.debug("could not connect to %s", redact(dsn))
-            raise
+    except (ValueError, TypeError) as exc:  # the DSN itself could not be read
+        raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
 
 
 class JsonText:
@@ -147,7 +166,7 @@ def _dumps(value: Any) -> str:
         return value.text
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except RecursionError:  # as a ValueError: translated() makes it InvalidInput, like any value not sendable
+    except RecursionError:  # as a ValueError: the driver makes it a DataError, like any value not sendable
         raise ValueError("the value is nested too deeply to be sent as JSON") from None
 
 
@@ -189,16 +208,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    with translated():
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=10,
-            init=init_connection,
-            reset=_keep_session,
-            server_settings={"application_name": APPLICATION_NAME},
-        )
+    try:
+        with _connecting(dsn):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=10,
+                init=init_connection,
+                reset=_keep_session,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+    except (ValueError, TypeError) as exc:  # the DSN itself could not be read
+        raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
     assert pool is not None
     return pool
 
