@@ -14,8 +14,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.profile import Timings
-from mcp_hotmesh.cli import main
-from mcp_hotmesh.streams import WorkerAPI
+from mcp_hotmesh._cli import main
+from mcp_hotmesh._streams import WorkerAPI
 
 timings = Timings()
 timings.wrap(WorkerAPI, "dequeue", lambda a, v: len(v))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from mcp_hotmesh import embedded
+from mcp_hotmesh import _embedded as embedded
 
 
 @dataclass

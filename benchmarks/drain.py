@@ -12,10 +12,10 @@ import time
 
 import asyncpg
 
-from mcp_hotmesh.config import WorkerCredentials
-from mcp_hotmesh.postgres import create_pool
-from mcp_hotmesh.streams import CallerAPI
-from mcp_hotmesh.worker import Worker
+from mcp_hotmesh._config import WorkerCredentials
+from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._streams import CallerAPI
+from mcp_hotmesh._worker import Worker
 
 from .common import Result
 from .db import Database

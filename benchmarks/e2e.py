@@ -22,14 +22,14 @@ from typing import Any, cast
 import asyncpg
 from mcp import Client
 
-from mcp_hotmesh.config import WorkerCredentials
-from mcp_hotmesh.gateway import McpGateway
+from mcp_hotmesh._config import WorkerCredentials
+from mcp_hotmesh._mcp_server import McpGateway
+from mcp_hotmesh._migrate import migrate
+from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._roles import ProvisionedRole, provision_role
+from mcp_hotmesh._streams import ToolRecord
+from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.gateway_core import Engine, Outcome, ProgressReport
-from mcp_hotmesh.migrate import migrate
-from mcp_hotmesh.postgres import create_pool
-from mcp_hotmesh.roles import ProvisionedRole, provision_role
-from mcp_hotmesh.streams import ToolRecord
-from mcp_hotmesh.worker import Worker
 
 from .db import Database
 from .tools import DRAIN_STREAM, SCALE_STREAM, STREAM, toolset
@@ -67,7 +67,7 @@ async def worker_process(db: Database, role: ProvisionedRole, concurrency: int) 
     wrapper = os.environ.get("HOTMESH_BENCH_WORKER_WRAPPER")
     python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
     proc = await asyncio.create_subprocess_exec(
-        *python, *([wrapper] if wrapper else ["-m", "mcp_hotmesh.cli"]), "worker", "--tools", f"{TOOLS_FILE}:toolset",
+        *python, *([wrapper] if wrapper else ["-m", "mcp_hotmesh"]), "worker", "--tools", f"{TOOLS_FILE}:toolset",
         "--dsn", db.base_dsn, "--user", role.role, "--schema", SCHEMA, "--concurrency", str(concurrency),
         "--log-level", "WARNING", env=env, stdin=subprocess.DEVNULL,
     )

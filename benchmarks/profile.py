@@ -26,8 +26,8 @@ from typing import Any
 
 import asyncpg
 
-from mcp_hotmesh import embedded
-from mcp_hotmesh.streams import CallerAPI
+from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh._streams import CallerAPI
 
 from . import e2e, floor
 from .common import closed_loop, loop_result

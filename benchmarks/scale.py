@@ -12,8 +12,8 @@ import time
 
 import asyncpg
 
-from mcp_hotmesh.postgres import create_pool
-from mcp_hotmesh.streams import WorkerAPI
+from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._streams import WorkerAPI
 
 from .common import Result, percentile
 from .db import Database

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcp_hotmesh.tools import ToolSet
+from mcp_hotmesh._tools import ToolSet
 
 STREAM = "bench.noop"
 DRAIN_STREAM = "bench.drain"

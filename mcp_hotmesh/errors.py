@@ -1,7 +1,7 @@
 """The exceptions mcp-hotmesh raises.
 
 Every error the package raises is a ``HotMeshError``; no driver exception crosses the public API.
-Database errors are translated in one place, ``mcp_hotmesh.postgres.translate``.
+Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``.
 
     HotMeshError
     ├── ConfigError            a setting, name or argument is invalid (raised before any I/O)

@@ -18,7 +18,7 @@ from typing import Annotated
 import anyio
 from pydantic import BaseModel, Field
 
-from .tools import ToolContext, ToolSet
+from ._tools import ToolContext, ToolSet
 
 toolset = ToolSet()
 

@@ -32,7 +32,9 @@ import asyncpg
 from jsonschema.exceptions import ValidationError, relevance
 
 from . import schemas
-from .batch import Batcher
+from ._batching import Batcher
+from ._postgres import JsonText, Listener, backoff
+from ._streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 from .errors import (
     Busy,
     ConnectionFailed,
@@ -44,8 +46,6 @@ from .errors import (
     PermissionDenied,
     QuotaExceeded,
 )
-from .postgres import JsonText, Listener, backoff
-from .streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from referencing import Registry
 
-from .postgres import UnreadableJSON
+from ._postgres import UnreadableJSON
 
 # The limits on one registered tool. The database enforces the same values at registration (its settings
 # max_schema_depth, max_schema_nodes, max_description_chars); the gateway checks them again because rows written

@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from mcp_hotmesh import embedded
-from mcp_hotmesh.config import WorkerCredentials, connection_dsn
-from mcp_hotmesh.migrate import migrate
-from mcp_hotmesh.postgres import create_pool
-from mcp_hotmesh.roles import Kind, ProvisionedRole, provision_role
-from mcp_hotmesh.streams import CallerAPI, WorkerAPI
+from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh._config import WorkerCredentials, connection_dsn
+from mcp_hotmesh._migrate import migrate
+from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._roles import Kind, ProvisionedRole, provision_role
+from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from mcp_hotmesh.batch import Batcher
+from mcp_hotmesh._batching import Batcher
+from mcp_hotmesh._streams import Answer
 from mcp_hotmesh.errors import ConnectionFailed, InvalidInput, PayloadTooLarge, PermissionDenied
-from mcp_hotmesh.streams import Answer
 from tests.conftest import Env
 from tests.test_security import session
 
@@ -255,8 +255,8 @@ async def test_batcher_fails_what_waits_when_it_stops() -> None:
 async def test_a_cancel_notify_for_a_stopped_handler_leaves_the_lease_keeper_waiting(env: Env) -> None:
     """A handler stopped for a lost lease that has not ended yet (it shields itself), then a ``c:<id>`` NOTIFY
     for it: the one task that keeps every lease must not spin on it (the whole worker would hang)."""
-    from mcp_hotmesh.streams import worker_channel
-    from mcp_hotmesh.tools import ToolSet
+    from mcp_hotmesh._streams import worker_channel
+    from mcp_hotmesh._tools import ToolSet
     from tests.test_worker import finished, serving
 
     tools = ToolSet()

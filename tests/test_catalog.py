@@ -251,7 +251,7 @@ async def test_functions_the_owner_creates_later_are_not_executable_by_public(en
 
 
 async def test_migrate_is_recorded_and_idempotent(env: Env) -> None:
-    from mcp_hotmesh.migrate import migrate, migrations
+    from mcp_hotmesh._migrate import migrate, migrations
 
     versions = [r["version"] for r in await env.admin.fetch(f'SELECT version FROM "{env.schema}".migrations')]
     assert versions == [m.version for m in migrations()]

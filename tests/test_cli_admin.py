@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh import embedded
+from mcp_hotmesh import _embedded as embedded
 from tests.conftest import PgServer, drop_schema
 
 pytestmark = pytest.mark.anyio
@@ -35,7 +35,7 @@ def clean_env() -> dict[str, str]:
 async def cli(*args: str, limit: float = 60) -> subprocess.CompletedProcess[str]:
     with anyio.fail_after(limit):
         done = await anyio.run_process(
-            [sys.executable, "-m", "mcp_hotmesh.cli", *args], check=False, env=clean_env(), cwd=REPO
+            [sys.executable, "-m", "mcp_hotmesh", *args], check=False, env=clean_env(), cwd=REPO
         )
     return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 

@@ -29,13 +29,14 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.types import CallToolResult
 
-from mcp_hotmesh import embedded, ops
+from mcp_hotmesh import _admin as admin
+from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh._mcp_server import McpGateway
+from mcp_hotmesh._migrate import migrate
+from mcp_hotmesh._postgres import create_pool, is_transient, translate
+from mcp_hotmesh._roles import provision_role
 from mcp_hotmesh.errors import ConnectionFailed
-from mcp_hotmesh.gateway import McpGateway
 from mcp_hotmesh.gateway_core import Engine
-from mcp_hotmesh.migrate import migrate
-from mcp_hotmesh.postgres import create_pool, is_transient, translate
-from mcp_hotmesh.roles import provision_role
 from tests.conftest import Env
 from tests.test_gateway import hub_for, wait_for
 from tests.test_gateway_transports import cli
@@ -53,7 +54,7 @@ from pathlib import Path
 
 import anyio
 
-from mcp_hotmesh.tools import ToolSet
+from mcp_hotmesh._tools import ToolSet
 
 toolset = ToolSet()
 MARKS = Path(os.environ["TEST_MARKS"])
@@ -377,7 +378,7 @@ async def test_gateway_restart_with_calls_queued(env: Env, procs: Procs) -> None
         if row["state"] == "dead" and "waited in the queue" in row["error"]:
             assert f"work-{row['n']}" not in ran, row  # expired in the queue: never run
     assert sum(1 for r in table if "waited in the queue" in (r["error"] or "")) >= queued // 2
-    st = await ops.status(env.admin, env.schema)
+    st = await admin.status(env.admin, env.schema)
     work = next(s for s in st.streams if s.stream == "fault.work")
     assert (work.ready, work.in_flight, work.stalled, work.retrying) == (0, 0, 0, 0)
 
@@ -420,7 +421,7 @@ async def test_a_poison_message_ends_in_the_dead_letter_queue_and_the_caller_is_
             done.set()
     crashed = [p for p in current if p.returncode == 17]
     assert len(crashed) == 3  # the first run and one per reclaim: reclaim_count 2, so dead at the third reclaim
-    [dead] = await ops.dlq_list(env.admin, env.schema, ops.DlqFilter(stream="fault.poison"))
+    [dead] = await admin.dlq_list(env.admin, env.schema, admin.DlqFilter(stream="fault.poison"))
     assert dead.reclaims == 3 and dead.attempt == 0 and "stopped responding" in (dead.error or "")
 
 

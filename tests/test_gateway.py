@@ -17,14 +17,14 @@ import pytest
 from mcp import Client, MCPError
 from mcp.types import INVALID_PARAMS, ToolListChangedNotification
 
-from mcp_hotmesh.config import WorkerCredentials
+from mcp_hotmesh._config import WorkerCredentials
+from mcp_hotmesh._mcp_server import McpGateway
+from mcp_hotmesh._roles import ProvisionedRole
+from mcp_hotmesh._streams import WorkerAPI
+from mcp_hotmesh._tools import ToolContext, ToolSet
+from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway import McpGateway
 from mcp_hotmesh.gateway_core import Engine
-from mcp_hotmesh.roles import ProvisionedRole
-from mcp_hotmesh.streams import WorkerAPI
-from mcp_hotmesh.tools import ToolContext, ToolSet
-from mcp_hotmesh.worker import Worker
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio
@@ -315,12 +315,9 @@ async def test_listen_reconnect_rechecks_the_waiting_calls(env: Env) -> None:
 
 
 async def test_a_second_gateway_does_not_take_over_the_first_ones_roles(env: Env) -> None:
-    import argparse
+    from mcp_hotmesh._serve import ServeOptions, running_gateway
 
-    from mcp_hotmesh.gateway_serve import running_gateway
-
-    args = argparse.Namespace(dsn=env.server.admin_dsn, schema=env.schema, data_dir=None, no_worker=True,
-                              tools="mcp_hotmesh.examples:toolset", timeout=5.0, max_args_bytes=1 << 20)
+    args = ServeOptions(dsn=env.server.admin_dsn, schema=env.schema, no_worker=True, timeout=5.0)
     async with running_gateway(args) as first, running_gateway(args) as second:
         assert first.role == f"{env.schema}_c_gateway"
         assert second.role == f"{env.schema}_c_gateway_2"

@@ -19,10 +19,10 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from mcp_hotmesh._http import check_http_token, run_http
+from mcp_hotmesh._tools import load_toolset
 from mcp_hotmesh.errors import ConfigError
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway import check_http_token, run_http
-from mcp_hotmesh.tools import load_toolset
 from tests.conftest import Env
 from tests.test_gateway import Hub, hub_for, wait_for
 
@@ -36,7 +36,7 @@ AGENT_TOOLS = "examples/agents/tools.py:toolset"
 def cli() -> list[str]:
     """The installed console script (what a host's config names), or the module when running from a checkout."""
     script = Path(sys.executable).parent / "mcp-hotmesh"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mcp_hotmesh.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mcp_hotmesh"]
 
 
 def host_entry(env: dict[str, str]) -> StdioServerParameters:

@@ -19,9 +19,10 @@ import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh import ops
+from mcp_hotmesh import _admin as admin
+from mcp_hotmesh._housekeeping import watchdog_loop
+from mcp_hotmesh._roles import CONNECTION_LIMIT, ProvisionedRole, provision_role, revoke, rotate, set_limits
 from mcp_hotmesh.errors import Busy, InvalidInput, PayloadTooLarge, QuotaExceeded
-from mcp_hotmesh.roles import CONNECTION_LIMIT, ProvisionedRole, provision_role, revoke, rotate, set_limits
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio
@@ -86,7 +87,7 @@ async def test_a_held_purge_does_not_stop_retention_of_other_streams(env: Env) -
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".worker_purge()')
         with anyio.fail_after(BOUND):
-            assert await ops.purge(caller.pool, env.schema, "caller") == 1
+            assert await caller.purge() == 1
     assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".messages WHERE call_id = $1', call) == 0
     assert bad is not None
 
@@ -192,9 +193,9 @@ async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
         await env.admin.execute("BEGIN")  # the admin is never ended
         try:
             await anyio.sleep(0.6)
-            with caplog.at_level(logging.WARNING, logger="mcp_hotmesh.ops"):
+            with caplog.at_level(logging.WARNING, logger="mcp_hotmesh._housekeeping"):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(lambda: ops.watchdog_loop(worker.pool, env.schema, "worker", interval=0.1))
+                    tg.start_soon(lambda: watchdog_loop(worker, interval=0.1))
                     with anyio.fail_after(BOUND):
                         while len([r for r in caplog.records if "watchdog: ended session" in r.message]) < 2:  # noqa: ASYNC110 (a log)
                             await anyio.sleep(0.05)
@@ -216,7 +217,7 @@ async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
             tg.start_soon(sleep_then_fail)
             await anyio.sleep(0.6)
             with anyio.fail_after(BOUND):
-                while not [e for e in await ops.watchdog(worker.pool, env.schema, "worker")  # noqa: ASYNC110
+                while not [e for e in await worker.watchdog()  # noqa: ASYNC110
                            if e.role == bad_role.role]:
                     await anyio.sleep(0.1)  # (the server's state: no event to wait on)
 
@@ -343,7 +344,7 @@ async def test_arguments_and_results_are_bounded_in_depth(env: Env) -> None:
     [msg] = await worker.dequeue("a", "w", 1, 60_000)
     with pytest.raises(PayloadTooLarge):
         await worker.respond("a", msg.id, msg.lease, {"x": deep})
-    from mcp_hotmesh.streams import Answer
+    from mcp_hotmesh._streams import Answer
     with pytest.raises(PayloadTooLarge):
         await worker.respond_and_dequeue("a", "w", [Answer(msg.id, msg.lease, {"x": deep})], 0, 60_000)
     for progress, total in [(float("nan"), None), (float("inf"), None), (1.0, float("-inf"))]:
@@ -378,7 +379,7 @@ async def test_the_watchdog_ends_a_session_holding_advisory_locks(env: Env) -> N
         async with attacker(env, bad_role) as conn:
             await conn.execute("SELECT pg_advisory_lock(42)")  # outside any transaction: only the lock stays
             with anyio.fail_after(BOUND):
-                [gone] = await ops.watchdog(worker.pool, env.schema, "worker")
+                [gone] = await worker.watchdog()
             assert (gone.role, gone.reason) == (bad_role.role, "an advisory lock held")
             assert await ended(conn)
     finally:
@@ -404,8 +405,8 @@ async def test_a_dead_call_its_caller_keeps_locked_does_not_stall_the_dlq_purge(
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', calls[0])  # holds its own dead row
         with anyio.fail_after(BOUND):
-            assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(stream="a")) == 2
-    assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(stream="a")) == 1
+            assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(stream="a")) == 2
+    assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(stream="a")) == 1
 
 
 # ------------------------------------------------------------------------- NULL and extreme arguments

@@ -33,10 +33,10 @@ from mcp.types import CallToolResult
 from pydantic import BaseModel
 
 from mcp_hotmesh import schemas
+from mcp_hotmesh._mcp_server import McpGateway
+from mcp_hotmesh._tools import ToolSet
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway import McpGateway
 from mcp_hotmesh.gateway_core import Engine
-from mcp_hotmesh.tools import ToolSet
 from tests.conftest import Env
 from tests.test_gateway import run_worker, wait_for
 

@@ -8,9 +8,9 @@ import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh.config import check_schema
+from mcp_hotmesh._config import check_schema
+from mcp_hotmesh._migrate import full_sql, is_migrated, migrate, migrations
 from mcp_hotmesh.errors import ConfigError
-from mcp_hotmesh.migrate import full_sql, is_migrated, migrate, migrations
 from tests.conftest import PgServer, drop_schema
 
 pytestmark = pytest.mark.anyio

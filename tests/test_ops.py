@@ -18,9 +18,12 @@ import asyncpg
 import pytest
 from mcp import Client, MCPError
 
-from mcp_hotmesh import embedded, ops
+from mcp_hotmesh import _admin as admin
+from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh import _format as fmt
+from mcp_hotmesh._housekeeping import retention_loop
+from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh.errors import ConfigError
-from mcp_hotmesh.streams import CallerAPI, WorkerAPI
 from tests.conftest import Env
 from tests.test_cli_admin import cli, ok, one_line_error
 from tests.test_gateway import Hub, hub_for, wait_for
@@ -64,7 +67,7 @@ async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- status
 async def test_status_counts_every_state(env: Env) -> None:
     await one_of_each(env)
-    st = await ops.status(env.admin, env.schema)
+    st = await admin.status(env.admin, env.schema)
     a, b = st.streams
     assert (a.stream, a.tools, a.live_workers) == ("ops.a", ["ops_a"], 1)
     assert (a.ready, a.in_flight, a.stalled, a.retrying, a.dead, a.done) == (1, 1, 1, 1, 1, 1)
@@ -78,7 +81,7 @@ async def test_status_counts_every_state(env: Env) -> None:
     assert set(data["streams"][0]) == {"stream", "tools", "ready", "in_flight", "stalled", "retrying", "dead", "done",
                                        "oldest_waiting_seconds", "live_workers", "calls_per_second"}
     assert data["totals"]["ready"] == 2 and data["retention"]["done_seconds"] == 3600
-    text = ops.format_status(st)
+    text = fmt.format_status(st)
     assert text.splitlines()[1].split()[:3] == ["STREAM", "TOOLS", "READY"]
     assert "ops.b: 1 message(s) waiting and no live worker" in text
     assert "ops.a: 1 message(s) held by a worker that stopped responding" in text
@@ -86,15 +89,15 @@ async def test_status_counts_every_state(env: Env) -> None:
 
 
 async def test_status_of_an_empty_schema(env: Env) -> None:
-    st = await ops.status(env.admin, env.schema)
+    st = await admin.status(env.admin, env.schema)
     assert st.streams == [] and st.last_purge is None
-    assert "no streams yet" in ops.format_status(st)
+    assert "no streams yet" in fmt.format_status(st)
 
 
 # ------------------------------------------------------------------------------------------------- dlq
 async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) -> None:
     worker, caller, ids = await one_of_each(env)
-    [dead] = await ops.dlq_list(env.admin, env.schema, ops.DlqFilter())
+    [dead] = await admin.dlq_list(env.admin, env.schema, admin.DlqFilter())
     assert (dead.stream, dead.call_id, dead.error, dead.args) == ("ops.a", ids["dead"], "it broke", {"n": "dead"})
     assert (await caller.result(ids["dead"])).state == "dead"
 
@@ -104,13 +107,13 @@ async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) 
                 await anyio.sleep(0.02)
         return result
 
-    [retried] = await ops.dlq_retry(env.admin, env.schema, ops.DlqFilter(ids=[dead.id]),
+    [retried] = await admin.dlq_retry(env.admin, env.schema, admin.DlqFilter(ids=[dead.id]),
                                     deadline_in=timedelta(seconds=30))
     assert (retried.id, retried.new_id, retried.call_id) == (dead.id, dead.id, ids["dead"])
     row = await env.message(dead.id)
     assert (row["state"], row["attempt"], row["reclaims"], row["error"], row["result"]) == ("ready", 0, 0, None, None)
     assert 25 < (row["deadline"] - await env.admin.fetchval("SELECT now()")).total_seconds() <= 30
-    assert await ops.dlq_list(env.admin, env.schema, ops.DlqFilter()) == []
+    assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter()) == []
     async with anyio.create_task_group() as tg:
         got: list[Any] = []
 
@@ -128,47 +131,47 @@ async def test_dlq_retry_as_a_new_publish_and_purge_with_filters(env: Env) -> No
     worker, _, ids = await one_of_each(env)
     [msg] = await worker.dequeue("ops.b", "w1", 1, 60_000)
     assert await worker.fail("ops.b", msg.id, msg.lease, "no luck", None)  # the published message dies too
-    everything = await ops.dlq_list(env.admin, env.schema, ops.DlqFilter())
+    everything = await admin.dlq_list(env.admin, env.schema, admin.DlqFilter())
     assert [m.stream for m in everything] == ["ops.a", "ops.b"]
-    assert [m.id for m in await ops.dlq_list(env.admin, env.schema, ops.DlqFilter(stream="ops.b"))] == [msg.id]
-    assert await ops.dlq_list(env.admin, env.schema, ops.DlqFilter(older_than=timedelta(hours=1))) == []
-    assert len(await ops.dlq_list(env.admin, env.schema, ops.DlqFilter(newer_than=timedelta(hours=1)))) == 2
-    assert len(await ops.dlq_list(env.admin, env.schema, ops.DlqFilter(limit=1))) == 1
+    assert [m.id for m in await admin.dlq_list(env.admin, env.schema, admin.DlqFilter(stream="ops.b"))] == [msg.id]
+    assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter(older_than=timedelta(hours=1))) == []
+    assert len(await admin.dlq_list(env.admin, env.schema, admin.DlqFilter(newer_than=timedelta(hours=1)))) == 2
+    assert len(await admin.dlq_list(env.admin, env.schema, admin.DlqFilter(limit=1))) == 1
 
-    [retried] = await ops.dlq_retry(env.admin, env.schema, ops.DlqFilter(stream="ops.a"), publish=True)
+    [retried] = await admin.dlq_retry(env.admin, env.schema, admin.DlqFilter(stream="ops.a"), publish=True)
     assert retried.new_id != retried.id and retried.call_id == ids["dead"]
     new = await env.message(retried.new_id)
     assert (new["state"], new["call_id"], new["deadline"], new["args"]) == ("ready", None, None, '{"n": "dead"}')
     assert await env.admin.fetchval(f'SELECT count(*) FROM "{env.schema}".messages WHERE id = $1', retried.id) == 0
 
     # a published message is retried in place and stays fire-and-forget
-    [again] = await ops.dlq_retry(env.admin, env.schema, ops.DlqFilter(ids=[msg.id]))
+    [again] = await admin.dlq_retry(env.admin, env.schema, admin.DlqFilter(ids=[msg.id]))
     assert again.new_id == msg.id and (await env.message(msg.id))["deadline"] is None
     [msg] = await worker.dequeue("ops.b", "w1", 1, 60_000)
     assert await worker.fail("ops.b", msg.id, msg.lease, "no luck", None)
 
-    assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(older_than=timedelta(hours=1))) == 0
-    assert await ops.dlq_purge(env.admin, env.schema, ops.DlqFilter(stream="ops.b")) == 1
-    assert await ops.dlq_list(env.admin, env.schema, ops.DlqFilter()) == []
+    assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(older_than=timedelta(hours=1))) == 0
+    assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(stream="ops.b")) == 1
+    assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter()) == []
     with pytest.raises(ConfigError, match="no dead message with id"):
-        await ops.dlq_show(env.admin, env.schema, msg.id)
+        await admin.dlq_show(env.admin, env.schema, msg.id)
     with pytest.raises(ConfigError, match="invalid stream name"):
-        ops.DlqFilter(stream="a,b")
+        admin.DlqFilter(stream="a,b")
 
 
 def test_durations() -> None:
-    assert ops.parse_duration("90") == timedelta(seconds=90)
-    assert ops.parse_duration("1h30m") == timedelta(minutes=90)
-    assert ops.parse_duration("500ms") == timedelta(milliseconds=500)
-    assert ops.parse_duration("7d") == timedelta(days=7)
+    assert fmt.parse_duration("90") == timedelta(seconds=90)
+    assert fmt.parse_duration("1h30m") == timedelta(minutes=90)
+    assert fmt.parse_duration("500ms") == timedelta(milliseconds=500)
+    assert fmt.parse_duration("7d") == timedelta(days=7)
     for bad in ("", "h", "1x", "-1s", "1h 2", "1.5.5s"):
         if bad == "1h 2":
-            assert ops.parse_duration(bad) == timedelta(hours=1, seconds=2)
+            assert fmt.parse_duration(bad) == timedelta(hours=1, seconds=2)
             continue
         with pytest.raises(ConfigError):
-            ops.parse_duration(bad)
-    assert ops.format_age(None) == "-" and ops.format_age(3.25) == "3.2s" and ops.format_age(185) == "3m05s"
-    assert ops.format_age(0.05) == "50ms" and ops.format_age(90_000) == "1d1h"
+            fmt.parse_duration(bad)
+    assert fmt.format_age(None) == "-" and fmt.format_age(3.25) == "3.2s" and fmt.format_age(185) == "3m05s"
+    assert fmt.format_age(0.05) == "50ms" and fmt.format_age(90_000) == "1d1h"
 
 
 # ------------------------------------------------------------------------------------------- retention
@@ -195,9 +198,9 @@ async def test_purge_keeps_what_a_caller_may_still_read_and_each_role_its_own_st
     await anyio.sleep(0.3)  # the short deadlines pass
 
     await env.set("purge_batch", 2)
-    assert await ops.purge(purging_worker.pool, env.schema, "worker") == 2  # bounded
-    assert await ops.purge(caller_a.pool, env.schema, "caller") == 1
-    assert await ops.purge(caller_a.pool, env.schema, "caller") == 0
+    assert await purging_worker.purge() == 2  # bounded
+    assert await caller_a.purge() == 1
+    assert await caller_a.purge() == 0
     rows = await env.admin.fetch(f'SELECT call_id, state FROM "{env.schema}".messages ORDER BY id')
     states = {r["call_id"]: r["state"] for r in rows}
     assert not set(expired) & set(states)
@@ -206,12 +209,12 @@ async def test_purge_keeps_what_a_caller_may_still_read_and_each_role_its_own_st
     assert (await caller_a.result(waited_for)).result == {}
 
     # the admin purges every stream; a dead message only once dead_retention_ms is set
-    assert await ops.purge(env.admin, env.schema, "worker") == 1
+    assert await WorkerAPI(env.admin, env.schema).purge() == 1
     await env.set("dead_retention_ms", 1)
-    assert await ops.purge(env.admin, env.schema, "caller") == 1
+    assert await CallerAPI(env.admin, env.schema).purge() == 1
     left = await env.admin.fetch(f'SELECT call_id, state FROM "{env.schema}".messages ORDER BY id')
     assert [(r["call_id"], r["state"]) for r in left] == [(waited_for, "done"), (None, "ready")]
-    st = await ops.status(env.admin, env.schema)
+    st = await admin.status(env.admin, env.schema)
     assert st.last_purge is not None and st.dead_retention_seconds == 0.001
     assert worker_role.role
 
@@ -225,13 +228,13 @@ async def test_the_purge_lock_is_one_no_scoped_role_can_hold(env: Env) -> None:
             await stranger.execute(f"SELECT * FROM \"{env.schema}\".settings WHERE key = 'purge_lock' FOR UPDATE")
         with contextlib.suppress(asyncpg.InsufficientPrivilegeError):  # refused outright by the embedded server
             await stranger.execute("SELECT pg_advisory_lock(hashtext('purge'))")  # advisory locks: nothing to us
-        assert await ops.purge(caller.pool, env.schema, "caller") == 0
+        assert await caller.purge() == 0
     finally:
         await stranger.close()
     async with env.admin.transaction():  # whoever holds the row, a purge neither waits nor steps aside
         await env.admin.execute(f"SELECT * FROM \"{env.schema}\".settings WHERE key = 'purge_lock' FOR UPDATE")
         with anyio.fail_after(5):
-            assert await ops.purge(worker.pool, env.schema, "worker") == 0
+            assert await worker.purge() == 0
 
 
 async def test_the_table_stays_bounded_over_many_calls(env: Env) -> None:
@@ -240,7 +243,7 @@ async def test_the_table_stays_bounded_over_many_calls(env: Env) -> None:
     await env.set("retention_ms", 0)
     async with hub_for(env, timeout=0.4) as hub, Client(hub.gateway.server) as client, \
             anyio.create_task_group() as tg:
-        tg.start_soon(lambda: ops.retention_loop(hub.engine.api.pool, env.schema, "caller", interval=0.1))
+        tg.start_soon(lambda: retention_loop(hub.engine.api, interval=0.1))
         most = 0
         for round_ in range(12):
             async with anyio.create_task_group() as calls:
@@ -327,7 +330,7 @@ async def test_status_and_dlq_commands(env: Env) -> None:
     assert "purge_lock" not in shown
     changed = json.loads(ok(await cli("settings", *common, "retention_ms=2h", "purge_batch=100", "--json")).stdout)
     assert (changed["retention_ms"], changed["purge_batch"]) == (7_200_000, 100)
-    assert (await ops.status(env.admin, env.schema)).retention_seconds == 7200
+    assert (await admin.status(env.admin, env.schema)).retention_seconds == 7200
     one_line_error(await cli("settings", *common, "purge_lock=1"), "settings", 2)
     one_line_error(await cli("settings", *common, "min_lease_ms=2h"), "settings", 2)
     one_line_error(await cli("settings", *common, "retention_ms"), "settings", 2)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from mcp_hotmesh.errors import ConfigError, NotFound, PermissionDenied
-from mcp_hotmesh.roles import (
+from mcp_hotmesh._roles import (
     ProvisionedRole,
     _role_name,
     ensure_role,
@@ -17,7 +16,8 @@ from mcp_hotmesh.roles import (
     revoke,
     rotate,
 )
-from mcp_hotmesh.streams import CallerAPI, WorkerAPI
+from mcp_hotmesh._streams import CallerAPI, WorkerAPI
+from mcp_hotmesh.errors import ConfigError, NotFound, PermissionDenied
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio

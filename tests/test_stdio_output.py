@@ -29,7 +29,7 @@ import sys
 import anyio
 from pydantic import BaseModel
 
-from mcp_hotmesh.tools import ToolSet
+from mcp_hotmesh._tools import ToolSet
 
 print("printed at import")
 atexit.register(print, "printed at exit")

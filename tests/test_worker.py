@@ -16,15 +16,15 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from mcp_hotmesh import embedded
-from mcp_hotmesh.config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
+from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
+from mcp_hotmesh._migrate import migrate
+from mcp_hotmesh._postgres import connect, create_pool, pools
+from mcp_hotmesh._roles import provision_role
+from mcp_hotmesh._streams import CallerAPI, CallResult, Claimed, WorkerAPI
+from mcp_hotmesh._tools import ToolContext, ToolSet
+from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.errors import ConnectionFailed, HotMeshError
-from mcp_hotmesh.migrate import migrate
-from mcp_hotmesh.postgres import connect, create_pool, pools
-from mcp_hotmesh.roles import provision_role
-from mcp_hotmesh.streams import CallerAPI, CallResult, Claimed, WorkerAPI
-from mcp_hotmesh.tools import ToolContext, ToolSet
-from mcp_hotmesh.worker import Worker
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio

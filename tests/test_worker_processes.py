@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mcp_hotmesh.streams import CallerAPI
+from mcp_hotmesh._streams import CallerAPI
 from tests.conftest import Env
 from tests.test_worker import finished, until
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import anyio
 
-from mcp_hotmesh.tools import ToolSet
+from mcp_hotmesh._tools import ToolSet
 
 toolset = ToolSet()
 MARKS = Path(os.environ["TEST_MARKS"])
@@ -63,7 +63,7 @@ class Workers:
                    "HOTMESH_POLL_INTERVAL": "0.2", **env_vars}
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115  (closed with the process)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_hotmesh.cli", "worker", "--tools", f"{self.tmp / 'tools.py'}:toolset",
+            [sys.executable, "-m", "mcp_hotmesh", "worker", "--tools", f"{self.tmp / 'tools.py'}:toolset",
              "--dsn", dsn, "--schema", self.env.schema, *extra],
             stdout=subprocess.PIPE, stderr=log, env=environ,
         )

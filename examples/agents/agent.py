@@ -33,7 +33,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
 
 def server_command(tools: str | None) -> StdioServerParameters:
     exe = shutil.which("mcp-hotmesh")
-    command, args = (exe, ["serve"]) if exe else (sys.executable, ["-m", "mcp_hotmesh.cli", "serve"])
+    command, args = (exe, ["serve"]) if exe else (sys.executable, ["-m", "mcp_hotmesh", "serve"])
     if tools:
         args += ["--tools", tools]
     # A host passes only the environment it is told to (plus HOME, PATH, USER...): pass ours through.

@@ -27,8 +27,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
+from mcp_hotmesh._tools import ToolContext, ToolSet
 from mcp_hotmesh.examples import toolset as package_examples
-from mcp_hotmesh.tools import ToolContext, ToolSet
 
 # Start from the package's examples; add your own tools with @toolset.tool below.
 toolset = ToolSet(list(package_examples.tools))

@@ -1,4 +1,4 @@
-"""Starting a gateway for ``mcp-hotmesh serve``: where the database is, which roles to log in as, the worker.
+"""``mcp-hotmesh serve``: where the database is, which roles to log in as, the attached worker, the transport.
 
 Three modes, chosen by the DSN (``--dsn`` / ``HOTMESH_DSN``):
 
@@ -19,25 +19,50 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import anyio
 import asyncpg
 from pydantic import SecretStr
 
-from . import embedded
-from .config import WorkerCredentials, check_schema, connection_dsn
+from . import _embedded as embedded
+from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
+from ._housekeeping import retention_loop, watchdog_loop
+from ._http import check_http_token, run_http
+from ._mcp_server import McpGateway
+from ._migrate import migrate
+from ._postgres import connect, create_pool, translated
+from ._roles import ensure_role
+from ._stdio import protocol_stdout, run_stdio
+from ._tools import ToolSet, load_toolset
 from .errors import ConfigError, HotMeshError, PermissionDenied
 from .gateway_core import Engine
-from .migrate import migrate
-from .postgres import connect, create_pool, translated
-from .roles import ensure_role
-from .tools import ToolSet, load_toolset
 
 log = logging.getLogger(__name__)
 
 MAX_INSTANCES = 20
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``serve`` runs, as the CLI's flags give it (each field is the flag of the same name)."""
+
+    tools: str = "mcp_hotmesh.examples:toolset"  # MODULE:ATTR or path/file.py:ATTR
+    dsn: str | None = None  # none: the embedded server in data_dir
+    data_dir: Path | None = None
+    schema: str = DEFAULT_SCHEMA
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None  # required with http
+    no_worker: bool = False  # serve only; workers run elsewhere
+    timeout: float = 60.0  # seconds a call may take
+    max_args_bytes: int = 1 << 20
+    purge_interval: float = 60.0  # seconds between retention purges; 0: none
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
@@ -85,7 +110,7 @@ async def _free_suffix(conn: asyncpg.Connection, schema: str, with_worker: bool)
 async def _attached_worker(
     toolset: ToolSet, dsn: str, credentials: WorkerCredentials, schema: str
 ) -> AsyncIterator[None]:
-    from .worker import Worker  # the worker runtime
+    from ._worker import Worker  # the worker runtime
 
     async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema):
         yield
@@ -112,7 +137,7 @@ async def _stop_embedded(server: embedded.EmbeddedServer) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(args: Any) -> AsyncIterator[Engine]:
+async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
     """Everything ``serve`` runs before it speaks MCP; yields the engine, tears it all down on exit."""
     schema = check_schema(args.schema)
     timeout = float(args.timeout)
@@ -176,3 +201,33 @@ async def running_gateway(args: Any) -> AsyncIterator[Engine]:
         if toolset is None:
             log.info("serving as %s; workers run elsewhere", role)
         yield engine
+
+
+async def serve(args: ServeOptions) -> None:
+    """``mcp-hotmesh serve``: start the gateway (``running_gateway``) and serve the chosen transport."""
+    if args.transport == "http":
+        check_http_token(args.host, args.token)  # refuse before starting anything
+    stop = anyio.Event()
+    with contextlib.ExitStack() as outputs:
+        wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None
+        async with running_gateway(args) as engine, anyio.create_task_group() as tg:
+            gateway = McpGateway(engine)
+
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s; stopping", signal.Signals(signum).name)
+                        stop.set()
+                        if args.transport != "http":
+                            tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signal)
+            # retention: this process purges the finished calls of its streams now and then (bounded, locked)
+            tg.start_soon(lambda: retention_loop(engine.api, interval=args.purge_interval))
+            tg.start_soon(lambda: watchdog_loop(engine.api))
+            if args.transport == "http":
+                await run_http(gateway, host=args.host, port=args.port, token=check_http_token(args.host, args.token),
+                               stop=stop)
+            else:
+                await run_stdio(gateway, wire)
+            tg.cancel_scope.cancel()

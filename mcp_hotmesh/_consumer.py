@@ -40,12 +40,12 @@ from uuid import UUID
 import anyio
 import anyio.abc
 
-from .batch import Batcher
-from .config import WorkerConfig
+from ._batching import Batcher
+from ._config import WorkerConfig
+from ._postgres import backoff, is_transient
+from ._streams import Answer, Claimed, WorkerAPI
+from ._tools import ToolContext, ToolInputError, ToolOutputError
 from .errors import HotMeshError, InvalidInput, PayloadTooLarge
-from .postgres import backoff, is_transient
-from .streams import Answer, Claimed, WorkerAPI
-from .tools import ToolContext, ToolInputError, ToolOutputError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
 tool (``worker_register_tool``), LISTENs on its topics' channels (one connection per DSN, re-established with
-backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh.consumer``: claim
+backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim
 batches, dispatch by workflow name, extend leases, cancel, answer). A consumer claims when a NOTIFY says there
 is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
 (``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
@@ -35,12 +35,12 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
-from .consumer import ANSWER_TIMEOUT, Consumer, Slots
+from ._config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
+from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
+from ._postgres import Listener, pools
+from ._streams import WorkerAPI, worker_channel
+from ._tools import Tool, ToolSet
 from .errors import ConfigError, HotMeshError
-from .postgres import Listener, pools
-from .streams import WorkerAPI, worker_channel
-from .tools import Tool, ToolSet
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Literal
 
 import asyncpg
 
-from .config import check_schema, check_stream
+from ._config import check_schema, check_stream
+from ._postgres import translated
 from .errors import ConfigError, DatabaseError, NotFound
-from .postgres import translated
 
 log = logging.getLogger(__name__)
 

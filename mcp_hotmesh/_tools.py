@@ -27,9 +27,9 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
-from .config import TOOL_NAME_PATTERN, check_stream
+from ._config import TOOL_NAME_PATTERN, check_stream
+from ._postgres import UnreadableJSON
 from .errors import ConfigError, HotMeshError
-from .postgres import UnreadableJSON
 
 JSON = Any
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -14,8 +14,8 @@ from uuid import UUID
 
 import asyncpg
 
-from .config import check_schema
-from .postgres import translated
+from ._config import check_schema
+from ._postgres import translated
 
 JSON = Any
 
@@ -71,6 +71,28 @@ class ToolRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EndedSession:
+    """A session the watchdog ended (``<kind>_watchdog()``)."""
+
+    role: str
+    pid: int
+    reason: str  # idle in a transaction, a transaction open too long, an advisory lock held
+    seconds: float  # how long its transaction had been open (0: none)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One stream of the caller role's allow-list, as ``caller_stats()`` counts it (for ``/metrics``)."""
+
+    stream: str
+    ready: int
+    in_flight: int
+    retrying: int
+    dead: int
+    oldest_ready_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class CallResult:
     """A call's state: ``ready`` (queued), ``reserved`` (running), ``done`` or ``dead``."""
 
@@ -100,10 +122,23 @@ def _call_result(r: asyncpg.Record) -> CallResult:
 
 
 class _API:
-    def __init__(self, pool: asyncpg.Pool, schema: str = "hotmesh") -> None:
-        self.pool = pool
+    kind: str  # the prefix of this role kind's functions: worker_ or caller_
+
+    def __init__(self, pool: asyncpg.Pool | asyncpg.Connection, schema: str = "hotmesh") -> None:
+        self.pool = pool  # a pool, or one connection (the admin's, in the seed's standard mode)
         self.schema = check_schema(schema)
         self._s = f'"{schema}"'
+
+    async def purge(self) -> int:
+        """One bounded purge of the finished calls of this role's streams (``<kind>_purge()``); rows deleted."""
+        value: int = await self._val(f"SELECT {self._s}.{self.kind}_purge()")
+        return value
+
+    async def watchdog(self) -> list[EndedSession]:
+        """End the scoped sessions that hold a transaction open too long or an advisory lock
+        (``<kind>_watchdog()``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.{self.kind}_watchdog()")
+        return [EndedSession(r["role_name"], r["pid"], r["reason"], r["seconds"]) for r in rows]
 
     async def _val(self, sql: str, *args: Any, stream: str | None = None) -> Any:
         with translated(stream=stream):
@@ -116,6 +151,8 @@ class _API:
 
 class WorkerAPI(_API):
     """The worker_* functions, as a worker role (or the admin, in the seed's standard mode) calls them."""
+
+    kind = "worker"
 
     async def dequeue(
         self,
@@ -230,6 +267,14 @@ class WorkerAPI(_API):
 
 class CallerAPI(_API):
     """The caller_* functions, as a caller role (a gateway) calls them."""
+
+    kind = "caller"
+
+    async def stats(self) -> list[QueueStats]:
+        """Per stream of this role's allow-list: what waits, runs, retries, died (``caller_stats()``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_stats()")
+        return [QueueStats(r["stream"], r["ready"], r["in_flight"], r["retrying"], r["dead"],
+                           r["oldest_ready_seconds"]) for r in rows]
 
     async def tools(self) -> list[ToolRecord]:
         rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from .config import redact
+from ._config import redact
 from .errors import (
     Busy,
     ConfigError,

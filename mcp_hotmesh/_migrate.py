@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .config import check_schema
+from ._config import check_schema
+from ._postgres import check_server_version, translated
+from ._roles import adopt_all
 from .errors import DatabaseError
-from .postgres import check_server_version, translated
-from .roles import adopt_all
 
 LOCK_TIMEOUT = "3s"
 _WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_tools|$)", re.MULTILINE)

@@ -21,12 +21,15 @@ import anyio
 import asyncpg
 import pydantic
 
-from . import embedded, logs, ops
-from .config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
+from . import _admin, _format, _housekeeping
+from . import _embedded as embedded
+from . import _logs as logs
+from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
+from ._migrate import full_sql, migrate
+from ._postgres import connect, create_pool, is_transient
+from ._roles import CONNECTION_LIMIT, list_roles, provision_role, revoke, rotate, set_limits
+from ._streams import WorkerAPI
 from .errors import ConfigError, HotMeshError
-from .migrate import full_sql, migrate
-from .postgres import connect, create_pool, is_transient
-from .roles import CONNECTION_LIMIT, list_roles, provision_role, revoke, rotate, set_limits
 
 log = logging.getLogger("mcp_hotmesh")
 
@@ -182,8 +185,8 @@ async def cmd_roles(args: argparse.Namespace) -> int:
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Serve a tool set until SIGTERM/SIGINT (a second signal stops at once)."""
-    from .tools import load_toolset
-    from .worker import run_worker
+    from ._tools import load_toolset
+    from ._worker import run_worker
 
     if not args.dsn:
         raise ConfigError("mcp-hotmesh worker needs --dsn (or HOTMESH_DSN): a worker role's DSN")
@@ -206,9 +209,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     async with anyio.create_task_group() as tg:
         # one connection for housekeeping, made when first used: a refused login is the worker's to report
         retention = await create_pool(connection_dsn(args.dsn, credentials), min_size=0, max_size=1)
-        tg.start_soon(lambda: ops.watchdog_loop(retention, schema, "worker"))
+        housekeeper = WorkerAPI(retention, schema)
+        tg.start_soon(lambda: _housekeeping.watchdog_loop(housekeeper))
         if args.purge_interval > 0:
-            tg.start_soon(lambda: ops.retention_loop(retention, schema, "worker", interval=args.purge_interval))
+            tg.start_soon(lambda: _housekeeping.retention_loop(housekeeper, interval=args.purge_interval))
         try:
             await run_worker(
                 tools=tools,
@@ -240,11 +244,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         async with admin_connection(args) as admin:
             await migrate(admin, schema)  # idempotent; a fresh install shows its empty queues
-            st = await ops.status(admin, schema)
+            st = await _admin.status(admin, schema)
         if args.json:
             _print_json(st.as_json())
         else:
-            sys.stdout.write(ops.format_status(st))
+            sys.stdout.write(_format.format_status(st))
         return 0
     clear = sys.stdout.isatty() and not args.json
     async with admin_dsn(args) as dsn:
@@ -256,7 +260,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                     if conn is None:
                         conn = await connect(dsn)
                         await migrate(conn, schema)
-                    st = await ops.status(conn, schema)
+                    st = await _admin.status(conn, schema)
                 except HotMeshError as exc:
                     if not is_transient(exc):
                         raise
@@ -269,7 +273,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
                         sys.stdout.write(json.dumps(st.as_json()) + "\n")
                     else:
                         top = "\x1b[H\x1b[2J" if clear else ("\n" if shown else "")  # clear the terminal
-                        sys.stdout.write(top + ops.format_status(st))
+                        sys.stdout.write(top + _format.format_status(st))
                     sys.stdout.flush()
                 shown += 1
                 if args.count is None or shown < args.count:
@@ -280,17 +284,17 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dlq_filter(args: argparse.Namespace, *, limit: int | None = None) -> ops.DlqFilter:
-    return ops.DlqFilter(
+def _dlq_filter(args: argparse.Namespace, *, limit: int | None = None) -> _admin.DlqFilter:
+    return _admin.DlqFilter(
         ids=list(args.ids) if getattr(args, "ids", None) else None,
         stream=args.stream,
-        older_than=ops.parse_duration(args.older_than) if args.older_than else None,
-        newer_than=ops.parse_duration(args.newer_than) if args.newer_than else None,
+        older_than=_format.parse_duration(args.older_than) if args.older_than else None,
+        newer_than=_format.parse_duration(args.newer_than) if args.newer_than else None,
         limit=args.limit if args.limit is not None else limit,
     )
 
 
-def _chosen(args: argparse.Namespace, what: str) -> ops.DlqFilter:
+def _chosen(args: argparse.Namespace, what: str) -> _admin.DlqFilter:
     where = _dlq_filter(args)
     if where.empty and not args.all:
         raise ConfigError(f"say which dead messages to {what}: IDs, --stream, --older-than, --newer-than, or --all")
@@ -302,32 +306,33 @@ def _chosen(args: argparse.Namespace, what: str) -> ops.DlqFilter:
 async def cmd_dlq_list(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
-        dead = await ops.dlq_list(conn, check_schema(args.schema), _dlq_filter(args, limit=100))
+        dead = await _admin.dlq_list(conn, check_schema(args.schema), _dlq_filter(args, limit=100))
         now = await conn.fetchval("SELECT now()")
     if args.json:
         _print_json([m.as_json() for m in dead])
     else:
-        sys.stdout.write(ops.format_dlq(dead, now))
+        sys.stdout.write(_format.format_dlq(dead, now))
     return 0
 
 
 async def cmd_dlq_show(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
-        dead = await ops.dlq_show(conn, check_schema(args.schema), args.id)
+        dead = await _admin.dlq_show(conn, check_schema(args.schema), args.id)
     if args.json:
         _print_json(dead.as_json(full=True))
     else:
-        sys.stdout.write(ops.format_dead(dead))
+        sys.stdout.write(_format.format_dead(dead))
     return 0
 
 
 async def cmd_dlq_retry(args: argparse.Namespace) -> int:
     where = _chosen(args, "retry")
-    timeout = ops.parse_duration(args.timeout) if args.timeout else None
+    timeout = _format.parse_duration(args.timeout) if args.timeout else None
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
-        retried = await ops.dlq_retry(conn, check_schema(args.schema), where, deadline_in=timeout, publish=args.publish)
+        retried = await _admin.dlq_retry(conn, check_schema(args.schema), where, deadline_in=timeout,
+                                         publish=args.publish)
     if args.json:
         _print_json([r.as_json() for r in retried])
     else:
@@ -343,7 +348,7 @@ async def cmd_dlq_purge(args: argparse.Namespace) -> int:
     where = _chosen(args, "purge")
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
-        count = await ops.dlq_purge(conn, check_schema(args.schema), where)
+        count = await _admin.dlq_purge(conn, check_schema(args.schema), where)
     if args.json:
         _print_json({"purged": count})
     else:
@@ -358,28 +363,32 @@ async def cmd_settings(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"write a change as KEY=VALUE, not {item!r}")
-        changes[key.strip()] = ops.parse_setting(key.strip(), value)
+        changes[key.strip()] = _format.parse_setting(key.strip(), value)
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
         if changes:
-            current = await ops.change_settings(conn, args.schema, changes)
+            current = await _admin.change_settings(conn, args.schema, changes)
             log.info("changed %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
         else:
-            current = await ops.settings(conn, args.schema)
+            current = await _admin.settings(conn, args.schema)
     if args.json:
         _print_json(current)
     else:
         width = max(map(len, current))
         for key, value in current.items():
-            shown = f"{value}" + (f"  ({ops.format_age(value / 1000)})" if key.endswith("_ms") and value else "")
+            shown = f"{value}" + (f"  ({_format.format_age(value / 1000)})" if key.endswith("_ms") and value else "")
             sys.stdout.write(f"{key.ljust(width)}  {shown}\n")
     return 0
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from .gateway import serve
+    from ._serve import ServeOptions, serve
 
-    await serve(args)
+    await serve(ServeOptions(
+        tools=args.tools, dsn=args.dsn, data_dir=args.data_dir, schema=args.schema, transport=args.transport,
+        host=args.host, port=args.port, token=args.token, no_worker=args.no_worker, timeout=args.timeout,
+        max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval,
+    ))
     return 0
 
 

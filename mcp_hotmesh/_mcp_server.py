@@ -1,0 +1,179 @@
+"""The MCP server: each registered tool on the caller role's streams, as the SDK's low-level ``Server``.
+
+The database side (the catalog, argument checks, calls and their answers) is the caller engine
+(``_caller.Engine``); the transports that carry this server are ``_stdio`` and ``_http``; starting it all is
+``_serve``. The tool list is data, so this is the SDK's low-level ``Server``:
+
+* ``tools/list`` is ``caller_tools()``, cached by the engine and refreshed on the registry's NOTIFY;
+* when the registry changes, clients hear ``notifications/tools/list_changed`` in both protocol eras: clients
+  of 2026-07-28 on their ``subscriptions/listen`` stream (``InMemorySubscriptionBus``), handshake-era clients on
+  the session captured from their earlier requests;
+* ``tools/call`` is ``Engine.call``: a bad call is an ``isError`` result the model can correct, an unknown tool
+  is JSON-RPC error -32602, worker progress becomes MCP progress, a cancelled request cancels the call.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+from mcp import MCPError
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.models import InitializationOptions
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.types import (
+    INVALID_PARAMS,
+    CallToolRequestParams,
+    CallToolResult,
+    ListToolsResult,
+    PaginatedRequestParams,
+    TextContent,
+    Tool,
+)
+from mcp.types.version import MODERN_PROTOCOL_VERSIONS
+
+from ._metrics import UNKNOWN, GatewayMetrics, classify
+from ._streams import QueueStats
+from .errors import HotMeshError
+from .gateway_core import Engine, UnknownTool
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "Each tool here is served by a worker process behind a PostgreSQL queue. A tool result marked as an error "
+    "says what went wrong in plain words: invalid arguments (fix them and call again), the tool's own failure, "
+    "a timeout, or a tool that is offline because no worker runs it right now."
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mcp-hotmesh")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+class _HotMeshServer(Server[Any]):
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        # Handshake-era clients read tools.listChanged from the initialize result; the HTTP session manager and
+        # the in-memory legacy transport call this with no arguments, so the flag is defaulted here.
+        return super().create_initialization_options(
+            notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
+        )
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2)
+
+
+def error_result(message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(text=message)], is_error=True)
+
+
+class McpGateway:
+    """The MCP face of an ``Engine``; ``server`` is what transports (and ``mcp.Client(server)``) run."""
+
+    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
+        self.engine = engine
+        self.metrics = GatewayMetrics()
+        self.bus = InMemorySubscriptionBus()
+        self._legacy: dict[int, ServerSession] = {}
+        self.server = _HotMeshServer(
+            name,
+            version=_version(),
+            instructions=INSTRUCTIONS,
+            get_tool_input_schema=engine.input_schema,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            on_subscriptions_listen=ListenHandler(self.bus),
+        )
+        engine.on_tools_changed = self.notify_tools_changed
+
+    # ------------------------------------------------------------------------------------- list_changed
+    def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """Keep a handshake-era client's session, to tell it later that the tool list changed."""
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return
+        connection = getattr(ctx.session, "_connection", None)  # one per client connection
+        key = id(connection) if connection is not None else id(ctx.session)
+        if key in self._legacy:
+            return
+        self._legacy[key] = ctx.session
+        stack = getattr(connection, "exit_stack", None)
+        if stack is not None:
+            stack.callback(self._legacy.pop, key, None)  # forget it when the connection closes
+
+    async def notify_tools_changed(self) -> None:
+        await self.bus.publish(ToolsListChanged())
+        for session in list(self._legacy.values()):
+            try:
+                await session.send_tool_list_changed()  # best effort: dropped when the client is gone
+            except Exception as exc:  # a dead session must not stop the others hearing it
+                log.debug("list_changed not delivered: %s", exc)
+
+    # ----------------------------------------------------------------------------------------- handlers
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        """The tools whose registered definitions passed the engine's checks (a verdict cached per definition when
+        the catalog was refreshed: nothing is checked here)."""
+        self._remember(ctx)
+        tools = [
+            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
+            for r in self.engine.listable()
+        ]
+        return ListToolsResult(tools=tools)
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
+        self._remember(ctx)
+
+        async def report(progress: float, total: float | None, message: str | None) -> None:
+            try:
+                await ctx.session.report_progress(progress, total, message)
+            except Exception as exc:  # progress is a courtesy; the call goes on
+                log.debug("progress not delivered: %s", exc)
+
+        started = time.monotonic()
+        label = "error"
+        try:
+            outcome = await self.engine.call(params.name, params.arguments, report=report)
+            label = classify(outcome)
+        except UnknownTool as exc:
+            label = "unknown_tool"
+            raise MCPError(INVALID_PARAMS, exc.message) from None
+        except anyio.get_cancelled_exc_class():
+            label = "cancelled"
+            raise
+        finally:  # a name the catalog does not know never becomes a label
+            tool = params.name if self.engine.input_schema(params.name) is not None else UNKNOWN
+            self.metrics.observe(tool, label, time.monotonic() - started)
+        if outcome.error is not None or outcome.result is None:
+            return error_result(outcome.error or "the tool returned nothing")
+        try:
+            text = _text(outcome.result)
+        except (TypeError, ValueError, RecursionError):  # an answer written by hand that Python cannot read back
+            return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
+                                "service returned a malformed answer.")
+        return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+
+    async def metrics_text(self) -> str:
+        """``/metrics``: this process's counters, and the queues of the gateway role's streams."""
+        queues: list[QueueStats] | None
+        try:
+            with anyio.fail_after(3):
+                queues = await self.engine.api.stats()
+        except (HotMeshError, TimeoutError) as exc:
+            log.warning("metrics: queue statistics unavailable: %s", exc)
+            queues = None
+        return self.metrics.render(tools=self.engine.tools(), queues=queues,
+                                   listen_reconnects=self.engine.listener.reconnects)
