@@ -16,7 +16,7 @@ import asyncpg
 
 from ._config import check_schema, check_stream
 from ._postgres import translated
-from .errors import ConfigError
+from .errors import ConfigError, NotFound
 
 # ---------------------------------------------------------------------------------------------- status
 
@@ -197,7 +197,7 @@ async def dlq_list(conn: asyncpg.Connection, schema: str, where: DlqFilter) -> l
 async def dlq_show(conn: asyncpg.Connection, schema: str, id: int) -> DeadMessage:
     found = await dlq_list(conn, schema, DlqFilter(ids=[id]))
     if not found:
-        raise ConfigError(f"no dead message with id {id}")
+        raise NotFound(f"no dead message with id {id}")
     return found[0]
 
 

@@ -19,16 +19,14 @@ from typing import Any
 
 import anyio
 import asyncpg
-import pydantic
 
-from . import _admin, _format, _housekeeping
+from . import _admin, _format
 from . import _embedded as embedded
 from . import _logs as logs
-from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
+from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
 from ._migrate import full_sql, migrate
-from ._postgres import connect, create_pool, is_transient
+from ._postgres import connect, is_transient
 from ._roles import CONNECTION_LIMIT, list_roles, provision_role, revoke, rotate, set_limits
-from ._streams import WorkerAPI
 from .errors import ConfigError, HotMeshError
 
 log = logging.getLogger("mcp_hotmesh")
@@ -204,36 +202,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         options["readonly"] = True
     schema = check_schema(args.schema)
     tools = load_toolset(args.tools)
-    failed: BaseException | None = None
-    retention = None
-    async with anyio.create_task_group() as tg:
-        # one connection for housekeeping, made when first used: a refused login is the worker's to report
-        retention = await create_pool(connection_dsn(args.dsn, credentials), min_size=0, max_size=1)
-        housekeeper = WorkerAPI(retention, schema)
-        tg.start_soon(lambda: _housekeeping.watchdog_loop(housekeeper))
-        if args.purge_interval > 0:
-            tg.start_soon(lambda: _housekeeping.retention_loop(housekeeper, interval=args.purge_interval))
-        try:
-            await run_worker(
-                tools=tools,
-                connection=args.dsn,
-                credentials=credentials,
-                schema=schema,
-                concurrency=args.concurrency,
-                **options,
-            )
-        except pydantic.ValidationError as exc:
-            failed = ConfigError(f"invalid worker option: {exc.errors()[0]['msg']}")
-        except Exception as exc:  # raised below as it is, not wrapped in the task group's ExceptionGroup
-            failed = exc
-        finally:
-            tg.cancel_scope.cancel()
-            if retention is not None:
-                with anyio.CancelScope(shield=True):
-                    await retention.close()
-    if failed is not None:
-        raise failed
+    await run_worker(tools=tools, connection=args.dsn, credentials=credentials, schema=schema,
+                     concurrency=args.concurrency, purge_interval=args.purge_interval, **options)
     return 0
+
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

@@ -13,9 +13,9 @@ How a handler's outcome is answered (one rule each, the same for every tool):
 
 =====================================  =================================================================
 the handler returned a JSON result     ``worker_respond(result)``
-the arguments or the result were       ``worker_respond({"error": message}, is_error=True)``: the caller's
-refused (``ToolInputError``,           or the tool's mistake, told at once; retrying cannot help
-``ToolOutputError``)
+the handler raised ``ToolError``, or    ``worker_respond({"error": message}, is_error=True)``: the caller's
+the arguments or the result were       or the tool's mistake, told at once; retrying cannot help
+refused (its subclasses)
 the handler raised anything else       ``worker_fail(message, retry_in_ms=<RetryPolicy delay>)``, and once
                                        the attempts are used up ``worker_fail(message, None)``: dead-lettered,
                                        the caller gets the exception's message (never a traceback)
@@ -44,8 +44,8 @@ from ._batching import Batcher
 from ._config import WorkerConfig
 from ._postgres import backoff, is_transient
 from ._streams import Answer, Claimed, WorkerAPI
-from ._tools import ToolContext, ToolInputError, ToolOutputError
-from .errors import HotMeshError, InvalidInput, PayloadTooLarge
+from ._tools import ToolContext
+from .errors import HotMeshError, InvalidInput, PayloadTooLarge, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class Consumer:
             with running.scope:  # the lease keeper cancels it (running.stop)
                 try:
                     outcome = ("ok", await running.config.callback(running.msg.args, running.ctx))
-                except (ToolInputError, ToolOutputError) as exc:
+                except ToolError as exc:
                     outcome = ("refused", str(exc))
                 except Exception as exc:
                     log.warning("tool on %r raised", self.topic, exc_info=True)

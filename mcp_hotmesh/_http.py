@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from ._mcp_server import McpGateway
 from ._metrics import CONTENT_TYPE
-from .errors import ConfigError
+from .errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,6 @@ async def run_http(
         try:
             await server.serve()
         except SystemExit:  # uvicorn exits when it cannot bind
-            raise ConfigError(f"could not serve HTTP on {host}:{port} (is the port in use?)") from None
+            raise TransportError(f"could not serve HTTP on {host}:{port} (is the port in use?)") from None
         finally:
             tg.cancel_scope.cancel()

@@ -26,7 +26,7 @@ import asyncpg
 
 from ._config import check_schema, check_stream
 from ._postgres import translated
-from .errors import ConfigError, DatabaseError, NotFound
+from .errors import ConfigError, Conflict, DatabaseError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ async def provision_role(
     with translated():
         async with conn.transaction():
             if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                raise ConfigError(f"role {role!r} already exists")
+                raise Conflict(f"role {role!r} already exists")
             await _exec_format(
                 conn,
                 "CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT "

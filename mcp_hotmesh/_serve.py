@@ -39,7 +39,7 @@ from ._postgres import connect, create_pool, translated
 from ._roles import ensure_role
 from ._stdio import protocol_stdout, run_stdio
 from ._tools import ToolSet, load_toolset
-from .errors import ConfigError, HotMeshError, PermissionDenied
+from .errors import ConfigError, Conflict, HotMeshError, PermissionDenied
 from .gateway_core import Engine
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ async def _free_suffix(conn: asyncpg.Connection, schema: str, with_worker: bool)
             busy = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = ANY($1::text[])", names)
         if not busy:
             return suffix
-    raise ConfigError(f"{MAX_INSTANCES} gateways already run on schema {schema!r}")
+    raise Conflict(f"{MAX_INSTANCES} gateways already run on schema {schema!r}")
 
 
 @contextlib.asynccontextmanager

@@ -29,19 +29,11 @@ from pydantic import BaseModel, TypeAdapter
 
 from ._config import TOOL_NAME_PATTERN, check_stream
 from ._postgres import UnreadableJSON
-from .errors import ConfigError, HotMeshError
+from .errors import ConfigError, ToolInputError, ToolOutputError
 
 JSON = Any
 _F = TypeVar("_F", bound=Callable[..., Any])
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
-
-
-class ToolInputError(HotMeshError):
-    """The arguments do not match the tool's input schema."""
-
-
-class ToolOutputError(HotMeshError):
-    """The tool returned something that is not JSON or does not match its output schema."""
 
 
 class ToolContext:

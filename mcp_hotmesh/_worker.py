@@ -34,13 +34,15 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import pydantic
 
 from ._config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
 from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
+from ._housekeeping import retention_loop, watchdog_loop
 from ._postgres import Listener, pools
 from ._streams import WorkerAPI, worker_channel
 from ._tools import Tool, ToolSet
-from .errors import ConfigError, HotMeshError
+from .errors import ConfigError, Conflict, HotMeshError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class Worker:
     topics (default 10). ``poll_interval``: seconds between fallback claims when no NOTIFY comes (default 5).
     ``heartbeat_interval``: seconds between heartbeats; each counts for three intervals (default 5).
     ``shutdown_grace``: seconds running handlers get to finish on stop (default 10).
+    ``purge_interval``: seconds between purges of the finished calls of its streams (retention; default 60,
+    0: none). The watchdog runs beside it (``_housekeeping``), on the worker's own pool.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Worker:
         poll_interval: float = 5.0,
         heartbeat_interval: float = 5.0,
         shutdown_grace: float = 10.0,
+        purge_interval: float = 60.0,
     ) -> None:
         if not configs:
             raise ConfigError("a worker needs at least one WorkerConfig")
@@ -92,6 +97,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
+        self.purge_interval = purge_interval
         self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._groups = _group(configs)
         self._registrations = self._match_tools(tools)
@@ -122,11 +128,16 @@ class Worker:
         given: dict[str, Any] = dict(reclaim_delay=reclaim_delay, reclaim_count=reclaim_count, retry=retry,
                                      task_queue=task_queue)
         common = {k: v for k, v in given.items() if v is not None}
-        configs = [
-            WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
-                         worker_credentials=credentials, readonly=readonly, **common)
-            for t in tools.tools
-        ]
+        try:
+            configs = [
+                WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
+                             worker_credentials=credentials, readonly=readonly, **common)
+                for t in tools.tools
+            ]
+        except pydantic.ValidationError as exc:  # one line, the option and what is wrong with it
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise ConfigError(f"invalid worker option {where}: {error['msg']}") from None
         return cls(configs, tools=tools, **options)
 
     def _match_tools(self, tools: ToolSet | None) -> list[tuple[Tool, _Group]]:
@@ -163,7 +174,7 @@ class Worker:
         """Connect, register the tools, listen, heartbeat and start claiming. Errors (a refused login, a stream
         the role may not use) are raised here, before anything is claimed."""
         if self._stack is not None:
-            raise ConfigError("this worker is already started")
+            raise Conflict("this worker is already started")
         stack = AsyncExitStack()
         self._hurry, self._drained = anyio.Event(), None
         try:
@@ -187,6 +198,10 @@ class Worker:
             await self._listen(self._tg)
             for consumer in self.consumers:
                 self._tg.start_soon(consumer.run)
+            housekeeper = self._groups[0].api
+            assert housekeeper is not None
+            self._tg.start_soon(lambda: watchdog_loop(housekeeper))
+            self._tg.start_soon(lambda: retention_loop(housekeeper, interval=self.purge_interval))
         except BaseException:
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
@@ -293,7 +308,7 @@ class Worker:
     async def publish(self, topic: str, workflow_name: str, args: Any) -> int:
         """A new fire-and-forget message on ``topic`` (readonly workers publish too); returns its id."""
         if self._stack is None:
-            raise ConfigError("start the worker before publishing")
+            raise Conflict("start the worker before publishing")
         group = next((g for g in self._groups if g.topic == topic), self._groups[0])
         assert group.api is not None
         return await group.api.publish(topic, workflow_name, args)

@@ -5,6 +5,11 @@ Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``
 
     HotMeshError
     ├── ConfigError            a setting, name or argument is invalid (raised before any I/O)
+    ├── Conflict               the request conflicts with what exists or runs (a role exists, a worker runs)
+    ├── TransportError         an MCP transport could not start (the HTTP port is taken)
+    ├── ToolError              a tool refused the call: the agent sees the message; not retried, not dead-lettered
+    │   ├── ToolInputError     the arguments do not match the tool's input schema
+    │   └── ToolOutputError    the tool returned something that is not JSON or not of its output schema
     ├── DatabaseError          the database refused or failed in a way not listed below
     │   ├── ConnectionFailed   the server cannot be reached, or refused the login
     │   ├── PermissionDenied   the role may not use this stream or function (SQLSTATE 42501)
@@ -37,6 +42,31 @@ class HotMeshError(Exception):
 
 class ConfigError(HotMeshError):
     """The configuration is invalid."""
+
+
+class Conflict(HotMeshError):
+    """The request conflicts with what exists or is running."""
+
+
+class TransportError(HotMeshError):
+    """The MCP transport could not start."""
+
+
+class ToolError(HotMeshError):
+    """The tool refused the call.
+
+    Raise it in a handler for a call that cannot succeed as it was made (an unknown SKU, a refused request): the
+    agent gets the message as the tool's error result at once; the call is not retried and does not go to the
+    dead-letter queue. Any other exception is retried by the tool's ``RetryPolicy`` and dead-lettered when the
+    attempts are used up."""
+
+
+class ToolInputError(ToolError):
+    """The arguments do not match the tool's input schema."""
+
+
+class ToolOutputError(ToolError):
+    """The tool returned something that is not JSON or does not match its output schema."""
 
 
 class DatabaseError(HotMeshError):

@@ -23,7 +23,7 @@ from mcp_hotmesh import _embedded as embedded
 from mcp_hotmesh import _format as fmt
 from mcp_hotmesh._housekeeping import retention_loop
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
-from mcp_hotmesh.errors import ConfigError
+from mcp_hotmesh.errors import ConfigError, NotFound
 from tests.conftest import Env
 from tests.test_cli_admin import cli, ok, one_line_error
 from tests.test_gateway import Hub, hub_for, wait_for
@@ -153,7 +153,7 @@ async def test_dlq_retry_as_a_new_publish_and_purge_with_filters(env: Env) -> No
     assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(older_than=timedelta(hours=1))) == 0
     assert await admin.dlq_purge(env.admin, env.schema, admin.DlqFilter(stream="ops.b")) == 1
     assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter()) == []
-    with pytest.raises(ConfigError, match="no dead message with id"):
+    with pytest.raises(NotFound, match="no dead message with id"):
         await admin.dlq_show(env.admin, env.schema, msg.id)
     with pytest.raises(ConfigError, match="invalid stream name"):
         admin.DlqFilter(stream="a,b")
@@ -315,7 +315,7 @@ async def test_status_and_dlq_commands(env: Env) -> None:
     assert '"n": "dead"' in ok(await cli("dlq", "show", *common, dead_id)).stdout
     line = one_line_error(await cli("dlq", "retry", *common), "dlq retry", 2)
     assert "say which dead messages to retry" in line
-    one_line_error(await cli("dlq", "show", *common, "99999999"), "dlq show", 2)
+    one_line_error(await cli("dlq", "show", *common, "99999999"), "dlq show", 1)  # not found: no usage error
     one_line_error(await cli("dlq", "list", *common, "--older-than", "soon"), "dlq list", 2)
     retried = json.loads(ok(await cli("dlq", "retry", *common, dead_id, "--timeout", "30s", "--json")).stdout)
     assert retried == [{"id": int(dead_id), "stream": "ops.a", "call_id": str(ids["dead"]), "new_id": int(dead_id)}]

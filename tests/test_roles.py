@@ -17,7 +17,7 @@ from mcp_hotmesh._roles import (
     rotate,
 )
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
-from mcp_hotmesh.errors import ConfigError, NotFound, PermissionDenied
+from mcp_hotmesh.errors import ConfigError, Conflict, NotFound, PermissionDenied
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +118,7 @@ async def test_provision_refusals(env: Env) -> None:
     with pytest.raises(ConfigError):
         await provision_role(admin, ["a"], "worker", schema=s, role=s + "_" + "é" * 26)  # 65 bytes in 39 characters
     for taken in ("postgres", f"{s}_owner", f"{s}_worker"):
-        with pytest.raises(ConfigError, match="already exists"):
+        with pytest.raises(Conflict, match="already exists"):
             await provision_role(admin, ["a"], "worker", schema=s, role=taken)
     assert await admin.fetchval("SELECT count(*) FROM pg_roles") == before
     assert await admin.fetchval(f'SELECT count(*) FROM "{s}".roles') == 0

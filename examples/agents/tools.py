@@ -27,7 +27,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field
 
-from mcp_hotmesh._tools import ToolContext, ToolSet
+from mcp_hotmesh import ToolContext, ToolSet
 from mcp_hotmesh.examples import toolset as package_examples
 
 # Start from the package's examples; add your own tools with @toolset.tool below.
