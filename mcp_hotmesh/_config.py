@@ -15,11 +15,13 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from ._common import clip
 from .errors import ConfigError
 
-SCHEMA_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
-STREAM_PATTERN = re.compile(r"^[A-Za-z0-9._:/-]{1,200}$")
-TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The one definition of each name rule (the SQL functions enforce the same). Always used with fullmatch.
+SCHEMA_PATTERN = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+STREAM_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,200}")  # no comma: an allow-list is comma-separated
+TOOL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what Claude accepts
 DEFAULT_SCHEMA = "hotmesh"
 
 
@@ -36,7 +38,7 @@ def check_schema(schema: str) -> str:
 def check_stream(stream: str) -> str:
     """A stream name: 1 to 200 characters from A-Z a-z 0-9 . _ : / -"""
     if not isinstance(stream, str) or not STREAM_PATTERN.fullmatch(stream):
-        shown = stream[:60] + "..." if isinstance(stream, str) and len(stream) > 60 else stream
+        shown = clip(stream, 63) if isinstance(stream, str) else stream
         raise ConfigError(
             f"invalid stream name {shown!r}: use 1 to 200 characters from A-Z a-z 0-9 . _ : / -"
         )

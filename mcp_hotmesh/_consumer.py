@@ -42,7 +42,7 @@ import anyio.abc
 
 from ._batching import Batcher
 from ._config import WorkerConfig
-from ._postgres import backoff, is_transient
+from ._retry import Backoff, retry_transient
 from ._streams import Answer, Claimed, WorkerAPI
 from ._tools import ToolContext
 from .errors import HotMeshError, InvalidInput, PayloadTooLarge, ToolError
@@ -222,20 +222,18 @@ class Consumer:
     # ---------------------------------------------------------------------------------------- claim
 
     async def _claim_loop(self) -> None:
-        failures = 0
+        backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
         while not self._stopping:
             self._wake = anyio.Event()  # reset before claiming: a NOTIFY from now on wakes the next round
             delay = self.poll_interval
             try:
                 await self._claim_all()
-                if failures:
+                if backoff.succeeded():
                     log.info("claiming from %r works again", self.topic)
-                failures = 0
             except Exception as exc:  # the loop must outlive the server: back off, then try again
-                failures += 1
-                delay = min(backoff(failures - 1, base=0.2, cap=5.0), max(self.poll_interval, 0.2))
-                level = logging.WARNING if failures == 1 or not is_transient(exc) else logging.DEBUG
-                log.log(level, "claiming from %r failed (%s); retrying in %.1fs", self.topic, _text(exc), delay)
+                delay, level = backoff.failed(exc)
+                log.log(level, "claiming from %r failed (%s); retrying in %.1fs", self.topic, _exception_text(exc),
+                        delay)
             with anyio.move_on_after(delay):
                 await self._wake.wait()
 
@@ -398,7 +396,7 @@ class Consumer:
             delay = running.config.retry.next_delay(msg.attempt)
             ok = True
             with anyio.move_on_after(ANSWER_TIMEOUT):
-                ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _text(value), delay))
+                ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _exception_text(value), delay))
             if ok and delay is not None and self._handlers is not None:
                 self._handlers.start_soon(self._wake_after, delay / 1000)
         if not ok:
@@ -441,39 +439,26 @@ class Consumer:
     async def _respond_and_claim(self, answers: list[Answer], batch: int) -> tuple[dict[int, bool], list[Claimed]]:
         """``worker_respond_and_dequeue``, retried through connection errors for ``ANSWER_TIMEOUT`` seconds (the
         lease outlives a short outage). A retry claims nothing: the first try may have claimed and committed."""
-        failures = 0
-        give_up = anyio.current_time() + ANSWER_TIMEOUT
-        while True:
-            try:
-                return await self.api.respond_and_dequeue(
-                    self.topic, self.consumer_id, answers, batch, self.lease_ms, self.workflows, self.reclaim_count
-                )
-            except HotMeshError as exc:
-                if not is_transient(exc) or anyio.current_time() >= give_up:
-                    raise
-                failures += 1
-                batch = 0
-                log.warning("could not reach PostgreSQL to answer (%s); retrying", exc)
-                await anyio.sleep(backoff(failures - 1, base=0.1, cap=2.0))
+        tries = 0
+
+        async def attempt() -> tuple[dict[int, bool], list[Claimed]]:
+            nonlocal tries
+            tries += 1
+            return await self.api.respond_and_dequeue(self.topic, self.consumer_id, answers,
+                                                      batch if tries == 1 else 0, self.lease_ms, self.workflows,
+                                                      self.reclaim_count)
+
+        return await retry_transient(attempt, log=log, what="answering", give_up_after=ANSWER_TIMEOUT)
 
 
-def _text(exc: BaseException) -> str:
+def _exception_text(exc: BaseException) -> str:
     """An exception as the caller sees it: its message, or its class name when it has none."""
     return str(exc).strip() or type(exc).__name__
 
 
 async def _persist(call: Callable[[], Awaitable[bool]]) -> bool:
     """Run one answering call, retrying through connection errors (the lease outlives a short outage)."""
-    failures = 0
-    while True:
-        try:
-            return await call()
-        except HotMeshError as exc:
-            if not is_transient(exc):
-                raise
-            failures += 1
-            log.warning("could not reach PostgreSQL to answer (%s); retrying", exc)
-            await anyio.sleep(backoff(failures - 1, base=0.1, cap=2.0))
+    return await retry_transient(call, log=log, what="answering")
 
 
 async def _quietly(call: Awaitable[Any]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from ._admin import DeadMessage, Status
+from ._common import clip
 from .errors import ConfigError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?")
@@ -105,7 +106,7 @@ def format_dlq(messages: list[DeadMessage], now: datetime) -> str:
         rows.append((str(m.id), m.stream, m.workflow_name or "-", str(m.call_id)[:8] if m.call_id else "-",
                      str(m.attempt), str(m.reclaims),
                      f"{format_age((now - m.died_at).total_seconds())} ago" if m.died_at else "-",
-                     error if len(error) <= 80 else error[:77] + "..."))
+                     clip(error, 80)))
     return _table(rows)
 
 

@@ -12,7 +12,7 @@ import random
 import anyio
 import anyio.lowlevel
 
-from ._postgres import is_transient
+from ._retry import Backoff
 from ._streams import CallerAPI, WorkerAPI
 from .errors import HotMeshError
 
@@ -28,7 +28,7 @@ async def retention_loop(api: WorkerAPI | CallerAPI, *, interval: float = 60.0, 
     cancelled. A full batch means more is waiting: go on at once, ``max_rounds`` batches at most per turn."""
     if interval <= 0:
         return
-    failures = 0
+    backoff = Backoff()
     await anyio.sleep(random.uniform(0, min(interval, 10.0)))
     while True:
         try:
@@ -41,29 +41,23 @@ async def retention_loop(api: WorkerAPI | CallerAPI, *, interval: float = 60.0, 
                 await anyio.lowlevel.checkpoint()
             if total:
                 log.info("retention: purged %d finished call(s)", total)
-            failures = 0
+            if backoff.succeeded():
+                log.info("retention works again")
         except HotMeshError as exc:
-            failures += 1
-            _log_failure("retention: purge failed", exc, failures)
+            log.log(backoff.failed(exc)[1], "retention: purge failed: %s", exc)
         await anyio.sleep(interval * random.uniform(0.8, 1.2))
 
 
 async def watchdog_loop(api: WorkerAPI | CallerAPI, *, interval: float = WATCHDOG_INTERVAL) -> None:
     """Run the watchdog every ``interval`` seconds until cancelled; one log line per session it ends."""
-    failures = 0
+    backoff = Backoff()
     while True:
         await anyio.sleep(interval * random.uniform(0.8, 1.2))
         try:
             for ended in await api.watchdog():
                 log.warning("watchdog: ended session %d of role %s: %s (transaction open %.1fs)",
                             ended.pid, ended.role, ended.reason, ended.seconds)
-            failures = 0
+            if backoff.succeeded():
+                log.info("the watchdog works again")
         except HotMeshError as exc:
-            failures += 1
-            _log_failure("watchdog", exc, failures)
-
-
-def _log_failure(what: str, exc: HotMeshError, failures: int) -> None:
-    """The first failure in a row is a warning; more of the same passing kind (an outage) only at debug."""
-    level = logging.DEBUG if is_transient(exc) and failures > 1 else logging.WARNING
-    log.log(level, "%s: %s", what, exc)
+            log.log(backoff.failed(exc)[1], "watchdog: %s", exc)

@@ -72,7 +72,7 @@ class _HotMeshServer(Server[Any]):
         )
 
 
-def _text(value: Any) -> str:
+def _pretty_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2)
 
 
@@ -160,7 +160,7 @@ class McpGateway:
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         try:
-            text = _text(outcome.result)
+            text = _pretty_json(outcome.result)
         except (TypeError, ValueError, RecursionError):  # an answer written by hand that Python cannot read back
             return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
                                 "service returned a malformed answer.")

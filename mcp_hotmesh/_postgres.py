@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import asyncpg
 
+from ._common import clip
 from ._config import redact
 from .errors import (
     Busy,
@@ -94,7 +94,7 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
 
 
 def _shown(stream: str) -> str:
-    return repr(stream if len(stream) <= 80 else stream[:80] + "...")
+    return repr(clip(stream, 83))
 
 
 @contextlib.contextmanager
@@ -270,82 +270,3 @@ class PoolRegistry:
 
 pools = PoolRegistry()
 """The process-wide registry behind ``task_queue`` pooling."""
-
-Handler = Callable[[str, str], None]
-
-
-class Listener:
-    """One LISTEN connection per component, re-established with backoff when it drops.
-
-    ``handler(channel, payload)`` runs for each notification. NOTIFY is only a hint to look again: any role
-    can NOTIFY any channel, so a handler always re-reads through the API functions. After a reconnect the
-    ``on_reconnect`` callback runs, because notifications sent while disconnected are lost.
-    """
-
-    def __init__(
-        self,
-        dsn: str,
-        channels: list[str],
-        handler: Handler,
-        *,
-        on_reconnect: Callable[[], Awaitable[None]] | None = None,
-        check_interval: float = 5.0,
-    ) -> None:
-        self._dsn = dsn
-        self._channels = list(channels)
-        self._handler = handler
-        self._on_reconnect = on_reconnect
-        self._check_interval = check_interval
-        self.connected = anyio.Event()
-        self.reconnects = 0
-
-    async def run(self) -> None:
-        """Listen until cancelled."""
-        delay = 0.1
-        first = True
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await connect(self._dsn)
-                lost = anyio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                for channel in self._channels:
-                    await conn.add_listener(channel, self._dispatch)
-                self.connected.set()
-                if not first:
-                    self.reconnects += 1
-                    log.info("LISTEN connection re-established")
-                    if self._on_reconnect is not None:
-                        await self._on_reconnect()
-                first = False
-                delay = 0.1
-                while not lost.is_set():
-                    with anyio.move_on_after(self._check_interval):
-                        await lost.wait()
-                    if not lost.is_set():  # a silently dead connection shows up here
-                        with anyio.fail_after(self._check_interval):
-                            await conn.execute("SELECT 1")
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as exc:  # reconnect on anything: the listener must outlive the server
-                log.warning("LISTEN connection lost (%s); retrying in %.1fs", type(exc).__name__, delay)
-            finally:
-                self.connected = anyio.Event() if self.connected.is_set() else self.connected
-                if conn is not None:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                        await conn.close(timeout=1)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
-        try:
-            self._handler(channel, str(payload))
-        except Exception:
-            log.exception("notification handler failed")
-
-
-def backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
-    """Reconnect delay after ``attempt`` failures: exponential, capped."""
-    return min(cap, base * math.pow(2, min(attempt, 60)))  # 2 ** 1024 overflows a float: an outage of hours
-
-

@@ -14,10 +14,9 @@ from uuid import UUID
 
 import asyncpg
 
+from ._common import JSON
 from ._config import check_schema
 from ._postgres import translated
-
-JSON = Any
 
 
 def worker_channel(schema: str, stream: str) -> str:

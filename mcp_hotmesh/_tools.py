@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar, get_type_hints, overload
@@ -27,13 +27,12 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
+from ._common import JSON, ProgressReport
 from ._config import TOOL_NAME_PATTERN, check_stream
 from ._postgres import UnreadableJSON
 from .errors import ConfigError, ToolInputError, ToolOutputError
 
-JSON = Any
 _F = TypeVar("_F", bound=Callable[..., Any])
-ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 
 
 class ToolContext:
@@ -48,7 +47,7 @@ class ToolContext:
         *,
         attempt: int = 0,
         deadline: datetime | None = None,
-        progress: ProgressFn | None = None,
+        progress: ProgressReport | None = None,
         workflow_name: str = "",
         topic: str = "",
     ) -> None:

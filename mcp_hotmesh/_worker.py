@@ -39,7 +39,8 @@ import pydantic
 from ._config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
 from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
 from ._housekeeping import retention_loop, watchdog_loop
-from ._postgres import Listener, pools
+from ._listener import Listener
+from ._postgres import pools
 from ._streams import WorkerAPI, worker_channel
 from ._tools import Tool, ToolSet
 from .errors import ConfigError, Conflict, HotMeshError

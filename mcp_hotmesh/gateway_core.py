@@ -33,7 +33,9 @@ from jsonschema.exceptions import ValidationError, relevance
 
 from . import schemas
 from ._batching import Batcher
-from ._postgres import JsonText, Listener, backoff
+from ._listener import Listener
+from ._postgres import JsonText
+from ._retry import Backoff
 from ._streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 from .errors import (
     Busy,
@@ -439,7 +441,7 @@ class Engine:
     async def _reader(self) -> None:
         """Reads the calls marked to look at (by a NOTIFY, the timer or a waiter's own poll), all of them in one
         statement, and wakes each finished one; progress goes to its reporter."""
-        failures = 0
+        backoff = Backoff(cap=self.recheck_interval)
         while True:
             await self._read_wake.wait()
             self._read_wake = anyio.Event()
@@ -452,13 +454,13 @@ class Engine:
                     continue
                 try:
                     found = await self.api.results(batch)
-                    failures = 0
+                    backoff = Backoff(cap=self.recheck_interval)
                 except ConnectionFailed as exc:  # look again soon; a waiter that times out asks on its own
-                    failures += 1
-                    log.warning("reading %d call(s): %s", len(batch), exc)
+                    delay, level = backoff.failed(exc)
+                    log.log(level, "reading %d call(s): %s", len(batch), exc)
                     for call_id in batch:
                         self._to_read.setdefault(call_id, None)
-                    await anyio.sleep(backoff(failures - 1, base=0.1, cap=self.recheck_interval))
+                    await anyio.sleep(delay)
                     continue
                 except HotMeshError as exc:
                     found, error = {}, exc
