@@ -147,12 +147,17 @@ class Consumer:
         self._backlog = True
         self._wake.set()
 
-    def _claimed(self, news: int, want: int, got: int) -> None:
-        """A claim asked for ``want`` and got ``got``; ``news`` was the NOTIFY count when it was sent."""
-        if got >= want:
-            self._backlog = True
-        elif news == self._news:
-            self._backlog = False
+    def _claimed(self, claimed: list[Claimed], *, asked: int, news: int) -> None:
+        """A claim asked for ``asked`` messages and got ``claimed``; ``news`` was the NOTIFY count when it was sent.
+        Whether work is left behind (a full claim, or news since), and a handler for each message claimed."""
+        assert self._handlers is not None
+        if asked:
+            if len(claimed) >= asked:
+                self._backlog = True
+            elif news == self._news:
+                self._backlog = False
+        for msg in claimed:
+            self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
 
     def notify(self, payload: str) -> None:
         """A NOTIFY on the topic's channel: new work, or ``c:<id>`` (a caller cancelled message ``id``)."""
@@ -253,9 +258,7 @@ class Consumer:
                 )
             finally:
                 self._slots.give(want - len(claimed))
-            self._claimed(news, want, len(claimed))
-            for msg in claimed:
-                self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
+            self._claimed(claimed, asked=want, news=news)
             if len(claimed) < want:
                 return
 
@@ -429,11 +432,7 @@ class Consumer:
                         outcomes.append(exc)
         finally:
             self._slots.give(held - len(claimed))
-        if batch:
-            self._claimed(news, batch, len(claimed))
-        assert self._handlers is not None
-        for msg in claimed:
-            self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
+        self._claimed(claimed, asked=batch, news=news)
         return outcomes
 
     async def _respond_and_claim(self, answers: list[Answer], batch: int) -> tuple[dict[int, bool], list[Claimed]]:
