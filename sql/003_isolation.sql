@@ -77,6 +77,21 @@ BEGIN
 END
 $$;
 
+-- One call's arguments, workflow name and idempotency key, as caller_call and caller_call_many take them.
+CREATE OR REPLACE FUNCTION hotmesh._check_call(p_args jsonb, p_workflow text, p_key text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_args IS NULL OR jsonb_typeof(p_args) <> 'object' THEN
+        RAISE EXCEPTION 'arguments must be a JSON object' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._check_size(p_args, 'arguments');
+    IF length(p_key) > 200 OR length(p_workflow) > 200 THEN
+        RAISE EXCEPTION 'idempotency key and workflow name are at most 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+END
+$$;
+
 -- A tool registration, checked as untrusted input for every gateway that will read it. Each refusal names the
 -- rule it broke.
 CREATE OR REPLACE FUNCTION hotmesh._check_tool(p_tool jsonb) RETURNS void
@@ -397,13 +412,7 @@ DECLARE
 BEGIN
     PERFORM hotmesh._authorize(caller_call.stream);
     SET LOCAL synchronous_commit = off;  -- see 001
-    IF caller_call.args IS NULL OR jsonb_typeof(caller_call.args) <> 'object' THEN
-        RAISE EXCEPTION 'arguments must be a JSON object' USING ERRCODE = 'HM002';
-    END IF;
-    PERFORM hotmesh._check_size(caller_call.args, 'arguments');
-    IF length(caller_call.idempotency_key) > 200 OR length(caller_call.workflow_name) > 200 THEN
-        RAISE EXCEPTION 'idempotency key and workflow name are at most 200 characters' USING ERRCODE = 'HM002';
-    END IF;
+    PERFORM hotmesh._check_call(caller_call.args, caller_call.workflow_name, caller_call.idempotency_key);
     PERFORM hotmesh._check_quota(caller_call.stream, session_user, 1, pg_catalog.pg_column_size(caller_call.args));
     INSERT INTO hotmesh.messages (stream, workflow_name, args, call_id, owner, idempotency_key, deadline)
     VALUES (caller_call.stream, coalesce(caller_call.workflow_name, ''), caller_call.args, gen_random_uuid(),
@@ -430,7 +439,6 @@ AS $$
 DECLARE
     v_count integer := coalesce(cardinality(caller_call_many.streams), 0);
     v_max_timeout bigint := hotmesh._setting('max_timeout_ms');
-    v_args jsonb;
     v_stream record;
     v_ids uuid[];
 BEGIN
@@ -445,15 +453,8 @@ BEGIN
         PERFORM hotmesh._authorize(v_stream.stream);
     END LOOP;
     SET LOCAL synchronous_commit = off;  -- as caller_call's
-    FOREACH v_args IN ARRAY coalesce(caller_call_many.args, '{}') LOOP
-        IF v_args IS NULL OR jsonb_typeof(v_args) <> 'object' THEN
-            RAISE EXCEPTION 'arguments must be a JSON object' USING ERRCODE = 'HM002';
-        END IF;
-        PERFORM hotmesh._check_size(v_args, 'arguments');
-    END LOOP;
-    IF EXISTS (SELECT 1 FROM unnest(caller_call_many.workflow_names) AS w(name) WHERE length(w.name) > 200) THEN
-        RAISE EXCEPTION 'idempotency key and workflow name are at most 200 characters' USING ERRCODE = 'HM002';
-    END IF;
+    PERFORM hotmesh._check_call(c.args, c.workflow_name, NULL)
+    FROM unnest(caller_call_many.args, caller_call_many.workflow_names) AS c(args, workflow_name);
     FOR v_stream IN
         SELECT s.stream, count(*) AS n, sum(pg_catalog.pg_column_size(s.args)) AS bytes
         FROM unnest(caller_call_many.streams, caller_call_many.args) AS s(stream, args) GROUP BY s.stream
