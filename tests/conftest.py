@@ -143,3 +143,22 @@ async def env(pg_server: PgServer) -> AsyncIterator[Env]:
             pool.terminate()
         await drop_schema(admin, schema)
         await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_user_reaches_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """As root the embedded server runs as its own OS user, and pytest's temporary directories are private to
+    root (0700). Tests that start a server of their own in ``tmp_path`` give that user a way in, as a person
+    choosing a data directory would: search permission on pytest's base directories (never on anything else)."""
+    if os.geteuid() == 0:
+        base = tmp_path_factory.getbasetemp()
+        for directory in (base.parent, base):
+            directory.chmod(directory.stat().st_mode | 0o001)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's ``tmp_path``, searchable by the embedded server's OS user when we are root (see above)."""
+    if os.geteuid() == 0:
+        tmp_path.chmod(0o755)
+    return tmp_path
