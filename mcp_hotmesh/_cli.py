@@ -35,6 +35,16 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return port
+
+
 def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
     parser.add_argument(
         "--dsn",
@@ -398,7 +408,7 @@ every address, loopback included; GET /healthz needs no token and says whether t
                         "admin DSN its topics are the streams the gateway's roles get")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default: stdio")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="HTTP port (default: 8765)")
+    p.add_argument("--port", type=_port, default=8765, help="HTTP port (default: 8765)")
     p.add_argument("--token", default=os.environ.get("HOTMESH_TOKEN"),
                    help="bearer token HTTP clients must send; required with --transport http "
                         "(default: $HOTMESH_TOKEN)")
@@ -572,10 +582,25 @@ def main(argv: list[str] | None = None) -> None:
         code = anyio.run(args.fn, args)
     except KeyboardInterrupt:
         code = 130
-    except HotMeshError as exc:
-        sys.stderr.write(logs.error_line(command, str(exc), args.log_format))
-        code = EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_ERROR
+    except (HotMeshError, BaseExceptionGroup) as exc:
+        error = _our_error(exc)
+        if error is None:
+            raise
+        sys.stderr.write(logs.error_line(command, str(error), args.log_format))
+        code = EXIT_USAGE if isinstance(error, ConfigError) else EXIT_ERROR
     sys.exit(code)
+
+
+def _our_error(exc: BaseException) -> HotMeshError | None:
+    """The error to tell the operator in one line: ours, or ours inside the exception groups of task groups
+    (a failure in one task of ``serve`` arrives wrapped); None for anything else, a bug to show in full."""
+    if isinstance(exc, HotMeshError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_our_error(inner) for inner in exc.exceptions]
+        if found and all(e is not None for e in found):
+            return found[0]
+    return None
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port that is taken (or an address that is not this machine's) before anything else starts: the
+    embedded server, migrations, new role passwords. uvicorn binds it a moment later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise TransportError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}"
+                                 f"{' (is another server using it?)' if exc.errno == errno.EADDRINUSE else ''}"
+                                 ) from None
 
 
 def check_http_token(host: str, token: str | None) -> str:

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from . import _embedded as embedded
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
 from ._housekeeping import retention_loop, watchdog_loop
-from ._http import check_http_token, run_http
+from ._http import check_http_token, check_port_free, run_http
 from ._mcp_server import McpGateway
 from ._migrate import migrate
 from ._postgres import connect, create_pool, translated
@@ -207,6 +207,7 @@ async def serve(args: ServeOptions) -> None:
     """``mcp-hotmesh serve``: start the gateway (``running_gateway``) and serve the chosen transport."""
     if args.transport == "http":
         check_http_token(args.host, args.token)  # refuse before starting anything
+        check_port_free(args.host, args.port)
     stop = anyio.Event()
     with contextlib.ExitStack() as outputs:
         wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None

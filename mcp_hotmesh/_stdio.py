@@ -7,9 +7,13 @@ import io
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
+from typing import cast
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from mcp.server.stdio import stdio_server
 
 from ._mcp_server import McpGateway
@@ -17,7 +21,6 @@ from ._mcp_server import McpGateway
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------- stdio
 @contextlib.contextmanager
 def protocol_stdout() -> Iterator[anyio.AsyncFile[str]]:
     """Keep stdout for the protocol alone, from the very start to the process's exit: the real stdout moves to a
@@ -43,7 +46,46 @@ def protocol_stdout() -> Iterator[anyio.AsyncFile[str]]:
             stream.close()  # the host may be gone already (a broken pipe)
 
 
+class _StdinLines:
+    """The protocol's lines from stdin, read by a daemon thread.
+
+    A read from a terminal blocks until a line comes; in an anyio worker thread it also kept a stopping process
+    waiting for that line (Ctrl-C and SIGTERM logged "stopping" and hung), because cancelling waits for the
+    thread and the interpreter waits for non-daemon threads at exit. Here cancelling stops the iteration at once
+    and the thread, blocked or not, dies with the process. fd 0 itself points at the null device meanwhile, so a
+    handler or a child process reads end-of-file, never the protocol."""
+
+    def __init__(self) -> None:
+        self._file = os.fdopen(os.dup(0), "rb", buffering=0)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        self._send, self._receive = anyio.create_memory_object_stream[str](16)
+        self._token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._read, name="mcp-hotmesh stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        reader = io.BufferedReader(self._file)
+        try:
+            for raw in reader:
+                anyio.from_thread.run(self._send.send, raw.decode("utf-8", errors="replace"), token=self._token)
+        except (RuntimeError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return  # the event loop or the reader is gone: the process is stopping
+        with contextlib.suppress(RuntimeError):
+            anyio.from_thread.run_sync(self._send.close, token=self._token)  # end of input
+
+    def __aiter__(self) -> _StdinLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+
 async def run_stdio(gateway: McpGateway, stdout: anyio.AsyncFile[str] | None = None) -> None:
     """Serve one client on stdin/stdout until stdin closes. Only protocol goes to stdout."""
-    async with stdio_server(stdout=stdout) as (read_stream, write_stream):
+    stdin = cast(anyio.AsyncFile[str], _StdinLines())  # the SDK only iterates its lines
+    async with stdio_server(stdin=stdin, stdout=stdout) as (read_stream, write_stream):
         await gateway.server.run(read_stream, write_stream, gateway.server.create_initialization_options())

@@ -1,0 +1,98 @@
+"""The operator's day: what an operator sees when a command is stopped, misused or pointed at the wrong thing.
+Each test runs the real ``mcp-hotmesh`` command."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+
+import anyio
+import pytest
+
+from tests.conftest import Env
+
+pytestmark = pytest.mark.anyio
+
+BOUND = 30  # seconds: the most a stop may take on a busy machine (it takes about one when it works)
+
+
+def _command() -> list[str]:
+    return [sys.executable, "-m", "mcp_hotmesh"]
+
+
+def _environment(env: Env) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HOTMESH_", "PYTHONUNBUFFERED"))}
+    return {**clean, "HOTMESH_DSN": env.server.admin_dsn, "HOTMESH_SCHEMA": env.schema}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_serve_over_stdio_in_a_terminal_stops_on_a_signal(env: Env, signum: int) -> None:
+    """stdin is a terminal nobody types in: the read blocks, and a signal must still stop the process."""
+    controller, terminal = pty.openpty()
+    try:
+        async with await anyio.open_process([*_command(), "serve"], stdin=terminal, env=_environment(env)) as process:
+            with anyio.fail_after(BOUND):  # serving: the gateway's pool and its LISTEN connection are in
+                while await env.admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", f"{env.schema}_c_gateway"
+                ) < 2:
+                    assert process.returncode is None
+                    await anyio.sleep(0.1)
+            await anyio.sleep(1)  # past the last step of starting: the signal handler is in place
+            process.send_signal(signum)
+            try:
+                with anyio.fail_after(BOUND):
+                    await process.wait()
+            finally:
+                if process.returncode is None:  # it hung: do not hang the suite with it
+                    process.kill()
+            assert process.stderr is not None
+            stderr = await process.stderr.receive(1 << 20)
+        assert b"stopping" in stderr and b"Traceback" not in stderr, stderr.decode(errors="replace")
+        assert process.returncode in (0, 130, -signum), process.returncode
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    with anyio.fail_after(BOUND):
+        return await anyio.run_process([*_command(), *args], env=env, check=False)
+
+
+async def test_serve_refuses_a_port_that_is_no_port(env: Env) -> None:
+    done = await _run("serve", "--transport", "http", "--port", "99999", env=_environment(env))
+    stderr = done.stderr.decode()
+    assert done.returncode == 2 and stderr.strip().splitlines()[-1].endswith("is not a TCP port (1 to 65535)")
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("where", ["taken", "host.invalid"])
+async def test_serve_refuses_an_address_it_cannot_serve_in_one_line_before_starting_anything(
+    env: Env, where: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = ["--port", str(taken.getsockname()[1])] if where == "taken" else ["--host", where]
+        done = await _run("serve", "--transport", "http", *address,
+                          env={**_environment(env), "HOTMESH_TOKEN": "t" * 32})
+    stderr = done.stderr.decode()
+    assert done.returncode == 1 and "cannot serve HTTP on" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    # nothing was started: no gateway role was made or taken over
+    assert not await env.admin.fetchval("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1", f"{env.schema}%gateway")
+
+
+@pytest.mark.parametrize(("dsn", "says"), [
+    ("notadsn", "is not a PostgreSQL URL"),
+    ("postgresql://u:secret@127.0.0.1:1/db", "could not reach PostgreSQL at postgresql://u:***@127.0.0.1:1/db"),
+])
+async def test_a_wrong_dsn_is_one_line_that_says_where(dsn: str, says: str) -> None:
+    done = await _run("status", "--dsn", dsn)
+    stderr = done.stderr.decode()
+    assert done.returncode != 0 and says in stderr, stderr
+    assert "secret" not in stderr and len(stderr.strip().splitlines()) == 1
