@@ -64,8 +64,9 @@ def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
             help="embedded server's data directory (default: $HOTMESH_DATA_DIR or "
             f"{embedded.default_data_dir()})",
         )
-    parser.add_argument("--log-level", default=os.environ.get("HOTMESH_LOG_LEVEL", "INFO"),
-                        help="log level on stderr (default: INFO)")
+    parser.add_argument("--log-level", type=str.upper, choices=logs.LEVELS,
+                        default=os.environ.get("HOTMESH_LOG_LEVEL", "INFO").upper(),
+                        help="log level on stderr: debug, info, warning or error (default: $HOTMESH_LOG_LEVEL or info)")
     _log_format(parser)
 
 

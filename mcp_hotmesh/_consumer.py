@@ -45,10 +45,12 @@ from ._config import WorkerConfig
 from ._retry import Backoff, retry_transient
 from ._streams import Answer, Claimed, WorkerAPI
 from ._tools import ToolContext
-from .errors import HotMeshError, InvalidInput, PayloadTooLarge, ToolError
+from .errors import HotMeshError, InvalidInput, LoginRefused, PayloadTooLarge, ToolError
 
 log = logging.getLogger(__name__)
 
+LOGIN_GRACE = 10.0
+"""Seconds a worker goes on after PostgreSQL starts refusing its login, before it stops with that error."""
 ANSWER_TIMEOUT = 30.0
 """Seconds a worker keeps trying to write an answer through connection errors (a restarting server)."""
 
@@ -214,6 +216,7 @@ class Consumer:
             await self.api.goodbye(self.consumer_id)
 
     async def _heartbeat_loop(self) -> None:
+        backoff = Backoff()
         while True:
             await anyio.sleep(self.heartbeat_interval)
             async with self._beat:
@@ -221,20 +224,31 @@ class Consumer:
                     return
                 try:
                     await self.heartbeat()
+                    if backoff.succeeded():
+                        log.info("heartbeat for %r works again", self.topic)
                 except HotMeshError as exc:
-                    log.warning("heartbeat for %r failed: %s", self.topic, exc)
+                    log.log(backoff.failed(exc)[1], "heartbeat for %r failed: %s", self.topic, exc)
 
     # ---------------------------------------------------------------------------------------- claim
 
     async def _claim_loop(self) -> None:
         backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
+        refused_since: float | None = None
         while not self._stopping:
             self._wake = anyio.Event()  # reset before claiming: a NOTIFY from now on wakes the next round
             delay = self.poll_interval
             try:
                 await self._claim_all()
+                refused_since = None
                 if backoff.succeeded():
                     log.info("claiming from %r works again", self.topic)
+            except LoginRefused:
+                # Revoked, or its password rotated: nothing this worker does will change that. After a short
+                # grace (a rotation may be followed by a restart with the new password) the worker stops.
+                refused_since = refused_since if refused_since is not None else anyio.current_time()
+                if anyio.current_time() - refused_since >= LOGIN_GRACE:
+                    raise
+                delay = 1.0
             except Exception as exc:  # the loop must outlive the server: back off, then try again
                 delay, level = backoff.failed(exc)
                 log.log(level, "claiming from %r failed (%s); retrying in %.1fs", self.topic, _exception_text(exc),

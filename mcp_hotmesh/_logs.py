@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -49,6 +50,9 @@ def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    # asyncpg's pool logs each failed attempt to refill itself with a traceback, while the server is away or
+    # refuses the login: our own loops already say so, once per change (_retry.Backoff).
+    logging.getLogger("asyncpg.pool").setLevel(max(root.level, logging.ERROR))
 
 
 def error_line(command: str, message: str, fmt: str) -> str:

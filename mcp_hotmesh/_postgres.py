@@ -26,6 +26,7 @@ from .errors import (
     HotMeshError,
     InvalidInput,
     LeaseLost,
+    LoginRefused,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
@@ -81,7 +82,7 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
         if code == "55P03":  # lock_not_available: a scoped function's lock_timeout (SQL 003)
             return Busy("the database is busy with this request's rows (another session holds them); try again")
         if code in ("28P01", "28000"):
-            return ConnectionFailed("PostgreSQL refused the login: wrong user or password, or the role may not log in")
+            return LoginRefused("PostgreSQL refused the login: wrong user or password, or the role may not log in")
         if code == "22P05" or code.startswith("22"):
             return InvalidInput("the database refused a value (for example a \\u0000 character in a string)")
         if isinstance(exc, _CONNECTION_ERRORS):
@@ -109,8 +110,9 @@ def translated(*, stream: str | None = None) -> Iterator[None]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth trying again as it is: the connection was lost, or a lock wait timed out (``Busy``)."""
-    return isinstance(exc, (ConnectionFailed, Busy, *_CONNECTION_ERRORS))
+    """Worth trying again as it is: the connection was lost, or a lock wait timed out (``Busy``). A refused login
+    is not: the password was rotated or the role revoked, and trying again changes nothing."""
+    return isinstance(exc, (ConnectionFailed, Busy, *_CONNECTION_ERRORS)) and not isinstance(exc, LoginRefused)
 
 
 async def check_server_version(conn: asyncpg.Connection) -> None:

@@ -2,7 +2,7 @@
 
 Every loop that must outlive the database (claiming, answering, LISTEN, reading results, housekeeping) uses
 ``Backoff`` for its delay and its log lines: the first failure of a run is a warning, further failures of the same
-passing kind (an outage) are debug lines, and the recovery is one info line. An outage of an hour is two lines,
+kind (an outage, a refused login) are debug lines, and the recovery is one info line. An outage of an hour is two lines,
 not one per try. ``retry_transient`` runs one call through passing errors.
 """
 
@@ -28,18 +28,21 @@ class Backoff:
         self.base = base
         self.cap = cap
         self.failures = 0
+        self._last: type[BaseException] | None = None
 
     def failed(self, exc: BaseException) -> tuple[float, int]:
-        """Count a failure: the seconds to wait before the next try, and the log level for this one."""
+        """Count a failure: the seconds to wait before the next try, and the log level for this one (a warning
+        when the failure is new or its kind changed, debug while the same kind goes on)."""
         self.failures += 1
         delay = min(self.cap, self.base * math.pow(2, min(self.failures - 1, 60)))  # 2 ** 1024 overflows a float
-        level = logging.WARNING if self.failures == 1 or not is_transient(exc) else logging.DEBUG
-        return delay, level
+        changed = type(exc) is not self._last
+        self._last = type(exc)
+        return delay, logging.WARNING if changed else logging.DEBUG
 
     def succeeded(self) -> bool:
         """Count a success; whether it ends a run of failures (worth one line saying it works again)."""
         recovered = self.failures > 0
-        self.failures = 0
+        self.failures, self._last = 0, None
         return recovered
 
 

@@ -43,7 +43,7 @@ from ._listener import Listener
 from ._postgres import pools
 from ._streams import WorkerAPI, worker_channel
 from ._tools import Tool, ToolSet
-from .errors import ConfigError, Conflict, HotMeshError
+from .errors import ConfigError, Conflict, HotMeshError, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class Worker:
         self._tg: anyio.abc.TaskGroup | None = None
         self._hurry: anyio.Event | None = None
         self._drained: anyio.Event | None = None  # set once drain() is done
+        self.failed = anyio.Event()  # the worker cannot go on (error says why); run_worker then stops it
+        self.error: HotMeshError | None = None
 
     @classmethod
     def from_toolset(
@@ -198,7 +200,7 @@ class Worker:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self._listen(self._tg)
             for consumer in self.consumers:
-                self._tg.start_soon(consumer.run)
+                self._tg.start_soon(self._consume, consumer)
             housekeeper = self._groups[0].api
             assert housekeeper is not None
             self._tg.start_soon(lambda: watchdog_loop(housekeeper))
@@ -214,6 +216,17 @@ class Worker:
         self._stack = stack
         log.info("worker %s serving %s", self.consumer_id,
                  ", ".join(f"{c.topic} {c.workflows}" for c in self.consumers) or "nothing (readonly)")
+
+    async def _consume(self, consumer: Consumer) -> None:
+        """Run a consumer until it stops; a refused login (revoked, rotated) ends the worker's service: ``failed``
+        is set, and ``error`` says why."""
+        try:
+            await consumer.run()
+        except LoginRefused as exc:
+            if self.error is None:
+                self.error = exc
+                log.error("PostgreSQL refuses this worker's login (revoked, or its password rotated): stopping")
+            self.failed.set()
 
     async def _listen(self, tg: anyio.abc.TaskGroup) -> None:
         """One LISTEN connection per DSN for its consumers' channels; wait (briefly) until it is up."""
@@ -356,9 +369,21 @@ async def run_worker(
     )
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with worker:  # a start error (refused login, stream not allowed) is raised as it is
-            async for signum in signals:
-                log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
-                break
+            async with anyio.create_task_group() as until:
+
+                async def on_signal() -> None:
+                    async for signum in signals:
+                        log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
+                        break
+                    until.cancel_scope.cancel()
+
+                async def on_failure() -> None:
+                    await worker.failed.wait()
+                    worker.hurry()  # the database refuses us: nothing running can be answered anyway
+                    until.cancel_scope.cancel()
+
+                until.start_soon(on_signal)
+                until.start_soon(on_failure)
 
             async def second_signal() -> None:
                 async for _ in signals:
@@ -369,3 +394,5 @@ async def run_worker(
                 tg.start_soon(second_signal)
                 await worker.drain()
                 tg.cancel_scope.cancel()
+    if worker.error is not None:
+        raise worker.error

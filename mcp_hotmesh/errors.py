@@ -11,7 +11,8 @@ Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``
     │   ├── ToolInputError     the arguments do not match the tool's input schema
     │   └── ToolOutputError    the tool returned something that is not JSON or not of its output schema
     ├── DatabaseError          the database refused or failed in a way not listed below
-    │   ├── ConnectionFailed   the server cannot be reached, or refused the login
+    │   ├── ConnectionFailed   the server cannot be reached
+    │   │   └── LoginRefused   it refused the login: wrong password, or a revoked role
     │   ├── PermissionDenied   the role may not use this stream or function (SQLSTATE 42501)
     │   ├── LeaseLost          the message's lease was lost: another worker may own it now
     │   ├── PayloadTooLarge    arguments, result or schema exceed the configured limit
@@ -75,6 +76,10 @@ class DatabaseError(HotMeshError):
 
 class ConnectionFailed(DatabaseError):
     """Could not connect to PostgreSQL."""
+
+
+class LoginRefused(ConnectionFailed):
+    """PostgreSQL refused the login: a wrong user or password, or a role that may not log in (revoked)."""
 
 
 class PermissionDenied(DatabaseError):

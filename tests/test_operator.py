@@ -96,3 +96,33 @@ async def test_a_wrong_dsn_is_one_line_that_says_where(dsn: str, says: str) -> N
     stderr = done.stderr.decode()
     assert done.returncode != 0 and says in stderr, stderr
     assert "secret" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+async def test_a_revoked_worker_stops_with_one_line(env: Env) -> None:
+    from mcp_hotmesh import revoke
+    from mcp_hotmesh.examples import toolset
+
+    role = await env.provision(sorted({t.topic for t in toolset.tools}), "worker")
+    async with await anyio.open_process(
+        [*_command(), "worker", "--tools", "mcp_hotmesh.examples:toolset", "--dsn", env.dsn(role),
+         "--schema", env.schema, "--poll-interval", "0.5"],
+        env=_environment(env),
+    ) as process:
+        try:
+            with anyio.fail_after(BOUND):  # serving: its heartbeat is in
+                while not await env.admin.fetchval(  # noqa: ASYNC110 (the server's state: no event to wait on)
+                    f'SELECT count(*) FROM "{env.schema}".workers WHERE role_name = $1', role.role
+                ):
+                    await anyio.sleep(0.1)
+            await revoke(env.admin, role.role, schema=env.schema)
+            with anyio.fail_after(BOUND):  # the login grace (10 s) and a margin
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+        assert process.stderr is not None
+        stderr = (await process.stderr.receive(1 << 20)).decode(errors="replace")
+    lines = stderr.strip().splitlines()
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr and len(lines) < 20, stderr
+    assert lines[-1].startswith("mcp-hotmesh worker: error: PostgreSQL refused the login"), lines[-1]
