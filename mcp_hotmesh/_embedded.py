@@ -156,6 +156,8 @@ def _server_user() -> pwd.struct_passwd | None:
             check=True,
             capture_output=True,
         )
+        log.info("created the system user %s: PostgreSQL will not run as root, so the embedded server runs as it",
+                 SERVER_USER)
         return pwd.getpwnam(SERVER_USER)
 
 
@@ -206,8 +208,11 @@ def _check_server_user_reaches(data_dir: Path) -> None:
 
 
 def _free_port(port: int = 0) -> int | None:
-    """``port`` if it is free on 127.0.0.1 (any free port for 0), else None."""
+    """``port`` if it is free on 127.0.0.1 (any free port for 0), else None. Checked as PostgreSQL binds it, with
+    SO_REUSEADDR: connections of the last run still in TIME_WAIT do not make the port taken (they did, and the
+    server moved to another port on a quick restart, breaking every worker DSN handed out)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

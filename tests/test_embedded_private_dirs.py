@@ -58,3 +58,4 @@ def test_a_data_directory_the_server_user_cannot_reach_is_a_clear_error(tmp_path
         assert list(private.iterdir()) == []  # nothing left behind
     finally:
         shutil.rmtree(private, ignore_errors=True)
+

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -126,3 +127,29 @@ async def test_a_revoked_worker_stops_with_one_line(env: Env) -> None:
     assert process.returncode == 1, stderr
     assert "Traceback" not in stderr and len(lines) < 20, stderr
     assert lines[-1].startswith("mcp-hotmesh worker: error: PostgreSQL refused the login"), lines[-1]
+
+
+async def test_the_embedded_server_keeps_its_port_across_a_quick_restart(tmp_path: Path) -> None:
+    """Clients were connected over TCP when it stopped: their sockets linger in TIME_WAIT on its port."""
+    import asyncpg
+
+    from mcp_hotmesh import _embedded as embedded
+    from mcp_hotmesh import migrate, provision_role
+
+    server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg"))
+    try:
+        admin = await asyncpg.connect(server.admin_dsn)
+        await migrate(admin, "port_check")
+        role = await provision_role(admin, ["a"], "caller", schema="port_check")
+        clients = [await asyncpg.connect(server.role_dsn(role.role, role.password)) for _ in range(3)]
+        await admin.close()
+    finally:
+        # the server closes the TCP connections first: TIME_WAIT on its side
+        await anyio.to_thread.run_sync(server.stop)
+    for client in clients:
+        client.terminate()
+    again = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg"))
+    try:
+        assert again.port == server.port
+    finally:
+        await anyio.to_thread.run_sync(again.stop)
