@@ -27,7 +27,7 @@ from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
 from ._migrate import full_sql, migrate
 from ._postgres import connect, is_transient
 from ._roles import CONNECTION_LIMIT, list_roles, provision_role, revoke, rotate, set_limits
-from .errors import ConfigError, HotMeshError
+from .errors import ConfigError, HotMeshError, PermissionDenied
 
 log = logging.getLogger("mcp_hotmesh")
 
@@ -87,6 +87,14 @@ async def admin_connection(args: argparse.Namespace) -> AsyncIterator[asyncpg.Co
         conn = await connect(dsn)
         try:
             yield conn
+        except PermissionDenied as exc:  # say who may, and who this is
+            who = None
+            with contextlib.suppress(Exception):
+                who = await conn.fetchval("SELECT session_user")
+            raise PermissionDenied(
+                f"{exc}: this command needs the admin (a superuser, or a member of {args.schema}_owner), "
+                f"and this DSN logs in as {who!r}"
+            ) from None
         finally:
             await conn.close()
     finally:

@@ -81,6 +81,10 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
             return PermissionDenied("permission denied: this role may not do that")
         if code == "55P03":  # lock_not_available: a scoped function's lock_timeout (SQL 003)
             return Busy("the database is busy with this request's rows (another session holds them); try again")
+        if code == "3D000":  # invalid_catalog_name, at login
+            return ConnectionFailed(f"{exc}: check the database name in the DSN (the embedded server's is 'hotmesh')")
+        if code == "3F000":  # invalid_schema_name
+            return DatabaseError(f"{exc}: run mcp-hotmesh migrate for it, or give the right --schema")
         if code in ("28P01", "28000"):
             return LoginRefused("PostgreSQL refused the login: wrong user or password, or the role may not log in")
         if code == "22P05" or code.startswith("22"):

@@ -153,3 +153,19 @@ async def test_the_embedded_server_keeps_its_port_across_a_quick_restart(tmp_pat
         assert again.port == server.port
     finally:
         await anyio.to_thread.run_sync(again.stop)
+
+
+async def test_wrong_database_schema_or_role_say_what_to_fix(env: Env) -> None:
+    caller = await env.provision(["a"], "caller")
+    worker = await env.provision(["echo"], "worker")
+    no_database = env.server.role_dsn(caller.role, caller.password).rsplit("/", 1)[0] + "/nosuchdb"
+    done = await _run("status", "--dsn", no_database)
+    assert 'database "nosuchdb" does not exist: check the database name' in done.stderr.decode(), done.stderr
+    done = await _run("status", "--dsn", env.dsn(caller), "--schema", env.schema)
+    stderr = done.stderr.decode()
+    assert "this command needs the admin" in stderr and caller.role in stderr, stderr
+    done = await _run("worker", "--tools", "mcp_hotmesh.examples:toolset", "--dsn", env.dsn(worker),
+                      "--schema", "nosuchschema")
+    stderr = done.stderr.decode()
+    assert done.returncode == 1 and "run mcp-hotmesh migrate for it, or give the right --schema" in stderr, stderr
+    assert "Traceback" not in stderr
