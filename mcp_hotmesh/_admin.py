@@ -251,6 +251,15 @@ async def settings(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
 
 
 
+SMALLEST = {
+    "min_lease_ms": 1, "max_lease_ms": 1, "max_batch": 1, "max_payload_bytes": 1, "max_schema_bytes": 1,
+    "max_error_chars": 1, "max_timeout_ms": 1, "max_attempts": 1, "max_worker_ttl_ms": 1000, "purge_batch": 1,
+    "max_schema_depth": 1, "max_schema_nodes": 1, "max_description_chars": 1, "max_tools_per_stream": 1,
+    "max_consumers_per_stream": 1, "max_json_depth": 1, "watchdog_idle_ms": 100, "watchdog_transaction_ms": 100,
+}
+"""The least value of a setting that still leaves the system working (0 would refuse every call, lease, ...)."""
+
+
 async def change_settings(conn: asyncpg.Connection, schema: str, changes: dict[str, int]) -> dict[str, int]:
     """Set existing settings (all or none); returns the settings after the change."""
     s = check_schema(schema)
@@ -258,8 +267,9 @@ async def change_settings(conn: asyncpg.Connection, schema: str, changes: dict[s
     for key, value in changes.items():
         if key not in known:
             raise ConfigError(f"no setting {key!r}; the settings are: {', '.join(sorted(known))}")
-        if value < 0 or value > 2**62:
-            raise ConfigError(f"{key} must be between 0 and 2^62")
+        least = SMALLEST.get(key, 0)
+        if value < least or value > 2**62:
+            raise ConfigError(f"{key} must be between {least} and 2^62")
     merged = {**known, **changes}
     if merged.get("min_lease_ms", 0) > merged.get("max_lease_ms", 2**62):
         raise ConfigError("min_lease_ms must not be larger than max_lease_ms")

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from . import _admin, _format
+from . import __version__, _admin, _format
 from . import _embedded as embedded
 from . import _logs as logs
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
@@ -349,14 +349,20 @@ async def cmd_dlq_purge(args: argparse.Namespace) -> int:
 
 async def cmd_settings(args: argparse.Namespace) -> int:
     """Show the admin's settings, or change some: ``KEY=VALUE`` (durations for the ``*_ms`` keys)."""
-    changes: dict[str, int] = {}
+    texts: dict[str, str] = {}
     for item in args.changes:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"write a change as KEY=VALUE, not {item!r}")
-        changes[key.strip()] = _format.parse_setting(key.strip(), value)
+        texts[key.strip()] = value
     async with admin_connection(args) as conn:
         await migrate(conn, check_schema(args.schema))
+        known = await _admin.settings(conn, args.schema)
+        changes: dict[str, int] = {}
+        for key, value in texts.items():
+            if key not in known and f"{key}_ms" in known:  # retention=1d: the setting is retention_ms
+                key = f"{key}_ms"
+            changes[key] = _format.parse_setting(key, value)
         if changes:
             current = await _admin.change_settings(conn, args.schema, changes)
             log.info("changed %s", ", ".join(f"{k}={v}" for k, v in changes.items()))
@@ -390,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcp-hotmesh",
         description="An MCP tool server whose tools are served by secured workers on PostgreSQL streams.",
     )
+    parser.add_argument("--version", action="version", version=f"mcp-hotmesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], Awaitable[int]], help: str) -> argparse.ArgumentParser:

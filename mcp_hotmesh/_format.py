@@ -125,5 +125,5 @@ def parse_setting(key: str, text: str) -> int:
     if text.isdigit():
         return int(text)
     if key.endswith("_ms"):
-        return int(parse_duration(text).total_seconds() * 1000)
+        return int(parse_duration(text).total_seconds() * 1000)  # says itself what it takes
     raise ConfigError(f"{key} must be a whole number, not {text!r}")

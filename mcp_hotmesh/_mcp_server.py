@@ -156,7 +156,9 @@ class McpGateway:
             raise
         finally:  # a name the catalog does not know never becomes a label
             tool = params.name if self.engine.input_schema(params.name) is not None else UNKNOWN
-            self.metrics.observe(tool, label, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.observe(tool, label, elapsed)
+            log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         try:

@@ -460,6 +460,8 @@ async def list_roles(conn: asyncpg.Connection, *, schema: str = "hotmesh") -> li
     for row in rows:
         setting = row["setting"]
         streams = [s.strip() for s in setting.split(",") if s.strip()] if setting else list(row["streams"] or [])
+        if row["revoked_at"] is not None:
+            streams = []  # revoked: it may use nothing now (what it had is in the revoked row's history, not here)
         kind = row["kind"] or ("worker" if row["is_worker"] else "caller")
         result.append(
             RoleInfo(
