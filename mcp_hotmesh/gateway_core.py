@@ -166,14 +166,6 @@ def _error_text(res: CallResult) -> str:
     return "the tool failed without a message"
 
 
-EARLY_NOTIFICATIONS = 4096
-ENQUEUE_BATCH = 8
-"""Most calls one caller_call_many carries. Calls answered together are asked again together (the agents get
-their answers in the same moment), so without a cap they travel as one convoy: the gateway prepares all of them
-while the database and the worker wait, then waits while they work. Batches of 8 split such a wave, and the
-stages overlap: one batch is in the database while the gateway prepares the next. Measured at 16 concurrent
-calls: about 1,300 calls/s instead of about 1,050 (benchmarks.profile)."""
-READ_BATCH = 500
 INLINE_VALIDATION_BYTES = 4 * 1024
 INLINE_VALIDATION_STEPS = 1_000
 INLINE_VALIDATION_SECONDS = 0.01
@@ -187,6 +179,15 @@ more adds up to 5 ms to how long the loop may wait for it."""
 VALIDATION_SECONDS = 10.0
 """A backstop after the step budget: no check of arguments runs longer (528 KB of pydantic objects reached through
 a ``$ref`` take 0.8 s)."""
+
+EARLY_NOTIFICATIONS = 4096
+ENQUEUE_BATCH = 8
+"""Most calls one caller_call_many carries. Calls answered together are asked again together (the agents get
+their answers in the same moment), so without a cap they travel as one convoy: the gateway prepares all of them
+while the database and the worker wait, then waits while they work. Batches of 8 split such a wave, and the
+stages overlap: one batch is in the database while the gateway prepares the next. Measured at 16 concurrent
+calls: about 1,300 calls/s instead of about 1,050 (benchmarks.profile)."""
+READ_BATCH = 500
 
 
 class Engine:
