@@ -146,7 +146,8 @@ def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
         where = "/".join(str(p) for p in e.absolute_path)
         message = e.message if len(e.message) <= 200 else e.message[:120] + " ... " + e.message[-75:]  # the
         parts.append(f"{where or '(top level)'}: {message}")  # end says what is wrong: keep it
-    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    at_least = "at least " if len(errors) >= schemas.MAX_ERRORS else ""  # a check collects no more than that
+    more = f" (and {at_least}{len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts) + more
 
 

@@ -17,6 +17,7 @@ import pytest
 import re2  # type: ignore[import-untyped]
 
 from mcp_hotmesh import schemas
+from mcp_hotmesh.gateway_core import describe_errors
 
 
 def validator(schema: dict[str, Any]) -> schemas.ArgumentValidator:
@@ -143,6 +144,7 @@ def test_errors_are_counted_and_collected_up_to_a_limit() -> None:
     found = validator(schema).errors({"a": list(range(10_000))}, budget({"a": list(range(10_000))}))
     assert len(found) == schemas.MAX_ERRORS
     assert found[0].message == "0 is not of type 'string'"
+    assert describe_errors(found).endswith("a/4: 4 is not of type 'string' (and at least 95 more)")
 
 
 def test_a_reference_loop_is_an_ordinary_exception() -> None:
