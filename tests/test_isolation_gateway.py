@@ -22,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import anyio.abc
@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 from mcp import Client
 from mcp.types import CallToolResult
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from mcp_hotmesh import schemas
 from mcp_hotmesh._mcp_server import McpGateway
@@ -57,6 +57,13 @@ tools = ToolSet(list(example_tools.tools))
 async def shape(name: str, points: list[Point]) -> dict[str, Any]:
     """Count the points of a named shape (its schema has $defs and #/$defs/... references, as pydantic makes)."""
     return {"name": name, "points": len(points)}
+
+
+@tools.tool(topic="iso.codes")
+async def codes(code: Annotated[str, Field(pattern=r"^[A-Z]{3}-\d+$")],
+                tags: tuple[Annotated[str, Field(pattern="^[a-z]+$")], ...] = ()) -> dict[str, Any]:
+    """Return a product code and its tags (its schema has pydantic's pattern constraints)."""
+    return {"code": code, "tags": list(tags)}
 
 
 STREAMS = list(tools.topics)
@@ -382,3 +389,150 @@ def test_measure_accepts_the_limits_exactly() -> None:
     assert schemas.measure(at_depth, "it") is None
     assert schemas.measure(list(range(schemas.MAX_SCHEMA_NODES - 1)), "it") is None
     assert schemas.measure(list(range(schemas.MAX_SCHEMA_NODES)), "it") is not None
+
+
+# ----------------------------------------------------------------------------- the cost of checking arguments
+def doubling(depth: int) -> dict[str, Any]:
+    """Each $defs entry applies the next one twice (allOf of two $refs): checking any value costs 2 ** depth.
+    Within every registration limit (about 7 values a level); 16 levels took 1.7 s, 25 would take minutes."""
+    defs: dict[str, Any] = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]}
+                            for i in range(depth)}
+    defs[f"d{depth}"] = {"type": "integer"}
+    return {"type": "object", "title": "doubling", "$defs": defs, "properties": {"x": {"$ref": "#/$defs/d0"}}}
+
+
+COSTLY = {
+    "doubling": doubling(25),
+    # Python's re backtracks exponentially on these (30 characters take seconds, 5,000 for ever): RE2 does not
+    "backtracking": {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}},
+    "backtracking_keys": {"type": "object", "patternProperties": {"^(a+)+$": {"type": "integer"}},
+                          "additionalProperties": False},
+    # jsonschema compares every pair of unsortable items: 20,000 objects took minutes
+    "unique_objects": {"type": "object", "properties": {"items": {"type": "array", "uniqueItems": True}}},
+}
+
+
+@pytest.fixture
+def watched_checks(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(started, finished): set when a check of arguments against the ``doubling`` schema starts and ends in a
+    worker thread (it runs there once it needs more than the event loop's share of steps)."""
+    started, finished = threading.Event(), threading.Event()
+    errors = schemas.ArgumentValidator.errors
+
+    def watched(self: schemas.ArgumentValidator, instance: Any, steps: int, **options: Any) -> Any:
+        mine = self.schema.get("title") == "doubling" and threading.current_thread() is not threading.main_thread()
+        if mine:
+            started.set()
+        try:
+            return errors(self, instance, steps, **options)
+        finally:
+            if mine:
+                finished.set()
+
+    monkeypatch.setattr(schemas.ArgumentValidator, "errors", watched)
+    return started, finished
+
+
+async def test_a_schema_that_doubles_its_work_is_refused_at_a_bounded_cost_while_others_are_served(
+        env: Env, secret_file: tuple[Path, str], watched_checks: tuple[threading.Event, threading.Event],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The attacker registers the doubling chain (valid JSON Schema, within every limit: it is listed). An agent's
+    call to it gets a clear error well within 30 s and nothing is enqueued; while the check runs, in its thread,
+    tools/list and a good tool of another stream answer."""
+    started, finished = watched_checks
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh.gateway_core")
+    async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
+        assert await iso.plant("doubling", {"input_schema": json.dumps(COSTLY["doubling"])}) == "registered"
+        await iso.known({"doubling"})
+        assert "doubling" in await iso.serves_the_good_tools(client)
+        result: list[CallToolResult] = []
+
+        async def costly() -> None:  # 300 KB of padding: a budget of 700,000 steps, about 3 s of one core
+            result.append(await client.call_tool("doubling", {"x": 1, "pad": "p" * 300_000}))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(costly)
+                assert await anyio.to_thread.run_sync(started.wait, 30), "the check never went to its thread"
+                await iso.serves_the_good_tools(client)  # while the check spends its budget
+                assert not finished.is_set(), "the good call waited for the costly check"
+        assert result[0].is_error
+        assert "cannot be called with these arguments: they are too costly to check" in text_of(result[0])
+        small = await client.call_tool("doubling", {"x": 1})  # 100,000 steps: refused too, in about half a second
+        assert small.is_error and "too costly to check" in text_of(small), text_of(small)
+        assert await iso.env.admin.fetchval(  # nothing was sent
+            f'SELECT count(*) FROM "{env.schema}".messages WHERE stream = $1', ALPHA) == 0
+        await iso.serves_the_good_tools(client)
+    assert [r for r in caplog.records if "took more than" in r.getMessage() and "'doubling'" in r.getMessage()]
+
+
+async def test_catastrophic_patterns_and_quadratic_uniqueness_are_checked_in_linear_time(
+        env: Env, secret_file: tuple[Path, str]) -> None:
+    """Patterns and patternProperties keys that backtrack exponentially in Python's re, and uniqueItems over
+    20,000 objects, each called with the argument that hurts, alongside a good tool: each gets the right answer
+    (an invalid argument is named, a valid one reaches the queue, where no worker serves alpha) within 30 s."""
+    async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
+        for name in ("backtracking", "backtracking_keys", "unique_objects"):
+            assert await iso.plant(name, {"input_schema": json.dumps(COSTLY[name])}) == "registered"
+        await iso.known({"backtracking", "backtracking_keys", "unique_objects"})
+        evil = "a" * 5000 + "b"
+        calls: list[tuple[str, dict[str, Any], str]] = [
+            ("backtracking", {"s": evil}, "does not match '^(a+)+$'"),
+            ("backtracking", {"s": "a" * 5000}, "offline"),
+            ("backtracking_keys", {evil: 1}, "does not match any of the regexes: '^(a+)+$'"),
+            ("backtracking_keys", {"aaa": "one"}, "aaa: 'one' is not of type 'integer'"),
+            ("backtracking_keys", {"aaa": 1}, "offline"),
+            ("unique_objects", {"items": [{"k": i} for i in range(20_000)]}, "offline"),
+            ("unique_objects", {"items": [{"k": 1}, {"k": 2}, {"k": 1.0}]}, "has non-unique elements"),
+        ]
+        answers: dict[int, str] = {}
+
+        async def call(index: int, name: str, arguments: dict[str, Any]) -> None:
+            result = await client.call_tool(name, arguments)
+            assert result.is_error  # alpha has no worker: a valid call is offline
+            answers[index] = text_of(result)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for index, (name, arguments, _) in enumerate(calls):
+                    tg.start_soon(call, index, name, arguments)
+                await iso.serves_the_good_tools(client)
+        for index, (name, _, words) in enumerate(calls):
+            assert words in answers[index], (name, answers[index][:300])
+
+
+@pytest.mark.parametrize("pattern", ["^(?=a)b", r"(a)\1", r"(?<!x)y"])
+async def test_a_pattern_re2_cannot_run_makes_the_tool_unusable(
+        env: Env, secret_file: tuple[Path, str], caplog: pytest.LogCaptureFixture, pattern: str) -> None:
+    """Lookaround and backreferences (valid for Python's re, so valid JSON Schema here) have no linear-time match:
+    the tool is left out of tools/list with one log line, and a call to it says why."""
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh.gateway_core")
+    async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
+        schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}}
+        keys = {"type": "object", "patternProperties": {pattern: {}}}
+        for name, value in (("lookaround", schema), ("lookaround_keys", keys)):
+            assert await iso.plant(name, {"input_schema": json.dumps(value)}) == "registered"
+        await iso.known({"lookaround", "lookaround_keys"})
+        assert not {"lookaround", "lookaround_keys"} & await iso.serves_the_good_tools(client)
+        for name in ("lookaround", "lookaround_keys"):
+            result = await client.call_tool(name, {"s": "b"})
+            assert result.is_error
+            assert "has a pattern this server cannot apply in bounded time" in text_of(result), text_of(result)
+            lines = [r for r in caplog.records if "is not listed" in r.getMessage() and repr(name) in r.getMessage()]
+            assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+async def test_pattern_constraints_of_a_generated_schema_still_validate(
+        env: Env, secret_file: tuple[Path, str]) -> None:
+    """No regression: pydantic's pattern constraints run on RE2 with the same verdicts, and the tool answers."""
+    async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+        assert listed["iso_codes"].input_schema["properties"]["code"]["pattern"] == r"^[A-Z]{3}-\d+$"
+        result = await client.call_tool("iso_codes", {"code": "ABC-123", "tags": ["red", "blue"]})
+        assert not result.is_error and result.structured_content == {"code": "ABC-123", "tags": ["red", "blue"]}
+        for arguments, words in (({"code": "abc-123"}, "code: 'abc-123' does not match '^[A-Z]{3}-\\\\d+$'"),
+                                 ({"code": "ABC-123\n"}, "does not match"),  # ECMA's $, not Python's
+                                 ({"code": "ABC-1", "tags": ["ok", "Not"]}, "tags/1: 'Not' does not match '^[a-z]+$'")):
+            wrong = await client.call_tool("iso_codes", arguments)
+            assert wrong.is_error and words in text_of(wrong), text_of(wrong)
+            assert "Fix the arguments and call again." in text_of(wrong)
