@@ -22,6 +22,7 @@ from typing import Any, cast
 import asyncpg
 from mcp import Client
 
+from mcp_hotmesh._caller import Engine, Outcome, ProgressReport
 from mcp_hotmesh._config import WorkerCredentials
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._migrate import migrate
@@ -29,7 +30,6 @@ from mcp_hotmesh._postgres import create_pool
 from mcp_hotmesh._roles import ProvisionedRole, provision_role
 from mcp_hotmesh._streams import ToolRecord
 from mcp_hotmesh._worker import Worker
-from mcp_hotmesh.gateway_core import Engine, Outcome, ProgressReport
 
 from .db import Database
 from .tools import DRAIN_STREAM, SCALE_STREAM, STREAM, toolset

@@ -65,6 +65,7 @@ from .errors import (
     ToolInputError,
     ToolOutputError,
     TransportError,
+    UnknownTool,
 )
 
 try:
@@ -100,6 +101,7 @@ __all__ = [
     "ToolOutputError",
     "ToolSet",
     "TransportError",
+    "UnknownTool",
     "Worker",
     "WorkerConfig",
     "WorkerCredentials",

@@ -37,10 +37,10 @@ from mcp.types import (
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
+from ._caller import Engine
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats
-from .errors import HotMeshError
-from .gateway_core import Engine, UnknownTool
+from .errors import HotMeshError, UnknownTool
 
 log = logging.getLogger(__name__)
 

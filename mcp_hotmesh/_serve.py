@@ -30,6 +30,7 @@ import asyncpg
 from pydantic import SecretStr
 
 from . import _embedded as embedded
+from ._caller import Engine
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
 from ._housekeeping import retention_loop, watchdog_loop
 from ._http import check_http_token, check_port_free, run_http
@@ -40,7 +41,6 @@ from ._roles import ensure_role
 from ._stdio import protocol_stdout, run_stdio
 from ._tools import ToolSet, load_toolset
 from .errors import ConfigError, Conflict, HotMeshError, PermissionDenied
-from .gateway_core import Engine
 
 log = logging.getLogger(__name__)
 

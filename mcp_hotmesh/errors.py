@@ -7,6 +7,7 @@ Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``
     ├── ConfigError            a setting, name or argument is invalid (raised before any I/O)
     ├── Conflict               the request conflicts with what exists or runs (a role exists, a worker runs)
     ├── TransportError         an MCP transport could not start (the HTTP port is taken)
+    ├── UnknownTool            no tool by that name is available to this gateway
     ├── ToolError              a tool refused the call: the agent sees the message; not retried, not dead-lettered
     │   ├── ToolInputError     the arguments do not match the tool's input schema
     │   └── ToolOutputError    the tool returned something that is not JSON or not of its output schema
@@ -51,6 +52,10 @@ class Conflict(HotMeshError):
 
 class TransportError(HotMeshError):
     """The MCP transport could not start."""
+
+
+class UnknownTool(HotMeshError):
+    """No tool by that name is available to this gateway."""
 
 
 class ToolError(HotMeshError):

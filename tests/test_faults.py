@@ -31,12 +31,12 @@ from mcp.types import CallToolResult
 
 from mcp_hotmesh import _admin as admin
 from mcp_hotmesh import _embedded as embedded
+from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._migrate import migrate
 from mcp_hotmesh._postgres import create_pool, is_transient, translate
 from mcp_hotmesh._roles import provision_role
 from mcp_hotmesh.errors import ConnectionFailed
-from mcp_hotmesh.gateway_core import Engine
 from tests.conftest import Env
 from tests.test_gateway import hub_for, wait_for
 from tests.test_gateway_transports import cli

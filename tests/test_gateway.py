@@ -17,6 +17,7 @@ import pytest
 from mcp import Client, MCPError
 from mcp.types import INVALID_PARAMS, ToolListChangedNotification
 
+from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._config import WorkerCredentials
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._roles import ProvisionedRole
@@ -24,7 +25,6 @@ from mcp_hotmesh._streams import WorkerAPI
 from mcp_hotmesh._tools import ToolContext, ToolSet
 from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway_core import Engine
 from tests.conftest import Env
 
 pytestmark = pytest.mark.anyio

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from mcp import Client, MCPError
 from mcp.types import INVALID_PARAMS, CallToolResult
 
+from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._http import run_http
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._streams import CallerAPI
@@ -38,7 +39,6 @@ from mcp_hotmesh._tools import ToolSet
 from mcp_hotmesh.errors import HotMeshError, InvalidInput, PayloadTooLarge, PermissionDenied
 from mcp_hotmesh.examples import Sum
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway_core import Engine
 from tests.conftest import Env
 from tests.test_gateway import run_worker, wait_for
 from tests.test_gateway_transports import TOKEN, free_port, http_client

@@ -488,7 +488,7 @@ def _cast(value: Any, kind: str) -> Any:
 
 
 async def test_a_worker_changing_its_tool_in_a_loop_does_not_flood_the_gateway_or_its_clients(env: Env) -> None:
-    from mcp_hotmesh.gateway_core import REFRESH_MIN_INTERVAL, Engine
+    from mcp_hotmesh._caller import REFRESH_MIN_INTERVAL, Engine
 
     _, worker = await env.worker(["a"])
     caller_role = await env.provision(["a"], "caller")

@@ -32,11 +32,11 @@ from mcp import Client
 from mcp.types import CallToolResult
 from pydantic import BaseModel, Field
 
-from mcp_hotmesh import schemas
+from mcp_hotmesh import _schemas as schemas
+from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._tools import ToolSet
 from mcp_hotmesh.examples import toolset as example_tools
-from mcp_hotmesh.gateway_core import Engine
 from tests.conftest import Env
 from tests.test_gateway import run_worker, wait_for
 
@@ -234,7 +234,7 @@ async def test_the_gateway_starts_and_serves_whatever_the_tools_table_holds(
         env: Env, secret_file: tuple[Path, str], caplog: pytest.LogCaptureFixture) -> None:
     """Every hostile row is there before the gateway starts: it starts, lists the good tools only, and says once
     per hostile tool why it is left out (not once per tools/list or refresh)."""
-    caplog.set_level(logging.WARNING, logger="mcp_hotmesh.gateway_core")
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh._caller")
     async with iso_hub(env, secret_file, plant_first=True) as iso, Client(iso.gateway.server) as client:
         hostile = iso.hostile()
         assert set(hostile) <= {r.name for r in iso.engine.tools()}  # in the catalog, so it was read
@@ -440,7 +440,7 @@ async def test_a_schema_that_doubles_its_work_is_refused_at_a_bounded_cost_while
     call to it gets a clear error well within 30 s and nothing is enqueued; while the check runs, in its thread,
     tools/list and a good tool of another stream answer."""
     started, finished = watched_checks
-    caplog.set_level(logging.WARNING, logger="mcp_hotmesh.gateway_core")
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh._caller")
     async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
         assert await iso.plant("doubling", {"input_schema": json.dumps(COSTLY["doubling"])}) == "registered"
         await iso.known({"doubling"})
@@ -506,7 +506,7 @@ async def test_a_pattern_re2_cannot_run_makes_the_tool_unusable(
         env: Env, secret_file: tuple[Path, str], caplog: pytest.LogCaptureFixture, pattern: str) -> None:
     """Lookaround and backreferences (valid for Python's re, so valid JSON Schema here) have no linear-time match:
     the tool is left out of tools/list with one log line, and a call to it says why."""
-    caplog.set_level(logging.WARNING, logger="mcp_hotmesh.gateway_core")
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh._caller")
     async with iso_hub(env, secret_file) as iso, Client(iso.gateway.server) as client:
         schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}}
         keys = {"type": "object", "patternProperties": {pattern: {}}}

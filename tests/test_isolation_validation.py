@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import re2  # type: ignore[import-untyped]
 
-from mcp_hotmesh import schemas
-from mcp_hotmesh.gateway_core import describe_errors
+from mcp_hotmesh import _schemas as schemas
+from mcp_hotmesh._caller import describe_errors
 
 
 def validator(schema: dict[str, Any]) -> schemas.ArgumentValidator:

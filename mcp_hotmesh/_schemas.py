@@ -38,6 +38,8 @@ from jsonschema.protocols import Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
+from ._common import clip
+from ._config import TOOL_NAME_PATTERN
 from ._postgres import UnreadableJSON
 
 # The limits on one registered tool. The database enforces the same values at registration (its settings
@@ -53,7 +55,6 @@ metaschema check is linear in this: about 2 s of one core at the limit."""
 MAX_DESCRIPTION_CHARS = 10_000
 """Longest tool description, in characters."""
 
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what Claude accepts; the database enforces it too
 
 # Validators resolve references through this registry: empty, and with no way to retrieve what it lacks, so a
 # reference that is not inside the schema is an error (``referencing.exceptions.Unresolvable``), never a fetch.
@@ -118,7 +119,7 @@ def outside_reference(schema: object) -> str | None:
 
 def bounds(name: object, description: object, input_schema: object, output_schema: object) -> str | None:
     """Why a tool definition is past the limits or no plain JSON, or None."""
-    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+    if not isinstance(name, str) or not TOOL_NAME_PATTERN.fullmatch(name):
         return "its registered name is not a valid tool name"
     if not isinstance(description, str):
         return "its registered description is not text"
@@ -159,19 +160,15 @@ def check(key: str, problem: str | None, input_schema: Any, output_schema: Any) 
         try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:
-            return Checked(key, f"its registered {what} schema is invalid ({_clip(exc.message)})")
+            return Checked(key, f"its registered {what} schema is invalid ({clip(exc.message, 200)})")
         except Exception:  # bounded above, so unexpected: still one tool's problem, never the catalog's
             return Checked(key, f"its registered {what} schema could not be checked")
     try:
         patterns = schema_patterns(input_schema)
     except UnusablePattern as exc:
         return Checked(key, f"its registered input schema has a pattern this server cannot apply in bounded time "
-                            f"({_clip(str(exc))}; lookaround and backreferences are not supported)")
+                            f"({clip(str(exc), 200)}; lookaround and backreferences are not supported)")
     return Checked(key, None, ArgumentValidator(input_schema, patterns))
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # -------------------------------------------------------------------------------------------- patterns: RE2
@@ -201,12 +198,12 @@ def compile_pattern(pattern: object) -> Regex:
     """``pattern`` compiled by RE2 (ECMA-262's ``\\uXXXX`` and Python's ``\\Z`` translated); raises
     ``UnusablePattern`` when RE2 cannot compile it (lookaround, backreferences, a repetition over 1000)."""
     if not isinstance(pattern, str):
-        raise UnusablePattern(f"the pattern {_clip(repr(pattern))} is not a string")
+        raise UnusablePattern(f"the pattern {clip(repr(pattern), 200)} is not a string")
     try:
         compiled = re2.compile(for_re2(pattern), _RE2_OPTIONS)
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise UnusablePattern(f"RE2 cannot compile the pattern {_clip(repr(pattern))}: {reason}") from None
+        raise UnusablePattern(f"RE2 cannot compile the pattern {clip(repr(pattern), 200)}: {reason}") from None
     return Regex(pattern, int(compiled.programsize), _searcher(compiled))
 
 

@@ -32,8 +32,9 @@ import anyio.abc
 import asyncpg
 from jsonschema.exceptions import ValidationError, relevance
 
-from . import schemas
+from . import _schemas as schemas
 from ._batching import Batcher
+from ._common import JSON, ProgressReport, clip
 from ._listener import Listener
 from ._postgres import JsonText
 from ._retry import Backoff
@@ -48,16 +49,11 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
     QuotaExceeded,
+    UnknownTool,
 )
 
 log = logging.getLogger(__name__)
 
-JSON = Any
-ProgressReport = Callable[[float, float | None, str | None], Awaitable[None]]
-
-
-class UnknownTool(HotMeshError):
-    """No tool by that name is available to this gateway."""
 
 
 def safe_message(exc: HotMeshError) -> str:
@@ -118,10 +114,10 @@ def _check(record: ToolRecord, key: str, problem: str | None) -> schemas.Checked
     try:
         checked = schemas.check(key, problem, record.input_schema, record.output_schema)
     except Exception:  # a bug must cost one tool, never the catalog (or the gateway's start)
-        log.exception("tool %r could not be checked", _clip(record.name, 80))
+        log.exception("tool %r could not be checked", clip(record.name, 80))
         checked = schemas.Checked(key, "its registered definition could not be checked")
     if checked.problem is not None:  # once per definition: the verdict is cached for as long as it is registered
-        log.warning("tool %r of stream %r is not listed: %s", _clip(record.name, 80), _clip(record.stream, 80),
+        log.warning("tool %r of stream %r is not listed: %s", clip(record.name, 80), clip(record.stream, 80),
                     checked.problem)
     return checked
 
@@ -135,10 +131,6 @@ class _Waiter:
     result: CallResult | None = None
     error: HotMeshError | None = None
     last_progress: float | None = None
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
@@ -159,13 +151,13 @@ def _error_text(res: CallResult) -> str:
     if isinstance(value, dict):
         for key in ("message", "error"):
             if isinstance(value.get(key), str) and value[key]:
-                return _clip(value[key], 4000)
+                return clip(value[key], 4000)
     if isinstance(value, str) and value:
-        return _clip(value, 4000)
+        return clip(value, 4000)
     if res.error:
-        return _clip(res.error, 4000)
+        return clip(res.error, 4000)
     if value is not None:
-        return _clip(json.dumps(value), 4000)
+        return clip(json.dumps(value), 4000)
     return "the tool failed without a message"
 
 
@@ -363,7 +355,7 @@ class Engine:
             await self.refresh()
             entry = self._tools.get(name)
         if entry is None:
-            raise UnknownTool(f"Unknown tool: {_clip(name, 80)!r}. List the tools again to see what is available.")
+            raise UnknownTool(f"Unknown tool: {clip(name, 80)!r}. List the tools again to see what is available.")
         return entry
 
     # -------------------------------------------------------------------------------------------- calls
@@ -393,7 +385,7 @@ class Engine:
             invalid = describe_errors(errors) if errors else None
         except schemas.TooCostly as exc:
             log.warning("tool %r: checking %d bytes of arguments against its input schema took more than %d steps",
-                        _clip(name, 80), size, exc.steps)
+                        clip(name, 80), size, exc.steps)
             return (f"Tool {name!r} cannot be called with these arguments: they are too costly to check against "
                     "the tool's registered input schema (this server stops after a bounded amount of work), so "
                     "nothing was sent. Smaller arguments may pass; if not, tell the user the tool's schema is too "
