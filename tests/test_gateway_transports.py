@@ -98,7 +98,10 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
         buffer = b""
         with anyio.fail_after(60):
             while not {3, 4} <= {m.get("id") for m in lines}:
-                buffer += await proc.stdout.receive()
+                try:
+                    buffer += await proc.stdout.receive()
+                except anyio.EndOfStream:  # it stopped before answering: say why
+                    pytest.fail(b"".join([chunk async for chunk in proc.stderr]).decode(errors="replace"))
                 *complete, buffer = buffer.split(b"\n")
                 lines += [json.loads(line) for line in complete]  # a stray non-JSON line fails here
         await proc.stdin.aclose()
