@@ -18,6 +18,7 @@ Every error that reaches an agent goes through ``safe_message``: no SQL, role na
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -341,8 +342,10 @@ class Engine:
 
     def listable(self) -> list[ToolRecord]:
         """The tools an agent may see, by name: those whose definitions passed the checks. A host may refuse a
-        whole tool list for one bad schema, so a tool that did not pass is left out (and a call to it says why)."""
-        return [r for r in self.tools() if self._tools[r.name].checked.problem is None]
+        whole tool list for one bad schema, so a tool that did not pass is left out (and a call to it says why).
+        Each with its output schema as hosts get it (``_schemas.for_hosts``)."""
+        return [dataclasses.replace(r, output_schema=self._tools[r.name].checked.output_for_hosts)
+                for r in self.tools() if self._tools[r.name].checked.problem is None]
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         """A listable tool's input schema; None for an unknown tool or one that did not pass the checks."""

@@ -72,6 +72,7 @@ class Checked:
     key: str
     problem: str | None
     validator: ArgumentValidator | None = None
+    output_for_hosts: dict[str, Any] | None = None  # see for_hosts
 
 
 def measure(value: object, what: str) -> str | None:
@@ -168,7 +169,75 @@ def check(key: str, problem: str | None, input_schema: Any, output_schema: Any) 
     except UnusablePattern as exc:
         return Checked(key, f"its registered input schema has a pattern this server cannot apply in bounded time "
                             f"({clip(str(exc), 200)}; lookaround and backreferences are not supported)")
-    return Checked(key, None, ArgumentValidator(input_schema, patterns))
+    output = for_hosts(output_schema) if isinstance(output_schema, dict) else None
+    return Checked(key, None, ArgumentValidator(input_schema, patterns), output)
+
+
+# ------------------------------------------------------------------------------------ output schemas for hosts
+# Keywords whose cost the schema's author controls, on the host that checks a result against the schema: a
+# pattern its regex engine may backtrack on for minutes (Python's re does), uniqueItems (quadratic), the
+# unevaluated* walks (they follow every reference again). The MCP Python client checks every structured result
+# against the tool's output schema, on its own event loop.
+_HOST_COSTLY = frozenset({"pattern", "patternProperties", "uniqueItems", "unevaluatedProperties",
+                          "unevaluatedItems", "$dynamicRef", "$dynamicAnchor", "$anchor", "$id", "$schema"})
+_HOST_DEPTH = 2 * MAX_SCHEMA_DEPTH
+
+
+def for_hosts(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The output schema as hosts get it in ``tools/list``: checkable in bounded time whatever the worker wrote.
+    Local references are inlined (a cycle, or more than ``MAX_SCHEMA_NODES`` values once inlined: no schema),
+    and the costly keywords are left out, which only ever makes the schema accept more (so a result the tool
+    returns is never refused because of it). None: no output schema is listed; results still carry their
+    structured content."""
+    budget = [MAX_SCHEMA_NODES]
+
+    def copy(node: Any, depth: int, seen: tuple[str, ...]) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > _HOST_DEPTH:
+            raise _TooCostly
+        if isinstance(node, list):
+            return [copy(item, depth + 1, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            if ref in seen:
+                raise _TooCostly  # a cycle: no finite schema says it
+            target = _pointer(schema, ref)
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            inlined = copy(target, depth + 1, (*seen, ref))
+            if not rest:
+                return inlined
+            return {"allOf": [inlined, copy(rest, depth + 1, seen)]}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in _HOST_COSTLY or (depth == 0 and key == "$defs"):
+                continue
+            if key == "additionalProperties" and "patternProperties" in node:
+                continue  # it applied to what the patterns left: without them it would refuse more
+            out[key] = copy(value, depth + 1, seen)
+        return out
+
+    try:
+        result = copy(schema, 0, ())
+    except (_TooCostly, LookupError, TypeError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+class _TooCostly(Exception):
+    pass
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """What a local reference (``#``, ``#/$defs/Point``) points to; LookupError when it points nowhere."""
+    if not ref.startswith("#"):
+        raise LookupError(ref)
+    node = root
+    for part in (p for p in ref[1:].split("/") if p):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
 
 
 # -------------------------------------------------------------------------------------------- patterns: RE2

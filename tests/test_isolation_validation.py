@@ -207,3 +207,35 @@ def test_a_pattern_outside_the_subschemas_fails_only_when_applied() -> None:
     assert check.errors({"b": "fine"}, 100_000) == []
     with pytest.raises(schemas.UnusablePattern):
         check.errors({"a": "x"}, 100_000)
+
+
+def test_output_schemas_reach_hosts_checkable_in_bounded_time() -> None:
+    """A host checks every structured result against the output schema with its own validator (the MCP Python
+    client: jsonschema and Python's re, on its event loop). What it gets has no costly keyword and no reference."""
+    from mcp_hotmesh._schemas import for_hosts
+
+    costly = {
+        "type": "object",
+        "$defs": {"Item": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^(a+)+$"}},
+                           "additionalProperties": False}},
+        "properties": {"items": {"type": "array", "uniqueItems": True, "items": {"$ref": "#/$defs/Item"}},
+                       "tags": {"type": "object", "patternProperties": {"^x-": {"type": "string"}},
+                                "additionalProperties": False}},
+        "unevaluatedProperties": False,
+    }
+    listed = for_hosts(costly)
+    assert listed is not None
+    text = json.dumps(listed)
+    for keyword in ("pattern", "uniqueItems", "unevaluated", "$ref", "$defs"):
+        assert keyword not in text, keyword
+    # it accepts what the original accepted (and more): the item's own shape is kept
+    assert listed["properties"]["items"]["items"]["properties"]["code"] == {"type": "string"}
+    assert listed["properties"]["items"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in listed["properties"]["tags"]  # it would refuse what the patterns allowed
+    assert for_hosts({"type": "object", "properties": {"self": {"$ref": "#"}}}) is None  # a cycle: no schema
+    chain: dict[str, Any] = {"type": "object", "$defs": {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"},
+                                                                         {"$ref": f"#/$defs/d{i + 1}"}]}
+                                                         for i in range(30)}}
+    chain["$defs"]["d30"] = {"type": "string"}
+    chain["properties"] = {"x": {"$ref": "#/$defs/d0"}}
+    assert for_hosts(chain) is None  # doubling when inlined: over the budget, so no schema rather than a huge one
