@@ -156,7 +156,7 @@ class _StubEngine:
 
     async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
                    time_limit: float | None = None) -> Outcome:
-        return Outcome(result={})
+        return Outcome("ok", result={})
 
 
 @contextlib.asynccontextmanager

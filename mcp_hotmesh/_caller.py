@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import anyio
@@ -81,12 +81,27 @@ def safe_message(exc: HotMeshError) -> str:
     return "The tool service failed to handle the call."
 
 
+OutcomeKind = Literal["ok", "invalid_arguments", "offline", "timeout", "unavailable", "error"]
+"""How a call ended, decided where it ended; metrics and logs use it, never the text."""
+
+
 @dataclass
 class Outcome:
-    """A finished call: ``result`` (a JSON object) or ``error`` (text the model can read)."""
+    """A finished call: ``result`` (a JSON object) or ``error`` (text the model can read), and its kind."""
 
+    kind: OutcomeKind
     result: dict[str, JSON] | None = None
     error: str | None = None
+
+    @classmethod
+    def refused(cls, exc: HotMeshError) -> Outcome:
+        """The gateway's own work failed: the kind of failure, and the text the agent is told."""
+        kind: OutcomeKind = "error"
+        if isinstance(exc, (ConnectionFailed, Busy)):
+            kind = "unavailable"
+        elif isinstance(exc, (InvalidInput, PayloadTooLarge)):
+            kind = "invalid_arguments"
+        return cls(kind, error=safe_message(exc))
 
 
 @dataclass
@@ -362,49 +377,56 @@ class Engine:
         return entry
 
     # -------------------------------------------------------------------------------------------- calls
-    async def check(self, name: str, arguments: dict[str, JSON] | None) -> tuple[_Entry, JsonText] | str:
-        """The tool and its arguments as JSON text, or why the call must not be enqueued. Raises ``UnknownTool``."""
+    async def check(self, name: str, arguments: dict[str, JSON] | None) -> tuple[_Entry, JsonText] | Outcome:
+        """The tool and its arguments as JSON text, or the refused call's outcome (nothing is enqueued). Raises
+        ``UnknownTool``."""
         entry = await self._entry(name)
         args = arguments if arguments is not None else {}
         try:
             text = json.dumps(args, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             size = len(text.encode())
         except RecursionError:
-            return f"The arguments for {name!r} are nested too deeply."
+            return Outcome("invalid_arguments", error=f"The arguments for {name!r} are nested too deeply.")
         except UnicodeEncodeError:
-            return f"The arguments for {name!r} are not valid JSON: a string holds a lone surrogate (no UTF-8)."
+            return Outcome("invalid_arguments", error=f"The arguments for {name!r} are not valid JSON: a string "
+                           "holds a lone surrogate (no UTF-8).")
         except (TypeError, ValueError) as exc:
             why = "NaN or an infinite number" if "float" in str(exc) else (
                 "a number with too many digits" if "digits" in str(exc) else "a value that is no JSON")
-            return f"The arguments for {name!r} are not valid JSON: they hold {why}."
+            return Outcome("invalid_arguments",
+                           error=f"The arguments for {name!r} are not valid JSON: they hold {why}.")
         if size > self.max_args_bytes:
-            return (f"The arguments for {name!r} are {size} bytes of JSON; this server accepts at most "
-                    f"{self.max_args_bytes}. Send less data.")
+            return Outcome("invalid_arguments", error=f"The arguments for {name!r} are {size} bytes of JSON; this "
+                           f"server accepts at most {self.max_args_bytes}. Send less data.")
         checked = entry.checked
         if checked.validator is None:
-            return f"Tool {name!r} cannot be called: {checked.problem or 'its registered input schema is invalid'}."
+            problem = checked.problem or "its registered input schema is invalid"
+            return Outcome("error", error=f"Tool {name!r} cannot be called: {problem}.")
         try:
             errors = await self._validate(checked.validator, args, len(text), size)
             invalid = describe_errors(errors) if errors else None
         except schemas.TooCostly as exc:
             log.warning("tool %r: checking %d bytes of arguments against its input schema took more than %d steps",
                         clip(name, 80), size, exc.steps)
-            return (f"Tool {name!r} cannot be called with these arguments: they are too costly to check against "
-                    "the tool's registered input schema (this server stops after a bounded amount of work), so "
-                    "nothing was sent. Smaller arguments may pass; if not, tell the user the tool's schema is too "
-                    "complex to use.")
+            return Outcome("invalid_arguments", error=(
+                f"Tool {name!r} cannot be called with these arguments: they are too costly to check against the "
+                "tool's registered input schema (this server stops after a bounded amount of work), so nothing was "
+                "sent. Smaller arguments may pass; if not, tell the user the tool's schema is too complex to use."))
         except Exception as exc:  # an unresolvable reference (nothing is ever retrieved), a reference loop
             log.warning("tool %r: its input schema could not be applied (%s)", name, type(exc).__name__)
-            return (f"Tool {name!r} cannot be called: its registered input schema could not be applied to the "
-                    "arguments (it refers to something it does not contain, or to itself without end).")
+            return Outcome("error", error=(
+                f"Tool {name!r} cannot be called: its registered input schema could not be applied to the "
+                "arguments (it refers to something it does not contain, or to itself without end)."))
         if invalid is not None:
-            return f"Invalid arguments for {name!r}: {invalid}. Fix the arguments and call again."
+            return Outcome("invalid_arguments",
+                           error=f"Invalid arguments for {name!r}: {invalid}. Fix the arguments and call again.")
         if entry.record.live_workers == 0:
             await self.refresh()  # a worker may have started a moment ago
             entry = self._tools.get(name, entry)
             if entry.record.live_workers == 0:
-                return (f"Tool {name!r} is offline: no worker is running for it right now, so the call was not "
-                        "sent. Try again later, or tell the user the service behind this tool is not running.")
+                return Outcome("offline", error=(
+                    f"Tool {name!r} is offline: no worker is running for it right now, so the call was not sent. "
+                    "Try again later, or tell the user the service behind this tool is not running."))
         return entry, JsonText(text)
 
     async def _validate(self, validator: schemas.ArgumentValidator, args: JSON, chars: int,
@@ -429,8 +451,8 @@ class Engine:
     ) -> Outcome:
         """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database."""
         checked = await self.check(name, arguments)
-        if isinstance(checked, str):
-            return Outcome(error=checked)
+        if isinstance(checked, Outcome):
+            return checked
         entry, args = checked
         limit = self.timeout if time_limit is None else time_limit
         record = entry.record
@@ -439,7 +461,7 @@ class Engine:
                 (record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
             )
         except HotMeshError as exc:
-            return Outcome(error=safe_message(exc))
+            return Outcome.refused(exc)
         waiter = self._waiters[call_id] = _Waiter(report)
         if call_id in self._early:  # its NOTIFY came before we got here
             del self._early[call_id]
@@ -546,7 +568,7 @@ class Engine:
             if waiter.result is not None:
                 return self._outcome(waiter.result)
             if waiter.error is not None:
-                return Outcome(error=safe_message(waiter.error))
+                return Outcome.refused(waiter.error)
             self._look_at(call_id)  # nothing heard for a while: look anyway
 
     async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
@@ -558,14 +580,15 @@ class Engine:
                     return self._outcome(res)
             except HotMeshError:
                 pass
-        return Outcome(error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
+        return Outcome("timeout",
+                       error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
 
     @staticmethod
     def _outcome(res: CallResult) -> Outcome:
         if res.state == "done" and not res.is_error:
             value = res.result
-            return Outcome(result=value if isinstance(value, dict) else {"result": value})
-        return Outcome(error=_error_text(res))
+            return Outcome("ok", result=value if isinstance(value, dict) else {"result": value})
+        return Outcome("error", error=_error_text(res))
 
     async def healthy(self) -> bool:
         """Whether the database answers through the caller pool."""

@@ -25,19 +25,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def classify(outcome: Outcome) -> str:
-    """The outcome label of a finished call, from what the engine told the agent."""
-    if outcome.error is None:
-        return "ok"
-    text = outcome.error
-    if text.startswith(("Invalid arguments for", "The arguments for", "The tool service refused the arguments")):
-        return "invalid_arguments"
-    if " is offline" in text:
-        return "offline"
-    if "did not finish within" in text:
-        return "timeout"
-    if text.startswith("The tool service is unreachable"):
-        return "unavailable"
-    return "error"
+    """The outcome label of a finished call: its kind, decided where the call ended."""
+    return outcome.kind
 
 
 def _escape(value: str) -> str:
