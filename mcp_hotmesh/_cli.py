@@ -49,7 +49,10 @@ def _common(parser: argparse.ArgumentParser, *, data_dir: bool = True) -> None:
     parser.add_argument(
         "--dsn",
         default=os.environ.get("HOTMESH_DSN"),
-        help="PostgreSQL DSN (default: $HOTMESH_DSN; none starts the embedded server)",
+        help="PostgreSQL DSN (default: $HOTMESH_DSN; none starts the embedded server)" if data_dir else
+        "PostgreSQL DSN with the worker role's login, postgresql://ROLE:PASSWORD@HOST:PORT/DATABASE (default: "
+        "$HOTMESH_DSN; required). For the embedded server: postgresql://ROLE:PASSWORD@127.0.0.1:PORT/hotmesh, "
+        "with the port `mcp-hotmesh db` prints",
     )
     parser.add_argument(
         "--schema",
@@ -378,6 +381,48 @@ async def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_db(args: argparse.Namespace) -> int:
+    """The embedded server: where it is, whether it runs, who uses it, how to reach it; start and stop it."""
+    data_dir = (args.data_dir or embedded.default_data_dir()).expanduser().resolve()
+    if args.db_command == "start":
+        started = await anyio.to_thread.run_sync(lambda: embedded.start(data_dir))
+        if not started.started_here:
+            log.info("embedded PostgreSQL already running in %s on 127.0.0.1:%d", data_dir, started.port)
+    elif args.db_command == "stop":
+        stopped = await anyio.to_thread.run_sync(lambda: embedded.stop(data_dir))
+        log.info("embedded PostgreSQL in %s %s", data_dir, "stopped" if stopped else "was not running")
+        return 0
+    server = embedded.running(data_dir)
+    info: dict[str, Any] = {"data_dir": str(data_dir), "running": server is not None}
+    if server is not None:
+        conn = await connect(server.admin_dsn)
+        try:
+            users = {r["usename"]: r["n"] for r in await conn.fetch(
+                "SELECT usename, count(*) AS n FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() GROUP BY usename ORDER BY usename")}
+        finally:
+            await conn.close()
+        info |= {"port": server.port, "admin_dsn": server.admin_dsn,
+                 "role_dsn": f"postgresql://ROLE:PASSWORD@127.0.0.1:{server.port}/{embedded.DATABASE}",
+                 "sessions": users}
+    if args.json:
+        _print_json(info)
+    elif args.db_command == "dsn":
+        if server is None:
+            raise ConfigError(f"the embedded PostgreSQL in {data_dir} is not running: mcp-hotmesh db start")
+        sys.stdout.write(f"{info['role_dsn']}\n")
+    elif server is None:
+        sys.stdout.write(f"embedded PostgreSQL in {data_dir}: not running (mcp-hotmesh db start)\n")
+    else:
+        sessions = ", ".join(f"{user} {n}" for user, n in info["sessions"].items()) or "none"
+        sys.stdout.write(
+            f"embedded PostgreSQL in {data_dir}: running on 127.0.0.1:{server.port}\n"
+            f"admin (this machine, its OS user): {server.admin_dsn}\n"
+            f"a worker or caller role:          {info['role_dsn']}\n"
+            f"sessions: {sessions}\n")
+    return 0
+
+
 async def cmd_serve(args: argparse.Namespace) -> int:
     from ._serve import ServeOptions, serve
 
@@ -504,6 +549,15 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--max-queued-bytes", dest="max_queued_bytes", type=int, default=None, metavar="BYTES",
                    help="their stored size per stream (-1: back to the schema's default)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("db", cmd_db, "The embedded PostgreSQL: where it is and who uses it (status), the DSN a worker role "
+            "uses to reach it (dsn), start it and leave it running (start), stop it (stop).")
+    p.add_argument("db_command", nargs="?", choices=["status", "dsn", "start", "stop"], default="status")
+    p.add_argument("--data-dir", type=Path, default=os.environ.get("HOTMESH_DATA_DIR"),
+                   help=f"its data directory (default: $HOTMESH_DATA_DIR or {embedded.default_data_dir()})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--log-level", type=str.upper, choices=logs.LEVELS, default="INFO", help=argparse.SUPPRESS)
+    _log_format(p)
 
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")
     _common(p)

@@ -305,6 +305,21 @@ def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedS
         return EmbeddedServer(data_dir, socket_dir, chosen, started_here=True)
 
 
+def running(data_dir: Path | None = None) -> EmbeddedServer | None:
+    """The embedded server of ``data_dir`` if it runs (whoever started it), else None."""
+    return _running((data_dir or default_data_dir()).expanduser().resolve())
+
+
+def stop(data_dir: Path | None = None) -> bool:
+    """Stop the embedded server of ``data_dir``, whoever started it (its sessions end); whether one was running."""
+    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+    with _locked(data_dir):
+        if _running(data_dir) is None:
+            return False
+        _run(["pg_ctl", "-D", str(data_dir), "-m", "fast", "-w", "stop"])
+        return True
+
+
 def _tail(log_file: Path, lines: int = 3) -> str:
     try:
         return " | ".join(log_file.read_text(errors="replace").strip().splitlines()[-lines:])

@@ -3,6 +3,7 @@ Each test runs the real ``mcp-hotmesh`` command."""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import signal
@@ -169,3 +170,21 @@ async def test_wrong_database_schema_or_role_say_what_to_fix(env: Env) -> None:
     stderr = done.stderr.decode()
     assert done.returncode == 1 and "run mcp-hotmesh migrate for it, or give the right --schema" in stderr, stderr
     assert "Traceback" not in stderr
+
+
+async def test_the_embedded_server_can_be_found_reached_and_stopped(tmp_path: Path) -> None:
+    """An orphan (a serve that started it left while others were connected) is found and stopped by a command;
+    ``db dsn`` is what a worker role needs to reach it."""
+    data = str(tmp_path / "pg")
+    done = await _run("db", "start", "--data-dir", data)
+    assert done.returncode == 0, done.stderr
+    status = json.loads((await _run("db", "--json", "--data-dir", data)).stdout)
+    assert status["running"] and status["data_dir"] == data
+    dsn = (await _run("db", "dsn", "--data-dir", data)).stdout.decode().strip()
+    assert dsn == f"postgresql://ROLE:PASSWORD@127.0.0.1:{status['port']}/hotmesh"
+    done = await _run("db", "stop", "--data-dir", data)
+    assert done.returncode == 0 and "stopped" in done.stderr.decode()
+    assert not json.loads((await _run("db", "--json", "--data-dir", data)).stdout)["running"]
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()
+    done = await _run("db", "dsn", "--data-dir", data)
+    assert done.returncode == 2 and "is not running: mcp-hotmesh db start" in done.stderr.decode()
