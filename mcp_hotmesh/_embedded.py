@@ -186,13 +186,22 @@ def _run(args: list[str], *, check: bool = True, timeout: float = 60) -> str:
         except subprocess.CalledProcessError as exc:
             out.seek(0)
             detail = out.read().strip().splitlines()
-            raise EmbeddedServerError(
-                f"embedded PostgreSQL: {args[0]} failed: {detail[-1] if detail else exc.returncode}"
-            ) from exc
+            said = " | ".join(line.strip() for line in detail[-4:] if line.strip())  # the cause, not only the end
+            raise EmbeddedServerError(f"embedded PostgreSQL: {args[0]} failed: {said or exc.returncode}") from exc
         except subprocess.TimeoutExpired as exc:
             raise EmbeddedServerError(f"embedded PostgreSQL: {args[0]} timed out") from exc
         out.seek(0)
         return out.read()
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """A data directory is new, empty, or PostgreSQL's: anything else is a one-line error, before anything is
+    written (no half-made directory is left behind)."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise EmbeddedServerError(f"the data directory {data_dir} is a file: give a directory (new or empty)")
+    if data_dir.is_dir() and not (data_dir / "PG_VERSION").exists() and any(data_dir.iterdir()):
+        raise EmbeddedServerError(f"the data directory {data_dir} is not empty and holds no PostgreSQL data: give "
+                                  "a new or empty directory, or the one the embedded server used before")
 
 
 def _check_server_user_reaches(data_dir: Path) -> None:
@@ -273,9 +282,13 @@ def _locked(data_dir: Path) -> Iterator[None]:
 def start(data_dir: Path | None = None, *, port: int | None = None) -> EmbeddedServer:
     """Start the embedded server (initialising its data directory the first time), or join a running one."""
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
-    if data_dir.parent == SHARED_DIR and not SHARED_DIR.exists():  # root's default: a directory we make
-        SHARED_DIR.mkdir(parents=True, mode=0o755)
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_data_dir(data_dir)
+    try:
+        if data_dir.parent == SHARED_DIR and not SHARED_DIR.exists():  # root's default: a directory we make
+            SHARED_DIR.mkdir(parents=True, mode=0o755)
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot create the data directory {data_dir}: {exc.strerror or exc}") from None
     _check_server_user_reaches(data_dir)
     user = _server_user()
     with _locked(data_dir):
@@ -355,6 +368,14 @@ def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
     """
     scratch = data_dir.with_name(f".{data_dir.name}.init")
     shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _init_in(scratch, data_dir, user)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)  # no half-made directory is left behind
+        raise
+
+
+def _init_in(scratch: Path, data_dir: Path, user: pwd.struct_passwd | None) -> None:
     scratch.mkdir(mode=0o700)
     if user:
         os.chown(scratch, user.pw_uid, user.pw_gid)
@@ -378,6 +399,8 @@ def _init(data_dir: Path, user: pwd.struct_passwd | None) -> None:
               "-d", DATABASE, "-c", HARDEN])
     finally:
         _run(["pg_ctl", "-D", str(scratch), "-m", "fast", "-w", "stop"], check=False)
+    if data_dir.is_dir():  # an empty directory given for it (checked above): the new one takes its place
+        data_dir.rmdir()
     scratch.rename(data_dir)
 
 

@@ -188,3 +188,21 @@ async def test_the_embedded_server_can_be_found_reached_and_stopped(tmp_path: Pa
     assert not (tmp_path / "pg" / "postmaster.pid").exists()
     done = await _run("db", "dsn", "--data-dir", data)
     assert done.returncode == 2 and "is not running: mcp-hotmesh db start" in done.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["file", "not empty", "cannot be made"])
+async def test_a_bad_data_directory_is_one_line_and_leaves_nothing(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "given"
+    if kind == "file":
+        target.write_text("")
+    elif kind == "not empty":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        target = Path("/proc/1/nowhere/pg")
+    before = sorted(os.listdir(tmp_path))
+    done = await _run("status", "--data-dir", str(target))
+    stderr = done.stderr.decode()
+    assert done.returncode == 1 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    assert str(target) in stderr
+    assert sorted(os.listdir(tmp_path)) == before  # no half-made directory, no lock file
