@@ -588,6 +588,16 @@ def _unevaluated_properties(validator: Any, unevaluated: Any, instance: Any, sch
 # jsonschema's walks for unevaluatedItems and unevaluatedProperties (jsonschema._utils, MIT), counted: they follow
 # $ref, if/then/else and dependentSchemas without applying any keyword, so a chain of references that doubles at
 # each level would cost nothing otherwise. Sets instead of lists: jsonschema's ``index not in list`` is quadratic.
+def _conditional_branches(validator: Any, instance: Any, schema: dict[str, Any]) -> list[Any]:
+    """The subschemas of ``if``/``then``/``else`` that apply to ``instance``: ``if`` and ``then`` when it holds,
+    ``else`` when it does not."""
+    if "if" not in schema:
+        return []
+    if validator.evolve(schema=schema["if"]).is_valid(instance):
+        return [schema["if"]] + ([schema["then"]] if "then" in schema else [])
+    return [schema["else"]] if "else" in schema else []
+
+
 def _evaluated_items(validator: Any, instance: list[Any], schema: Any, run: _Run) -> set[int]:
     run.spend(1)
     if validator.is_type(schema, "boolean"):
@@ -604,13 +614,8 @@ def _evaluated_items(validator: Any, instance: list[Any], schema: Any, run: _Run
                                           instance, resolved.contents, run)
     if "prefixItems" in schema:
         evaluated.update(range(min(len(schema["prefixItems"]), len(instance))))
-    if "if" in schema:
-        if validator.evolve(schema=schema["if"]).is_valid(instance):
-            evaluated |= _evaluated_items(validator, instance, schema["if"], run)
-            if "then" in schema:
-                evaluated |= _evaluated_items(validator, instance, schema["then"], run)
-        elif "else" in schema:
-            evaluated |= _evaluated_items(validator, instance, schema["else"], run)
+    for branch in _conditional_branches(validator, instance, schema):
+        evaluated |= _evaluated_items(validator, instance, branch, run)
     for keyword in ("contains", "unevaluatedItems"):
         if keyword in schema:
             run.spend(len(instance))
@@ -657,13 +662,8 @@ def _evaluated_properties(validator: Any, instance: dict[str, Any], schema: Any,
         for subschema in schema.get(keyword, ()):
             if next(validator.descend(instance, subschema), None) is None:
                 evaluated |= _evaluated_properties(validator, instance, subschema, run)
-    if "if" in schema:
-        if validator.evolve(schema=schema["if"]).is_valid(instance):
-            evaluated |= _evaluated_properties(validator, instance, schema["if"], run)
-            if "then" in schema:
-                evaluated |= _evaluated_properties(validator, instance, schema["then"], run)
-        elif "else" in schema:
-            evaluated |= _evaluated_properties(validator, instance, schema["else"], run)
+    for branch in _conditional_branches(validator, instance, schema):
+        evaluated |= _evaluated_properties(validator, instance, branch, run)
     return evaluated
 
 
