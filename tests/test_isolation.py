@@ -8,11 +8,9 @@ does not hangs until the bound.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -23,22 +21,12 @@ from mcp_hotmesh import _admin as admin
 from mcp_hotmesh._housekeeping import watchdog_loop
 from mcp_hotmesh._roles import CONNECTION_LIMIT, ProvisionedRole, provision_role, revoke, rotate, set_limits
 from mcp_hotmesh.errors import Busy, InvalidInput, PayloadTooLarge, QuotaExceeded
-from tests.conftest import Env
+from tests.helpers import Env
 
 pytestmark = pytest.mark.anyio
 
 BOUND = 20  # seconds: the most any victim may wait below (they answer at once when the defence works)
 TOOL = {"name": "t", "description": "a tool", "input_schema": {"type": "object"}}
-
-
-@contextlib.asynccontextmanager
-async def attacker(env: Env, role: ProvisionedRole) -> AsyncIterator[asyncpg.Connection]:
-    """A raw session of ``role`` (the attacker's own client); terminated at the end whatever happened to it."""
-    conn = await env.connect(role)
-    try:
-        yield conn
-    finally:
-        conn.terminate()
 
 
 async def ended(conn: asyncpg.Connection) -> bool:
@@ -63,7 +51,7 @@ async def test_a_held_heartbeat_does_not_take_other_streams_workers_offline(env:
         f'INSERT INTO "{env.schema}".workers (stream, consumer, role_name, expires_at) '
         "SELECT 'beta', 'old' || i, 'x', now() - interval '2 hours' FROM generate_series(1, 5) i"
     )
-    async with attacker(env, bad_role) as conn:
+    async with env.session(bad_role) as conn:
         await conn.execute("BEGIN")
         await conn.fetchval(f"SELECT \"{env.schema}\".worker_heartbeat(ARRAY['alpha'], 'a1', 60000)")
         # ... and the attacker keeps its transaction open
@@ -83,7 +71,7 @@ async def test_a_held_purge_does_not_stop_retention_of_other_streams(env: Env) -
     await worker.respond("beta", msg.id, msg.lease, {"ok": True})
     # done, and past its deadline: what retention deletes
     await env.admin.execute(f"UPDATE \"{env.schema}\".messages SET deadline = now() - interval '1 s'")
-    async with attacker(env, bad_role) as conn:
+    async with env.session(bad_role) as conn:
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".worker_purge()')
         with anyio.fail_after(BOUND):
@@ -99,7 +87,7 @@ async def test_a_row_a_caller_keeps_locked_costs_the_worker_a_bounded_wait(env: 
     _, worker = await env.worker(["a"])
     call = await caller.call("a", "", {}, 60_000)
     [msg] = await worker.dequeue("a", "w", 1, 60_000)
-    async with attacker(env, caller_role) as conn:
+    async with env.session(caller_role) as conn:
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', call)
         with anyio.fail_after(BOUND), pytest.raises(Busy):
@@ -114,7 +102,7 @@ async def test_a_row_a_caller_keeps_locked_costs_the_worker_a_bounded_wait(env: 
 async def test_revoke_finishes_whatever_the_role_holds(env: Env, hold: str) -> None:
     role, worker = await env.worker(["a"])
     await worker.heartbeat(["a"], "w1", 60_000)
-    async with attacker(env, role) as conn:
+    async with env.session(role) as conn:
         await conn.execute("BEGIN")
         if hold == "own password":  # locks the role's own catalog row until the transaction ends
             await conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'mine now'")
@@ -134,7 +122,7 @@ async def test_revoke_finishes_whatever_the_role_holds(env: Env, hold: str) -> N
 
 async def test_rotate_finishes_while_the_role_holds_its_own_row(env: Env) -> None:
     role = await env.provision(["a"], "worker")
-    async with attacker(env, role) as conn:
+    async with env.session(role) as conn:
         await conn.execute("BEGIN")
         await conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'mine now'")
         with anyio.fail_after(BOUND):
@@ -150,7 +138,7 @@ async def test_rotate_finishes_while_the_role_holds_its_own_row(env: Env) -> Non
 
 async def test_rotate_ends_no_session_that_holds_nothing(env: Env) -> None:
     role = await env.provision(["a"], "worker")
-    async with attacker(env, role) as idle:
+    async with env.session(role) as idle:
         await rotate(env.admin, role.role, schema=env.schema)
         assert await idle.fetchval("SELECT 1") == 1  # a session open before keeps working
 
@@ -182,8 +170,8 @@ async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
     bad_role, _ = await env.caller(["a"])
     _, worker = await env.worker(["b"])
     polite_role = await env.provision(["b"], "caller")
-    async with attacker(env, bad_role) as idle_in_tx, attacker(env, bad_role) as listener, \
-            attacker(env, polite_role) as polite:
+    async with env.session(bad_role) as idle_in_tx, env.session(bad_role) as listener, \
+            env.session(polite_role) as polite:
         await idle_in_tx.execute("BEGIN")
         await idle_in_tx.fetchval(f"SELECT count(*) FROM \"{env.schema}\".caller_tools()")
         # a listener inside a transaction keeps the server's NOTIFY queue from being freed, for everyone
@@ -207,7 +195,7 @@ async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
         assert all(bad_role.role in r.message for r in caplog.records if "watchdog: ended" in r.message)
     # a long transaction that is busy, not idle, is ended too, past watchdog_transaction_ms
     await env.set("watchdog_transaction_ms", 300)
-    async with attacker(env, bad_role) as busy:
+    async with env.session(bad_role) as busy:
         await busy.execute("BEGIN")
         sleeping = busy.execute("SELECT pg_sleep(60)")
         async with anyio.create_task_group() as tg:
@@ -225,7 +213,7 @@ async def test_the_watchdog_ends_sessions_that_hold_a_transaction_open(
 async def test_the_watchdog_is_only_for_scoped_roles_with_streams(env: Env) -> None:
     role = await env.provision(["a"], "worker")
     await env.admin.execute(f'ALTER ROLE "{role.role}" IN DATABASE "{env.server.database}" RESET app.allowed_streams')
-    async with attacker(env, role) as conn:
+    async with env.session(role) as conn:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetch(f'SELECT * FROM "{env.schema}".worker_watchdog()')
         with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a worker runs the worker's, not the caller's
@@ -358,7 +346,7 @@ async def test_arguments_and_results_are_bounded_in_depth(env: Env) -> None:
 @pytest.mark.skipif(bool(os.environ.get("HOTMESH_TEST_DSN")), reason="the embedded server's own database")
 async def test_the_embedded_database_gives_roles_nothing_to_exhaust_the_server_with(env: Env) -> None:
     role = await env.provision(["a"], "worker")
-    async with attacker(env, role) as conn:
+    async with env.session(role) as conn:
         for statement in (
             "CREATE TEMP TABLE filler AS SELECT 1",  # disk, with no quota
             "SELECT lo_from_bytea(0, 'x'::bytea)",  # large objects: disk, and they outlive the session
@@ -376,7 +364,7 @@ async def test_the_watchdog_ends_a_session_holding_advisory_locks(env: Env) -> N
     # where the server allows it (the embedded one does not), a role may take advisory locks: grant it here
     await env.admin.execute(f'GRANT EXECUTE ON FUNCTION pg_advisory_lock(bigint) TO "{bad_role.role}"')
     try:
-        async with attacker(env, bad_role) as conn:
+        async with env.session(bad_role) as conn:
             await conn.execute("SELECT pg_advisory_lock(42)")  # outside any transaction: only the lock stays
             with anyio.fail_after(BOUND):
                 [gone] = await worker.watchdog()
@@ -401,7 +389,7 @@ async def test_a_dead_call_its_caller_keeps_locked_does_not_stall_the_dlq_purge(
     calls = [await caller.call("a", "", {"i": i}, 60_000) for i in range(3)]
     for call in calls:
         await caller.cancel(call)  # queued: dead at once
-    async with attacker(env, caller_role) as conn:
+    async with env.session(caller_role) as conn:
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', calls[0])  # holds its own dead row
         with anyio.fail_after(BOUND):
@@ -438,7 +426,7 @@ async def test_null_and_extreme_arguments_fail_cleanly_and_touch_nothing_else(en
                "double precision": [None, "NaN", "Infinity", "-1e308", 0]}
     allowed = ("42501", "HM", "22", "23505", "55P03", "54")  # denied, ours, bad value, duplicate, busy, too large
     reached = 0  # calls the server ran (answered or refused): the test must not pass by sending nothing
-    async with attacker(env, worker_role) as as_worker, attacker(env, caller_role) as as_caller:
+    async with env.session(worker_role) as as_worker, env.session(caller_role) as as_caller:
         for row in signatures:
             conn = as_worker if row["proname"].startswith("worker_") else as_caller
             types: list[str] = list(row["types"])

@@ -18,7 +18,7 @@ from mcp_hotmesh._roles import (
 )
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh.errors import ConfigError, Conflict, NotFound, PermissionDenied
-from tests.conftest import Env
+from tests.helpers import Env
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from mcp_hotmesh.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from tests.conftest import Env, drop_schema
+from tests.helpers import Env, drop_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -42,16 +42,6 @@ TABLES = ("messages", "tools", "workers", "roles", "settings", "migrations")
 DENIED = asyncpg.InsufficientPrivilegeError  # SQLSTATE 42501
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.asynccontextmanager
-async def session(env: Env, role: ProvisionedRole) -> AsyncIterator[asyncpg.Connection]:
-    """A raw connection as ``role``, over TCP with its password; always closed at the end."""
-    conn = await env.connect(role)
-    try:
-        yield conn
-    finally:
-        conn.terminate()
 
 
 async def snapshot(env: Env) -> dict[str, Any]:
@@ -284,7 +274,7 @@ async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: str) -> None
     role = await env.provision(["a", "b"], kind)  # type: ignore[arg-type]
     before = await snapshot(env)
     assert before["messages"] and before["tools"] and before["workers"] and before["settings"]
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         assert await not_refused(conn, table_attacks(env.schema)) == []
         for table in TABLES:
             with pytest.raises(DENIED):
@@ -305,7 +295,7 @@ async def test_internal_helpers_are_not_callable(env: Env, kind: str) -> None:
                                               "_notify_caller", "_clamp_lease", "_check_tool", "_watchdog",
                                               "_own_streams", "_check_quota"}
     before = await snapshot(env)
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         for name, call in helpers:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetchval(call)
@@ -318,7 +308,7 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
     caller_fns = await functions_of(env, "^caller_")
     assert len(worker_fns) >= 11 and len(caller_fns) >= 4
     before = await snapshot(env)
-    async with session(env, w.wb) as conn:
+    async with env.session(w.wb) as conn:
         for name, call in caller_fns:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetch(call)
@@ -327,7 +317,7 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
             await conn.fetch(f"SELECT * FROM {env.schema}.caller_result($1)", w.queued_b)
         with pytest.raises(DENIED):
             await conn.fetch(f"SELECT {env.schema}.caller_call('b', '', '{{}}', 1000)")
-    async with session(env, w.cb) as conn:
+    async with env.session(w.cb) as conn:
         for name, call in worker_fns:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetch(call)
@@ -351,7 +341,7 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
 async def test_worker_is_refused_on_another_stream(env: Env) -> None:
     w = await world(env)
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
         assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.worker_dequeue('a', 'w', 10, 1000)") == 0
     await refused(lambda: w.worker_a.dequeue("b", "w", 10, 60_000), PermissionDenied)
@@ -363,7 +353,7 @@ async def test_set_and_set_config_do_not_widen_the_scope(env: Env) -> None:
     w = await world(env)
     before = await snapshot(env)
     s = env.schema
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         for widen in [
             "SET app.allowed_streams = 'a,b'",
             "SET SESSION app.allowed_streams = 'b'",
@@ -374,7 +364,7 @@ async def test_set_and_set_config_do_not_widen_the_scope(env: Env) -> None:
                 await conn.execute(widen)  # any session may set a custom setting ...
                 assert "b" in await conn.fetchval("SELECT current_setting('app.allowed_streams')")
                 await all_worker_attacks_refused(conn, s, "b", w)  # ... but it is never read
-    async with session(env, w.ca) as conn:
+    async with env.session(w.ca) as conn:
         await conn.execute("SET app.allowed_streams = 'a,b'")
         with pytest.raises(DENIED, match="permission denied for this stream"):
             await conn.fetchval(f"SELECT {s}.caller_call('b', '', '{{}}', 1000)")
@@ -389,7 +379,7 @@ async def test_alter_role_on_itself_cannot_widen_or_unnarrow_the_scope(env: Env)
     await env.admin.execute(f"ALTER ROLE \"{w.wa.role}\" SET app.allowed_streams = 'a,b'")
     before = await snapshot(env)
     db = env.server.database
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         assert not await conn.fetchval("SELECT has_parameter_privilege('app.allowed_streams', 'SET')")
         for statement in [
             "ALTER ROLE current_user SET app.allowed_streams = 'a,b'",
@@ -409,7 +399,7 @@ async def test_alter_role_on_itself_cannot_widen_or_unnarrow_the_scope(env: Env)
         await conn.execute(f"ALTER ROLE current_user IN DATABASE {db} RESET ALL")
         await conn.execute("ALTER ROLE current_user RESET ALL")
         await all_worker_attacks_refused(conn, s, "b", w)
-    async with session(env, w.wa) as conn:  # a new session: still only a
+    async with env.session(w.wa) as conn:  # a new session: still only a
         await all_worker_attacks_refused(conn, s, "b", w)
         assert await conn.fetchval(f"SELECT count(*) FROM {s}.worker_dequeue('a', 'w', 1, 1000)") == 0
     assert await snapshot(env) == before
@@ -419,7 +409,7 @@ async def test_set_role_to_the_group_stays_scoped_to_the_session_user(env: Env) 
     w = await world(env)
     s = env.schema
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         await conn.execute(f"SET ROLE {s}_worker")
         assert await conn.fetchval("SELECT current_user") == f"{s}_worker"
         await all_worker_attacks_refused(conn, s, "b", w)
@@ -444,7 +434,7 @@ async def test_hostile_stream_names_are_data(env: Env) -> None:
         "*", "%", "_", "a%", "a_", "{a,b}", '"a"', "", " a", "a ", "A", "a\n", "a\\", "ströme", "a;b", "x" * 5000,
     ]
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         for name in [*hostile, None]:
             await all_worker_attacks_refused(conn, s, name, w)
     for name in hostile:
@@ -539,7 +529,7 @@ async def test_forged_and_foreign_leases_change_nothing(env: Env) -> None:
     assert not await w.worker_a.release("a", held.id, held.lease)
     await refused(lambda: w.worker_a.respond("b", held.id, held.lease, {"stolen": True}), PermissionDenied)
     await refused(lambda: w.worker_a.release("b", held.id, held.lease), PermissionDenied)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
     assert await snapshot(env) == before
     assert wb2.role != w.wb.role
@@ -584,7 +574,7 @@ async def test_lease_ms_is_clamped_and_a_held_lease_is_never_stolen(env: Env) ->
     row = await env.message(first)
     for lease_ms in (0, -1, -(2**31), 1, 2**31 - 1):
         assert await thief.dequeue("s", "thief", 10, lease_ms) == []
-    async with session(env, await env.provision(["s"], "worker")) as conn:
+    async with env.session(await env.provision(["s"], "worker")) as conn:
         assert await conn.fetch(f"SELECT * FROM {env.schema}.worker_dequeue('s', 'thief', 10, NULL)") == []
     assert dict(await env.message(first)) == dict(row)  # still the first worker's, with the same stored expiry
 
@@ -679,7 +669,7 @@ async def test_notify_is_a_hint_that_carries_no_data_and_grants_nothing(env: Env
             answered.set()
 
     channels = [worker_channel(s, "b"), caller_channel(s, w.cb.role), tools_channel(s)]
-    async with session(env, w.wa) as spy, session(env, w.ca) as caller_spy:
+    async with env.session(w.wa) as spy, env.session(w.ca) as caller_spy:
         for channel in channels:
             await spy.add_listener(channel, hear)
         # activity on b, by b's roles
@@ -729,7 +719,7 @@ async def test_roles_of_one_schema_have_nothing_in_another(env: Env) -> None:
     await migrate(env.admin, other)
     try:
         await env.admin.execute(f"INSERT INTO {other}.messages (stream, args) VALUES ('a', '{{}}')")
-        async with session(env, w.wa) as conn:
+        async with env.session(w.wa) as conn:
             for sql in [
                 f"SELECT * FROM {other}.worker_dequeue('a', 'w', 10, 60000)",
                 f"SELECT {other}.worker_publish('a', '', '{{}}')",
@@ -767,7 +757,7 @@ async def test_a_spoofed_cancel_notify_does_not_stop_a_running_handler(env: Env)
         with anyio.fail_after(10):
             await started.wait()
         id_ = (await env.call_row(call_id))["id"]  # message ids are sequential: an attacker can guess them
-        async with session(env, intruder) as conn:
+        async with env.session(intruder) as conn:
             for _ in range(3):
                 await conn.execute("SELECT pg_notify($1, $2)", worker_channel(env.schema, "slow"), f"c:{id_}")
                 await conn.execute("SELECT pg_notify($1, $2)", caller_channel(env.schema, owner_role.role),
@@ -802,12 +792,12 @@ async def test_rotated_password_old_refused_new_works(env: Env) -> None:
     assert rotated.password != role.password
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(role)
-    async with session(env, rotated) as conn:
+    async with env.session(rotated) as conn:
         assert await conn.fetchval("SELECT session_user") == role.role
     given = await rotate(env.admin, role.role, "a chosen password", schema=env.schema)
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(rotated)
-    async with session(env, given) as conn:
+    async with env.session(given) as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.worker_dequeue('a', 'w', 1, 1000)") == 0
 
 
@@ -815,7 +805,7 @@ async def test_a_role_cannot_rotate_its_own_password_into_a_takeover(env: Env) -
     """A role may change its own password (PostgreSQL allows that to every role, and nothing can forbid it):
     the attacker can lock the real worker out, but gains nothing, and the admin's rotate takes it back."""
     role, _ = await env.worker(["a"])
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         await conn.execute("ALTER ROLE current_user PASSWORD 'attacker'")
         for statement in [
             "ALTER ROLE current_user SUPERUSER",
@@ -832,7 +822,7 @@ async def test_a_role_cannot_rotate_its_own_password_into_a_takeover(env: Env) -
     rotated = await rotate(env.admin, role.role, schema=env.schema)
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(ProvisionedRole(role.role, "attacker", "worker", ["a"]))
-    async with session(env, rotated) as conn:
+    async with env.session(rotated) as conn:
         assert await conn.fetchval("SELECT session_user") == role.role
 
 
@@ -886,7 +876,7 @@ async def test_revoke_refuses_logins_ends_open_sessions_and_removes_everything(e
 
 async def test_a_worker_cannot_end_or_spy_on_other_sessions(env: Env) -> None:
     w = await world(env)
-    async with session(env, w.ca) as victim, session(env, w.wa) as attacker:
+    async with env.session(w.ca) as victim, env.session(w.wa) as attacker:
         pid = victim.get_server_pid()
         await victim.fetchval("SELECT 'a query with a secret in it'")
         with pytest.raises(DENIED):
@@ -925,7 +915,7 @@ async def test_manual_provisioning_path(env: Env) -> None:
     await refused(lambda: hand.dequeue("b", "hand", 10, 60_000), PermissionDenied)
     await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
     await refused(lambda: hand.extend("a", msg.id, msg.lease, 1000), PermissionDenied)  # not granted
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         await conn.execute("SET app.allowed_streams = 'a,b'")
         with pytest.raises(DENIED):
             await conn.fetch(f"SELECT * FROM {s}.worker_dequeue('b', 'x', 1, 1000)")
@@ -957,7 +947,7 @@ async def test_a_worker_cannot_stall_migrations_with_an_advisory_lock(env: Env) 
     """Any role may take any advisory lock, so migrate() must not wait on one (it locks the migrations table)."""
     role, _ = await env.worker(["a"])
     fresh = env.schema + "_m"
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         for schema in (env.schema, fresh):  # the key migrate() used to wait on
             # (the embedded server refuses advisory locks to scoped roles outright; another server allows them)
             with contextlib.suppress(DENIED):
@@ -984,7 +974,7 @@ async def test_a_worker_cannot_stall_a_pending_migration_with_a_plan_time_lock(e
     role, _ = await env.worker(["a"])
     s = env.schema
     await env.admin.execute(f'DELETE FROM "{s}".migrations WHERE version = 1')  # an upgrade is pending
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         pid = conn.get_server_pid()
         try:
             await conn.execute(
