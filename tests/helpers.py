@@ -194,6 +194,10 @@ class WorkerOptions(RuntimeOptions, total=False):
 FAST: RuntimeOptions = {"poll_interval": 0.2, "heartbeat_interval": 1.0, "shutdown_grace": 0.5}
 """Short intervals, so that a test sees a fallback poll, a heartbeat or a stop within a second."""
 
+QUICK_RETRY = RetryPolicy(initial_interval=20, maximum_interval=100)
+"""The default three attempts, a few milliseconds apart (the default waits 0.5 s, then 1 s)."""
+
+
 @contextlib.asynccontextmanager
 async def serving(env: Env, tools: ToolSet, **options: Unpack[WorkerOptions]) -> AsyncIterator[Worker]:
     """A worker for ``tools``, logged in as a fresh worker role for their topics (``FAST`` unless overridden)."""
@@ -265,15 +269,16 @@ class Hub:
 
 @contextlib.asynccontextmanager
 async def hub_for(env: Env, *, toolset: ToolSet = GATEWAY_TOOLS, extra_streams: Sequence[str] = (),
-                  call_timeout: float = 20.0, max_args_bytes: int = 4096,
-                  recheck_interval: float = 5.0) -> AsyncIterator[Hub]:
+                  call_timeout: float = 20.0, max_args_bytes: int = 4096, recheck_interval: float = 5.0,
+                  retry: RetryPolicy = QUICK_RETRY) -> AsyncIterator[Hub]:
     """A worker serving ``toolset`` and a gateway whose caller role may use its topics and ``extra_streams``; ready
-    once every tool has a live worker. The engine takes the options (``call_timeout`` is its ``timeout``)."""
+    once every tool has a live worker. ``retry`` is the worker's; the engine takes the rest (``call_timeout`` is its
+    ``timeout``)."""
     worker_role = await env.provision(list(toolset.topics), "worker")
     caller = await env.provision([*toolset.topics, *extra_streams], "caller")
     engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
                     timeout=call_timeout, max_args_bytes=max_args_bytes, recheck_interval=recheck_interval)
-    async with run_worker(env, worker_role, toolset), engine:
+    async with run_worker(env, worker_role, toolset, retry=retry), engine:
 
         async def ready() -> bool:
             await engine.refresh()

@@ -142,7 +142,7 @@ async def test_random_json_against_each_example_tool(hub: Hub, tool: str) -> Non
         "math_add": st.fixed_dictionaries({"a": st.floats(-1e300, 1e300) | st.integers(-(10**15), 10**15),
                                            "b": st.floats(-1e300, 1e300) | st.integers(-(10**15), 10**15)}),
         "math_multiply": st.fixed_dictionaries({"a": st.floats(-1e300, 1e300), "b": st.floats(-1e300, 1e300)}),
-        "flaky": st.nothing(),  # its valid call takes a retry (0.5 s): covered in test_gateway
+        "flaky": st.nothing(),  # its valid call takes a retry: covered in test_gateway
     }[tool]
     async with Client(hub.gateway.server) as client:
 
