@@ -108,12 +108,16 @@ class Env:
     @contextlib.asynccontextmanager
     async def session(self, role: ProvisionedRole) -> AsyncIterator[asyncpg.Connection]:
         """A raw session of ``role`` over TCP with its password (an attacker's own client); terminated at the end
-        whatever happened to it."""
+        whatever happened to it, on the server too: whatever it held is let go before the test goes on."""
         conn = await self.connect(role)
+        pid = conn.get_server_pid()
         try:
             yield conn
         finally:
             conn.terminate()
+            # (the server notices a closed client only when it next reads; pg_terminate_backend waits for the end)
+            await self.admin.execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE pid = $1", pid)
 
     async def set(self, key: str, value: int) -> None:
         """Change an admin setting (lease bounds, size limits) in this test's schema."""
