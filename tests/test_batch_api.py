@@ -167,7 +167,7 @@ async def test_batcher_sends_what_arrives_meanwhile_together_with_per_item_error
         return [ValueError("odd") if i % 2 else i * 10 for i in items]
 
     batcher: Batcher[int, int] = Batcher(flush, max_size=3)
-    results: dict[int, Any] = {}
+    results: dict[int, int | ValueError] = {}
 
     async def submit(i: int) -> None:
         try:

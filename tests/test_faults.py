@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -90,10 +89,10 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def gateway(pool: asyncpg.Pool, schema: str, role: str, dsn: str, **options: Any) -> AsyncIterator[Engine]:
+async def gateway(pool: asyncpg.Pool, schema: str, role: str, dsn: str,
+                  call_timeout: float = 30.0) -> AsyncIterator[Engine]:
     """The gateway's engine for a caller role, once the tools are live; its MCP server is ``McpGateway(engine)``."""
-    engine = Engine(pool, schema=schema, role=role, listen_dsn=dsn, **{"timeout": 30.0, "recheck_interval": 1.0,
-                                                                       **options})
+    engine = Engine(pool, schema=schema, role=role, listen_dsn=dsn, timeout=call_timeout, recheck_interval=1.0)
     async with engine:
 
         async def live() -> bool:
@@ -193,7 +192,7 @@ async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs:
         caller_dsn = server.role_dsn(caller.role, caller.password)
         pool = await create_pool(caller_dsn, max_size=10)
         results: dict[int, CallToolResult] = {}
-        async with gateway(pool, schema, caller.role, caller_dsn, timeout=20.0) as engine, \
+        async with gateway(pool, schema, caller.role, caller_dsn, call_timeout=20.0) as engine, \
                 Client(McpGateway(engine).server) as client:
 
             async def call(n: int) -> None:
@@ -418,6 +417,7 @@ async def test_a_silently_dead_listen_connection_falls_back_and_is_reestablished
         async with hub_for(env, recheck_interval=0.5) as hub:
             caller = hub.caller
             listen_dsn = f"postgresql://{caller.role}:{caller.password}@127.0.0.1:{proxy.port}/{env.server.database}"
+            assert isinstance(hub.engine.api.pool, asyncpg.Pool)
             engine = Engine(hub.engine.api.pool, schema=env.schema, role=caller.role, listen_dsn=listen_dsn,
                             timeout=20.0, recheck_interval=0.5)
             async with engine, Client(McpGateway(engine).server) as client:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 from mcp import Client, MCPError
-from mcp.types import INVALID_PARAMS, ToolListChangedNotification
+from mcp.client.session import IncomingMessage
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolListChangedNotification
 
 from mcp_hotmesh._streams import WorkerAPI
 from tests.helpers import GATEWAY_TOOLS, Env, Hub, block_cancellations, hub_for, text_of, wait_for
@@ -67,7 +68,7 @@ async def test_list_changed_reaches_modern_clients(hub: Hub) -> None:
 async def test_list_changed_reaches_legacy_clients(hub: Hub) -> None:
     changed = anyio.Event()
 
-    async def on_message(message: Any) -> None:
+    async def on_message(message: IncomingMessage) -> None:
         if isinstance(message, ToolListChangedNotification):
             changed.set()
 
@@ -212,7 +213,7 @@ async def test_listen_reconnect_rechecks_the_waiting_calls(env: Env) -> None:
         heard = listener._handler
         # deaf to call notifications from now on (as if they were sent while disconnected)
         listener._handler = lambda channel, payload: None if payload[:2] in ("r:", "p:") else heard(channel, payload)
-        results: list[Any] = []
+        results: list[CallToolResult] = []
 
         async def call() -> None:
             results.append(await client.call_tool("sleep", {"seconds": 0.3, "steps": 1}))
@@ -245,6 +246,7 @@ async def test_a_second_gateway_does_not_take_over_the_first_ones_roles(env: Env
     async with running_gateway(args) as first, running_gateway(args) as second:
         assert first.role == f"{env.schema}_c_gateway"
         assert second.role == f"{env.schema}_c_gateway_2"
+        assert isinstance(first.api.pool, asyncpg.Pool)
         await first.api.pool.expire_connections()  # new logins: the first one's password still works
         assert await first.refresh() is False
         assert await first.healthy() and await second.healthy()

@@ -66,7 +66,7 @@ async def not_json() -> Any:
 @tools.tool(topic=OUT, workflow_name="wrong_shape")
 async def wrong_shape() -> Sum:
     """Returns something that breaks its declared output schema."""
-    return {"result": "seven"}  # type: ignore[return-value]
+    return {"result": "seven"}  # type: ignore[return-value]  # on purpose: what the test is about
 
 
 @tools.tool(topic=OUT, workflow_name="nul")
@@ -113,9 +113,9 @@ async def hub(env: Env) -> AsyncIterator[Hub]:
         yield h
 
 
-def in_thread(run: Callable[[], None]) -> Any:
+async def in_thread(run: Callable[[], None]) -> None:
     """Run a hypothesis test (a blocking function) in a worker thread; it reaches the loop with from_thread."""
-    return anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
 
 
 HYPOTHESIS = settings(max_examples=25, deadline=None, database=None,

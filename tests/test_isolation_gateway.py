@@ -103,7 +103,7 @@ def hostile_tools(secret_file: Path, port: int) -> dict[str, dict[str, str]]:
 class Silent:
     """A local server that accepts connections and never answers: a fetch of it would hang, so any attempt shows."""
 
-    def __init__(self, listener: anyio.abc.SocketListener) -> None:
+    def __init__(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         self.listener = listener
         self.port: int = listener.extra(anyio.abc.SocketAttribute.local_port)
         self.connections = 0

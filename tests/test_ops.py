@@ -11,7 +11,7 @@ import json
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from uuid import UUID
 
 import anyio
 import asyncpg
@@ -21,7 +21,7 @@ from mcp import Client, MCPError
 from mcp_hotmesh import _admin as admin
 from mcp_hotmesh import _format as fmt
 from mcp_hotmesh._housekeeping import retention_loop
-from mcp_hotmesh._streams import CallerAPI, WorkerAPI
+from mcp_hotmesh._streams import CallerAPI, CallResult, Claimed, WorkerAPI
 from mcp_hotmesh.errors import ConfigError, NotFound
 from tests.helpers import (
     TOKEN,
@@ -39,15 +39,15 @@ from tests.helpers import (
 pytestmark = pytest.mark.anyio
 
 
-async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
-    """On stream ops.a: one message in each state; on ops.b: a fire-and-forget message. Returns the ids."""
+async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, UUID]]:
+    """On stream ops.a: one message in each state; on ops.b: a fire-and-forget message. Returns the call ids."""
     _, worker = await env.worker(["ops.a", "ops.b"])
     _, caller = await env.caller(["ops.a", "ops.b"])
     await worker.register_tool("ops.a", "", {"name": "ops_a", "description": "a", "input_schema": {"type": "object"}})
     await worker.heartbeat(["ops.a"], "w1", 60_000)
-    ids: dict[str, Any] = {}
+    ids: dict[str, UUID] = {}
 
-    async def claim(lease_ms: int = 60_000) -> Any:
+    async def claim(lease_ms: int = 60_000) -> Claimed:
         [msg] = await worker.dequeue("ops.a", "w1", 1, lease_ms)
         return msg
 
@@ -65,7 +65,7 @@ async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
     ids["in_flight"] = await caller.call("ops.a", "", {"n": "in_flight"}, 60_000)
     await claim()
     ids["ready"] = await caller.call("ops.a", "", {"n": "ready"}, 60_000)
-    ids["published"] = await worker.publish("ops.b", "job", {"n": "published"})
+    await worker.publish("ops.b", "job", {"n": "published"})
     await anyio.sleep(0.1)  # the 50 ms lease expires
     return worker, caller, ids
 
@@ -107,7 +107,7 @@ async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) 
     assert (dead.stream, dead.call_id, dead.error, dead.args) == ("ops.a", ids["dead"], "it broke", {"n": "dead"})
     assert (await caller.result(ids["dead"])).state == "dead"
 
-    async def waiting_caller() -> Any:  # a caller that keeps asking for its call, as caller_result allows
+    async def waiting_caller() -> CallResult:  # a caller that keeps asking for its call, as caller_result allows
         with anyio.fail_after(10):
             while (result := await caller.result(ids["dead"])).state != "done":  # noqa: ASYNC110
                 await anyio.sleep(0.02)
@@ -121,7 +121,7 @@ async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) 
     assert 25 < (row["deadline"] - await env.admin.fetchval("SELECT now()")).total_seconds() <= 30
     assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter()) == []
     async with anyio.create_task_group() as tg:
-        got: list[Any] = []
+        got: list[CallResult] = []
 
         async def wait() -> None:
             got.append(await waiting_caller())
@@ -181,7 +181,7 @@ def test_durations() -> None:
 
 
 # ------------------------------------------------------------------------------------------- retention
-async def done_call(worker: WorkerAPI, caller: CallerAPI, stream: str, timeout_ms: int) -> Any:
+async def done_call(worker: WorkerAPI, caller: CallerAPI, stream: str, timeout_ms: int) -> UUID:
     call_id = await caller.call(stream, "", {}, timeout_ms)
     [msg] = await worker.dequeue(stream, "w", 1, 60_000)
     assert await worker.respond(stream, msg.id, msg.lease, {})

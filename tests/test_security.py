@@ -14,7 +14,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,11 +112,11 @@ async def snapshot(env: Env) -> dict[str, Any]:
 
 
 async def refused(
-    attempt: Callable[[], Awaitable[Any]], exc: type[BaseException] | tuple[type[BaseException], ...] = DENIED
+    attempt: Awaitable[object], exc: type[BaseException] | tuple[type[BaseException], ...] = DENIED
 ) -> BaseException:
-    """Run one attack and require that it raises ``exc``; returns the exception."""
+    """Await one attack (an API call not awaited yet) and require that it raises ``exc``; returns the exception."""
     with pytest.raises(exc) as info:
-        await attempt()
+        await attempt
     return info.value
 
 
@@ -269,9 +269,9 @@ def table_attacks(s: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["worker", "caller"])
-async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: str) -> None:
+async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: Kind) -> None:
     await world(env)
-    role = await env.provision(["a", "b"], kind)  # type: ignore[arg-type]
+    role = await env.provision(["a", "b"], kind)
     before = await snapshot(env)
     assert before["messages"] and before["tools"] and before["workers"] and before["settings"]
     async with env.session(role) as conn:
@@ -287,9 +287,9 @@ async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: str) -> None
 
 
 @pytest.mark.parametrize("kind", ["worker", "caller"])
-async def test_internal_helpers_are_not_callable(env: Env, kind: str) -> None:
+async def test_internal_helpers_are_not_callable(env: Env, kind: Kind) -> None:
     await world(env)
-    role = await env.provision(["a", "b"], kind)  # type: ignore[arg-type]
+    role = await env.provision(["a", "b"], kind)
     helpers = await functions_of(env, "^_")
     assert {name for name, _ in helpers} >= {"_authorize", "_allowed_streams", "_is_admin", "_setting",
                                               "_notify_caller", "_clamp_lease", "_check_tool", "_watchdog",
@@ -326,12 +326,12 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
     # and through the Python API, as the gateway and worker code would call them
     wrong_worker = WorkerAPI(w.caller_b.pool, env.schema)
     wrong_caller = CallerAPI(w.worker_b.pool, env.schema)
-    await refused(lambda: wrong_worker.dequeue("b", "c", 10, 60_000), PermissionDenied)
-    await refused(lambda: wrong_worker.respond("b", w.held_b.id, w.held_b.lease, {}), PermissionDenied)
-    await refused(lambda: wrong_caller.call("b", "", {}, 1000), PermissionDenied)
-    await refused(lambda: wrong_caller.result(w.queued_b), PermissionDenied)
-    await refused(lambda: wrong_caller.cancel(w.queued_b), PermissionDenied)
-    await refused(wrong_caller.tools, PermissionDenied)
+    await refused(wrong_worker.dequeue("b", "c", 10, 60_000), PermissionDenied)
+    await refused(wrong_worker.respond("b", w.held_b.id, w.held_b.lease, {}), PermissionDenied)
+    await refused(wrong_caller.call("b", "", {}, 1000), PermissionDenied)
+    await refused(wrong_caller.result(w.queued_b), PermissionDenied)
+    await refused(wrong_caller.cancel(w.queued_b), PermissionDenied)
+    await refused(wrong_caller.tools(), PermissionDenied)
     assert await snapshot(env) == before
 
 
@@ -344,8 +344,8 @@ async def test_worker_is_refused_on_another_stream(env: Env) -> None:
     async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
         assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.worker_dequeue('a', 'w', 10, 1000)") == 0
-    await refused(lambda: w.worker_a.dequeue("b", "w", 10, 60_000), PermissionDenied)
-    await refused(lambda: w.worker_a.heartbeat(["a", "b"], "w", 60_000), PermissionDenied)
+    await refused(w.worker_a.dequeue("b", "w", 10, 60_000), PermissionDenied)
+    await refused(w.worker_a.heartbeat(["a", "b"], "w", 60_000), PermissionDenied)
     assert await snapshot(env) == before
 
 
@@ -438,13 +438,13 @@ async def test_hostile_stream_names_are_data(env: Env) -> None:
         for name in [*hostile, None]:
             await all_worker_attacks_refused(conn, s, name, w)
     for name in hostile:
-        await refused(lambda n=name: w.worker_a.dequeue(n, "w", 10, 1000), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.worker_a.publish(n, "", {}), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.worker_a.register_tool(n, "", TOOL), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.caller_a.call(n, "", {}, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(w.worker_a.dequeue(name, "w", 10, 1000), PermissionDenied)
+        await refused(w.worker_a.publish(name, "", {}), PermissionDenied)
+        await refused(w.worker_a.register_tool(name, "", TOOL), PermissionDenied)
+        await refused(w.caller_a.call(name, "", {}, 1000), PermissionDenied)
     # a NUL byte cannot even be sent: the database refuses the value
-    await refused(lambda: w.worker_a.dequeue("a\x00", "w", 10, 1000), InvalidInput)
-    await refused(lambda: w.caller_a.call("a\x00b", "", {}, 1000), InvalidInput)
+    await refused(w.worker_a.dequeue("a\x00", "w", 10, 1000), InvalidInput)
+    await refused(w.caller_a.call("a\x00b", "", {}, 1000), InvalidInput)
     assert await snapshot(env) == before
 
     # the admin (the seed's standard mode) passes the allow-list, so the name itself is checked
@@ -453,10 +453,10 @@ async def test_hostile_stream_names_are_data(env: Env) -> None:
     invalid = [n for n in hostile if n not in ("A", "_", "a_")]
     assert not any(re.fullmatch(r"[A-Za-z0-9._:/-]{1,200}", n) for n in invalid)
     for name in invalid:
-        await refused(lambda n=name: admin_worker.publish(n, "", {}), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_worker.dequeue(n, "w", 1, 1000), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_caller.call(n, "", {}, 1000), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_worker.register_tool(n, "", TOOL), InvalidInput)  # type: ignore[misc]
+        await refused(admin_worker.publish(name, "", {}), InvalidInput)
+        await refused(admin_worker.dequeue(name, "w", 1, 1000), InvalidInput)
+        await refused(admin_caller.call(name, "", {}, 1000), InvalidInput)
+        await refused(admin_worker.register_tool(name, "", TOOL), InvalidInput)
     assert await snapshot(env) == before
 
 
@@ -482,8 +482,8 @@ async def test_a_role_for_a_gets_nothing_near_a(env: Env) -> None:
             "a/", "a:b"]
     before = await snapshot(env)
     for name in near:
-        await refused(lambda n=name: w.worker_a.dequeue(n, "w", 10, 1000), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.caller_a.call(n, "", {}, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(w.worker_a.dequeue(name, "w", 10, 1000), PermissionDenied)
+        await refused(w.caller_a.call(name, "", {}, 1000), PermissionDenied)
     assert await snapshot(env) == before
     [got] = await w.worker_a.dequeue("a", "w", 10, 1000)
     assert got.args == {"mine": True}
@@ -498,8 +498,8 @@ async def test_allow_list_entries_that_are_not_stream_names_grant_nothing(env: E
     )
     before = await snapshot(env)
     for name in ("*", "ströme", "%", " b "):
-        await refused(lambda n=name: worker.publish(n, "", {}), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: worker.dequeue(n, "w", 1, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(worker.publish(name, "", {}), PermissionDenied)
+        await refused(worker.dequeue(name, "w", 1, 1000), PermissionDenied)
     assert await snapshot(env) == before
     assert await worker.publish("a", "", {}) and await worker.publish("b", "", {})  # spaces are trimmed
 
@@ -527,8 +527,8 @@ async def test_forged_and_foreign_leases_change_nothing(env: Env) -> None:
     assert await w.worker_a.extend("a", held.id, held.lease, 60_000) is None
     assert not await w.worker_a.progress("a", held.id, held.lease, 1, 1, "stolen")
     assert not await w.worker_a.release("a", held.id, held.lease)
-    await refused(lambda: w.worker_a.respond("b", held.id, held.lease, {"stolen": True}), PermissionDenied)
-    await refused(lambda: w.worker_a.release("b", held.id, held.lease), PermissionDenied)
+    await refused(w.worker_a.respond("b", held.id, held.lease, {"stolen": True}), PermissionDenied)
+    await refused(w.worker_a.release("b", held.id, held.lease), PermissionDenied)
     async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
     assert await snapshot(env) == before
@@ -601,9 +601,9 @@ async def test_a_caller_cannot_read_or_cancel_another_callers_call(env: Env) -> 
     queued = await owner.call("s", "", {"secret": 1}, 60_000, "key")
     before = await snapshot(env)
     for call_id in (queued, running, uuid.uuid4()):
-        error = await refused(lambda c=call_id: other.result(c), NotFound)  # type: ignore[misc]
+        error = await refused(other.result(call_id), NotFound)
         assert str(error) == "no such call"  # the same answer as for a call that does not exist
-        await refused(lambda c=call_id: other.cancel(c), NotFound)  # type: ignore[misc]
+        await refused(other.cancel(call_id), NotFound)
     assert await snapshot(env) == before
     # the same idempotency key is another call for another role
     mine = await other.call("s", "", {}, 60_000, "key")
@@ -628,27 +628,28 @@ async def test_tool_registration_attacks(env: Env) -> None:
     before = await snapshot(env)
     wa = w.worker_a
     # a stream it may not use
-    await refused(lambda: wa.register_tool("b", "", {**TOOL, "name": "mine"}), PermissionDenied)
-    await refused(lambda: wa.unregister_tool("b", ""), PermissionDenied)
+    await refused(wa.register_tool("b", "", {**TOOL, "name": "mine"}), PermissionDenied)
+    await refused(wa.unregister_tool("b", ""), PermissionDenied)
     # a name another stream already serves (a takeover of b's tool)
-    error = await refused(lambda: wa.register_tool("a", "", TOOL), InvalidInput)
+    error = await refused(wa.register_tool("a", "", TOOL), InvalidInput)
     assert "another stream" in str(error)
-    await refused(lambda: w.worker_b.register_tool("b", "other_workflow", TOOL), InvalidInput)
+    await refused(w.worker_b.register_tool("b", "other_workflow", TOOL), InvalidInput)
     # invalid names and shapes
     for bad in ["", "a b", "a.b", "x" * 65, "ünïcode", "a\n", "'; DROP TABLE tools; --", None, 7]:
-        await refused(lambda n=bad: wa.register_tool("a", "", {**TOOL, "name": n}), InvalidInput)  # type: ignore[misc]
-    for bad_tool in [
+        await refused(wa.register_tool("a", "", {**TOOL, "name": bad}), InvalidInput)
+    bad_tools: list[dict[str, Any]] = [
         {**TOOL, "description": None},
         {**TOOL, "input_schema": {"type": "string"}},
         {**TOOL, "input_schema": "{}"},
         {**TOOL, "output_schema": {"type": "array"}},
         {"name": "x"},
-    ]:
-        await refused(lambda t=bad_tool: wa.register_tool("a", "", t), InvalidInput)  # type: ignore[misc]
-    await refused(lambda: wa.register_tool("a", "x" * 201, {**TOOL, "name": "ok"}), InvalidInput)
+    ]
+    for bad_tool in bad_tools:
+        await refused(wa.register_tool("a", "", bad_tool), InvalidInput)
+    await refused(wa.register_tool("a", "x" * 201, {**TOOL, "name": "ok"}), InvalidInput)
     # a huge schema
     huge = {**TOOL, "name": "huge", "input_schema": {"type": "object", "description": "x" * 20_000}}
-    await refused(lambda: wa.register_tool("a", "", huge), PayloadTooLarge)
+    await refused(wa.register_tool("a", "", huge), PayloadTooLarge)
     assert await snapshot(env) == before
 
 
@@ -912,9 +913,9 @@ async def test_manual_provisioning_path(env: Env) -> None:
     assert await hand.respond("a", msg.id, msg.lease, {"ok": True})
     assert (await caller.result(call_id)).result == {"ok": True}
     before = await snapshot(env)
-    await refused(lambda: hand.dequeue("b", "hand", 10, 60_000), PermissionDenied)
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
-    await refused(lambda: hand.extend("a", msg.id, msg.lease, 1000), PermissionDenied)  # not granted
+    await refused(hand.dequeue("b", "hand", 10, 60_000), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.extend("a", msg.id, msg.lease, 1000), PermissionDenied)  # not granted
     async with env.session(role) as conn:
         await conn.execute("SET app.allowed_streams = 'a,b'")
         with pytest.raises(DENIED):
@@ -925,17 +926,17 @@ async def test_manual_provisioning_path(env: Env) -> None:
 
     # a database-specific setting wins over the role-wide one: now b, and no longer a
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} SET app.allowed_streams = 'b'")
-    await refused(lambda: hand.dequeue("a", "hand", 10, 60_000), PermissionDenied)
+    await refused(hand.dequeue("a", "hand", 10, 60_000), PermissionDenied)
     [got] = await hand.dequeue("b", "hand", 10, 60_000)
     assert (await env.call_row(other))["id"] == got.id
     # an empty database-specific setting also wins: nothing at all
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} SET app.allowed_streams = ''")
-    await refused(lambda: hand.publish("a", "", {}), PermissionDenied)
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.publish("a", "", {}), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
     # a setting for another database counts for nothing
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} RESET app.allowed_streams")
     await admin.execute(f"ALTER ROLE {name} IN DATABASE template1 SET app.allowed_streams = 'b'")
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
     assert await hand.publish("a", "", {})
     await admin.execute(f"ALTER ROLE {name} IN DATABASE template1 RESET app.allowed_streams")
 

@@ -12,7 +12,7 @@ from uuid import UUID
 
 import anyio
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from mcp_hotmesh import _embedded as embedded
 from mcp_hotmesh._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
@@ -409,10 +409,10 @@ async def test_worker_credentials_replace_the_connections_login(env: Env) -> Non
     role = await env.provision(["calc"], "worker")
     _, caller = await env.caller(["calc"])
     wrong = ConnectionOptions(host=env.server.tcp_host, port=env.server.tcp_port, database=env.server.database,
-                              user="nobody", password="wrong")  # type: ignore[arg-type]
+                              user="nobody", password=SecretStr("wrong"))
     tool = adder().tools[0]
     config = WorkerConfig(topic="calc", callback=tool.invoke, connection=wrong,
-                          worker_credentials=WorkerCredentials(user=role.role, password=role.password))  # type: ignore[arg-type]
+                          worker_credentials=WorkerCredentials(user=role.role, password=SecretStr(role.password)))
     async with Worker([config], schema=env.schema, **FAST):
         assert (await finished(caller, await caller.call("calc", "", {"a": 1, "b": 1}, 10_000))).result == {"total": 2}
     with pytest.raises(ConnectionFailed):
@@ -458,7 +458,7 @@ async def test_worker_recovers_after_the_server_restarts(tmp_path: Path) -> None
                         call_id = await caller.call("calc", "", {"a": 2, "b": 2}, 10_000)
                     except ConnectionFailed:
                         return False  # the caller's own pool reconnects too
-                    return (await finished(caller, call_id)).result == {"total": 4}
+                    return bool((await finished(caller, call_id)).result == {"total": 4})
 
                 await wait_for(answered, 20)
         finally:
