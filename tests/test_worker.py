@@ -348,13 +348,14 @@ async def test_concurrency_limit_claims_no_more_than_free_slots(env: Env) -> Non
 
 
 async def test_lease_extended_while_a_handler_runs_past_its_reclaim_delay(env: Env) -> None:
-    async def four_leases(run: int) -> dict[str, Any]:
-        await anyio.sleep(0.8)  # four times the 200 ms lease
+    async def leases(run: int) -> dict[str, Any]:
+        await anyio.sleep(1.25)  # two and a half times the 500 ms lease
         return {"runs": run + 1}
 
-    tools, runs = noting_its_runs("long", four_leases)
+    tools, runs = noting_its_runs("long", leases)
     _, caller = await env.caller(["long"])
-    async with serving(env, tools, reclaim_delay=200, poll_interval=0.05):
+    # extended every 250 ms: each extension has 250 ms to spare before the lease would end (a busy machine)
+    async with serving(env, tools, reclaim_delay=500, poll_interval=0.05):
         call_id = await caller.call("long", "", {}, 10_000)
         assert (await finished(caller, call_id)).result == {"runs": 1}
     assert runs == [0] and (await env.call_row(call_id))["reclaims"] == 0
