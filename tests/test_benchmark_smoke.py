@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, PgServer
+
+pytestmark = pytest.mark.slow  # a benchmark run in a subprocess
 
 
 def test_the_benchmark_runs_and_reports_every_part(pg_server: PgServer, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import PgServer, drop_schema, ok, one_line_error, run_cli, stop_if_left_running
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses: the real CLI
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses, server restarts, faults
 
 # The worker processes' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''

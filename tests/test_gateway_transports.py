@@ -21,7 +21,7 @@ from mcp_hotmesh.errors import ConfigError
 from mcp_hotmesh.examples import toolset as example_tools
 from tests.helpers import ROOT, TOKEN, Env, Hub, clean_environ, cli_command, http_client, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses: serve and worker over stdio, and HTTP
 
 HOST_CONFIG = ROOT / "examples/agents/claude_desktop_config.json"
 AGENT_TOOLS = "examples/agents/tools.py:toolset"

@@ -305,6 +305,7 @@ async def test_a_file_reference_is_never_read(env: Env, secret_file: tuple[Path,
         assert "file_ref" not in await iso.serves_the_good_tools(client)
 
 
+@pytest.mark.slow  # schemas of thousands of properties
 async def test_large_schemas_are_checked_off_the_event_loop(
         env: Env, secret_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """20 schemas of 7,000 properties are refused by the bounds walk; two large valid ones are checked in a worker

@@ -243,6 +243,7 @@ async def test_the_purge_lock_is_one_no_scoped_role_can_hold(env: Env) -> None:
             assert await worker.purge() == 0
 
 
+@pytest.mark.slow  # 600 calls
 async def test_the_table_stays_bounded_over_many_calls(env: Env) -> None:
     """Calls through the gateway, with the gateway's retention loop running: done rows go once their deadline
     has passed, so the table holds about one deadline's worth of calls, however many were made."""
@@ -299,6 +300,7 @@ async def test_metrics_in_prometheus_text(http_hub: tuple[Hub, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the real CLI
+@pytest.mark.slow  # the real CLI, about twenty times
 async def test_status_and_dlq_commands(env: Env) -> None:
     _, _, ids = await one_of_each(env)
     common = ("--dsn", env.server.admin_dsn, "--schema", env.schema)
@@ -342,6 +344,7 @@ async def test_status_and_dlq_commands(env: Env) -> None:
     one_line_error(await run_cli("settings", *common, "retention_ms"), "settings", 2)
 
 
+@pytest.mark.slow  # the real CLI, ten times
 async def test_json_logs_for_every_command(env: Env) -> None:
     common = ("--dsn", env.server.admin_dsn, "--schema", env.schema, "--log-format", "json")
     done = ok(await run_cli("migrate", *common))
@@ -356,6 +359,7 @@ async def test_json_logs_for_every_command(env: Env) -> None:
         assert "--log-format" in ok(await run_cli(*command, "--help")).stdout, command
 
 
+@pytest.mark.slow  # the real CLI, starting its own server
 async def test_status_and_dlq_against_the_embedded_default(tmp_path: Path) -> None:
     data_dir = tmp_path / "pg"
     try:

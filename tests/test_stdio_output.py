@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import ROOT, Env, clean_environ, cli_command
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # a serve subprocess
 
 # A tool module that prints in every way a tool author might, none of it flushed by hand.
 NOISY_TOOLS = '''

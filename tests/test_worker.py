@@ -431,6 +431,7 @@ async def test_a_stream_the_role_may_not_use_fails_at_start(env: Env) -> None:
 # ---------------------------------------------------------------------------------- server restart
 
 
+@pytest.mark.slow  # a server of its own, restarted
 async def test_worker_recovers_after_the_server_restarts(tmp_path: Path) -> None:
     await anyio.Path(tmp_path).chmod(0o755)
     port = free_port()

@@ -18,7 +18,7 @@ import pytest
 from mcp_hotmesh._streams import CallerAPI
 from tests.helpers import Env, WorkerProcs, finished, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # worker subprocesses
 
 # The workers' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
