@@ -5,7 +5,9 @@ A test module imports from here and from ``conftest`` only, never from another `
 - the server and a test's schema: ``PgServer``, ``Env``, ``drop_schema``
 - waiting: ``wait_for`` (a predicate), ``finished`` (a call's result)
 - an in-process worker: ``serving`` (a fresh role for a tool set), ``run_worker`` (a given role), ``FAST``
-- a gateway with a worker behind it: ``hub_for`` and its ``Hub``, serving ``GATEWAY_TOOLS`` by default
+  (short intervals), ``QUICK_RETRY`` (retries milliseconds apart)
+- a gateway with a worker behind it: ``hub_for`` and its ``Hub``, serving ``GATEWAY_TOOLS`` by default (the
+  ``http_hub`` fixture puts it on HTTP)
 - HTTP: ``http_server``, ``http_client``, ``TOKEN``, ``free_port``
 - the real CLI: ``cli_command``, ``run_cli``, ``ok``, ``one_line_error``, ``clean_environ``, ``stop_if_left_running``
 - ``mcp-hotmesh worker`` processes: ``WorkerProcs``
