@@ -3,7 +3,7 @@
 
 Both roles log in with their own passwords over TCP, as in production. The client is in-process
 (``mcp.Client(server)``, one client per lane, as one agent each). The worker is a separate process by default:
-``python -m mcp_hotmesh.cli worker`` (the ``mcp-hotmesh worker`` command) with the worker role's login;
+``python -m mcp_hotmesh worker`` (the ``mcp-hotmesh worker`` command) with the worker role's login;
 ``in_process=True`` runs the same ``Worker`` inside the benchmark process instead (for profiling).
 """
 
@@ -22,7 +22,8 @@ from typing import Any, cast
 import asyncpg
 from mcp import Client
 
-from mcp_hotmesh._caller import Engine, Outcome, ProgressReport
+from mcp_hotmesh._caller import Engine, Outcome
+from mcp_hotmesh._common import ProgressReport
 from mcp_hotmesh._config import WorkerCredentials
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._migrate import migrate

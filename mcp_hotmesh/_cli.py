@@ -658,6 +658,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(logs.error_line(command, str(error), args.log_format))
         code = EXIT_USAGE if isinstance(error, ConfigError) else EXIT_ERROR
+    # The event loop is closed: what asyncio would still report as it collects the driver's leftover futures (a
+    # connection the server ended mid-query, "exception was never retrieved") would follow the last line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     sys.exit(code)
 
 

@@ -301,16 +301,18 @@ async def _end_sessions(conn: asyncpg.Connection, role: str, *, in_transaction_o
     return ended
 
 
-async def _alter_role(conn: asyncpg.Connection, role: str, template: str, *args: str) -> int:
+async def _alter_role(
+    conn: asyncpg.Connection, role: str, template: str, *args: str, lock_timeout: str = ALTER_LOCK_TIMEOUT
+) -> int:
     """Run ``ALTER ROLE`` on ``role`` (``template`` formatted with the role and ``args``), committed, without
     waiting on the role itself: when its catalog row is locked by one of its own sessions (an uncommitted
-    ``ALTER ROLE CURRENT_USER ...``), that session is ended and the change made again. Returns the sessions
-    ended."""
+    ``ALTER ROLE CURRENT_USER ...``), that session is ended (after ``lock_timeout``) and the change made again.
+    Returns the sessions ended."""
     ended = 0
     for _ in range(5):
         try:
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{ALTER_LOCK_TIMEOUT}'")
+                await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
                 await _exec_format(conn, template, role, *args)
             return ended
         except asyncpg.LockNotAvailableError:
@@ -319,15 +321,17 @@ async def _alter_role(conn: asyncpg.Connection, role: str, template: str, *args:
 
 
 async def rotate(
-    conn: asyncpg.Connection, role: str, password: str | None = None, *, schema: str = "hotmesh"
+    conn: asyncpg.Connection, role: str, password: str | None = None, *, schema: str = "hotmesh",
+    lock_timeout: str = ALTER_LOCK_TIMEOUT,
 ) -> ProvisionedRole:
-    """Give ``role`` a new password; the old one stops working for new logins at once. Never waits on the role:
-    a session of it that holds the role's row locked is ended (and logged)."""
+    """Give ``role`` a new password; the old one stops working for new logins at once. Never waits on the role
+    longer than ``lock_timeout``: a session of it that holds the role's row locked is ended (and logged)."""
     check_schema(schema)
     info = await _find(conn, schema, role)
     password = password or new_password()
     with translated():
-        ended = await _alter_role(conn, role, "ALTER ROLE %I PASSWORD %L", _password_literal(password))
+        ended = await _alter_role(conn, role, "ALTER ROLE %I PASSWORD %L", _password_literal(password),
+                                  lock_timeout=lock_timeout)
         await conn.execute(f'UPDATE "{schema}".roles SET rotated_at = now() WHERE role_name = $1', role)
     if ended:
         log.warning("rotate: ended %d session(s) of %s that held the role's row locked", ended, role)
@@ -335,17 +339,20 @@ async def rotate(
     return ProvisionedRole(role, password, kind, info.streams)
 
 
-async def revoke(conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh") -> int:
+async def revoke(
+    conn: asyncpg.Connection, role: str, *, schema: str = "hotmesh", lock_timeout: str = ALTER_LOCK_TIMEOUT
+) -> int:
     """Take ``role``'s login, allow-list and grants away and end its open sessions; returns how many ended.
 
     In bounded time whatever the role is doing: first no new logins (NOLOGIN, committed; a session of the role
-    holding its row is ended), then every session is ended, which lets go of whatever they held, then the rest.
+    holding its row is ended after ``lock_timeout``), then every session is ended, which lets go of whatever they
+    held, then the rest.
     The role itself stays (NOLOGIN), so what it did remains attributable.
     """
     check_schema(schema)
     await _find(conn, schema, role)
     with translated():
-        ended = await _alter_role(conn, role, "ALTER ROLE %I NOLOGIN")
+        ended = await _alter_role(conn, role, "ALTER ROLE %I NOLOGIN", lock_timeout=lock_timeout)
         ended += await _end_sessions(conn, role)
         async with conn.transaction():
             # Nothing of the role is left to hold a lock; the wait is bounded all the same.

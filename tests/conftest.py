@@ -3,6 +3,8 @@
 The server is the embedded one, started in a temporary data directory on a free port, unless
 ``HOTMESH_TEST_DSN`` names an existing server (a superuser's DSN). Either way roles log in over TCP with
 scram-sha-256, so a wrong or rotated password is really refused.
+
+Only fixtures live here; the classes and functions the tests share are in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -12,39 +14,20 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from mcp_hotmesh import _embedded as embedded
-from mcp_hotmesh._config import WorkerCredentials, connection_dsn
 from mcp_hotmesh._migrate import migrate
-from mcp_hotmesh._postgres import create_pool
-from mcp_hotmesh._roles import Kind, ProvisionedRole, provision_role
-from mcp_hotmesh._streams import CallerAPI, WorkerAPI
+from tests.helpers import Env, Hub, PgServer, drop_schema, http_server, hub_for
 
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@dataclass
-class PgServer:
-    admin_dsn: str
-    tcp_host: str
-    tcp_port: int
-    database: str
-    embedded: embedded.EmbeddedServer | None = None
-
-    def role_dsn(self, role: str, password: str) -> str:
-        """A TCP DSN for a role, as a worker on another machine would use."""
-        base = f"postgresql://{self.tcp_host}:{self.tcp_port}/{self.database}"
-        return connection_dsn(base, WorkerCredentials(user=role, password=password))
 
 
 @pytest.fixture(scope="session")
@@ -62,70 +45,6 @@ def pg_server() -> Iterator[PgServer]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@dataclass
-class Env:
-    """One test's schema on the session's server, with helpers to make roles and APIs."""
-
-    server: PgServer
-    schema: str
-    admin: asyncpg.Connection
-    _pools: list[asyncpg.Pool] = field(default_factory=list)
-
-    async def provision(self, streams: list[str], kind: Kind, password: str | None = None) -> ProvisionedRole:
-        return await provision_role(self.admin, streams, kind, schema=self.schema, password=password)
-
-    def dsn(self, role: ProvisionedRole) -> str:
-        return self.server.role_dsn(role.role, role.password)
-
-    async def pool(self, role: ProvisionedRole | None = None, **kwargs: Any) -> asyncpg.Pool:
-        dsn = self.dsn(role) if role else self.server.admin_dsn
-        pool = await create_pool(dsn, **kwargs)
-        self._pools.append(pool)
-        return pool
-
-    async def worker(self, streams: list[str]) -> tuple[ProvisionedRole, WorkerAPI]:
-        role = await self.provision(streams, "worker")
-        return role, WorkerAPI(await self.pool(role), self.schema)
-
-    async def caller(self, streams: list[str]) -> tuple[ProvisionedRole, CallerAPI]:
-        role = await self.provision(streams, "caller")
-        return role, CallerAPI(await self.pool(role), self.schema)
-
-    async def connect(self, role: ProvisionedRole) -> asyncpg.Connection:
-        return await asyncpg.connect(self.dsn(role))
-
-    async def set(self, key: str, value: int) -> None:
-        """Change an admin setting (lease bounds, size limits) in this test's schema."""
-        await self.admin.execute(f'UPDATE "{self.schema}".settings SET value = $2 WHERE key = $1', key, value)
-
-    async def message(self, id: int) -> asyncpg.Record:
-        row = await self.admin.fetchrow(f'SELECT * FROM "{self.schema}".messages WHERE id = $1', id)
-        assert row is not None
-        return row
-
-    async def call_row(self, call_id: Any) -> asyncpg.Record:
-        row = await self.admin.fetchrow(f'SELECT * FROM "{self.schema}".messages WHERE call_id = $1', call_id)
-        assert row is not None
-        return row
-
-
-async def drop_schema(admin: asyncpg.Connection, schema: str) -> None:
-    """Remove a test schema and every role made for it."""
-    roles = [
-        r["rolname"]
-        for r in await admin.fetch(
-            "SELECT rolname FROM pg_roles WHERE rolname LIKE $1 ESCAPE '\\'", schema.replace("_", "\\_") + "\\_%"
-        )
-    ]
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY($1::text[])", roles
-    )
-    await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    for role in roles:
-        await admin.execute(f'DROP OWNED BY "{role}" CASCADE')
-        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 @pytest.fixture
@@ -162,3 +81,10 @@ def tmp_path(tmp_path: Path) -> Path:
     if os.geteuid() == 0:
         tmp_path.chmod(0o755)
     return tmp_path
+
+
+@pytest.fixture
+async def http_hub(env: Env) -> AsyncIterator[tuple[Hub, str]]:
+    """``hub_for(env)`` on Streamable HTTP with ``helpers.TOKEN``: the hub and the server's base URL."""
+    async with hub_for(env) as hub, http_server(hub.gateway) as url:
+        yield hub, url

@@ -16,8 +16,7 @@ import pytest
 from mcp_hotmesh._batching import Batcher
 from mcp_hotmesh._streams import Answer
 from mcp_hotmesh.errors import ConnectionFailed, InvalidInput, PayloadTooLarge, PermissionDenied
-from tests.conftest import Env
-from tests.test_security import session
+from tests.helpers import Env, finished, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -82,12 +81,12 @@ async def test_caller_and_worker_batch_functions_are_for_their_kind_only(env: En
     worker_role, _ = await env.worker(["a"])
     caller_role, _ = await env.caller(["a"])
     s = env.schema
-    async with session(env, worker_role) as conn:
+    async with env.session(worker_role) as conn:
         for sql in (f"SELECT {s}.caller_call_many('{{a}}', '{{\"\"}}', '{{}}'::jsonb[], '{{1}}')",
                     f"SELECT * FROM {s}.caller_results('{{}}')"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.fetch(sql)
-    async with session(env, caller_role) as conn:
+    async with env.session(caller_role) as conn:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetch(f"SELECT * FROM {s}.worker_respond_and_dequeue('a', 'c', '{{}}', '{{}}', '{{}}', "
                              "'{}', 1, 1000)")
@@ -168,7 +167,7 @@ async def test_batcher_sends_what_arrives_meanwhile_together_with_per_item_error
         return [ValueError("odd") if i % 2 else i * 10 for i in items]
 
     batcher: Batcher[int, int] = Batcher(flush, max_size=3)
-    results: dict[int, Any] = {}
+    results: dict[int, int | ValueError] = {}
 
     async def submit(i: int) -> None:
         try:
@@ -257,7 +256,6 @@ async def test_a_cancel_notify_for_a_stopped_handler_leaves_the_lease_keeper_wai
     for it: the one task that keeps every lease must not spin on it (the whole worker would hang)."""
     from mcp_hotmesh._streams import worker_channel
     from mcp_hotmesh._tools import ToolSet
-    from tests.test_worker import finished, serving
 
     tools = ToolSet()
     started = anyio.Event()

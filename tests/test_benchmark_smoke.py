@@ -14,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import PgServer
+import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, PgServer
+
+pytestmark = pytest.mark.slow  # a benchmark run in a subprocess
 
 
 def test_the_benchmark_runs_and_reports_every_part(pg_server: PgServer, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import re
 import asyncpg
 import pytest
 
-from tests.conftest import Env
+from tests.helpers import Env
 
 pytestmark = pytest.mark.anyio
 

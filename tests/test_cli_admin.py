@@ -7,54 +7,17 @@ roles they hand out are then used the way a worker or gateway would: a login ove
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh import _embedded as embedded
-from tests.conftest import PgServer, drop_schema
+from tests.helpers import PgServer, drop_schema, ok, one_line_error, run_cli, stop_if_left_running
 
-pytestmark = pytest.mark.anyio
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without any HOTMESH_* setting, so only the arguments count."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}
-
-
-async def cli(*args: str, limit: float = 60) -> subprocess.CompletedProcess[str]:
-    with anyio.fail_after(limit):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "mcp_hotmesh", *args], check=False, env=clean_env(), cwd=REPO
-        )
-    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    return done
-
-
-def one_line_error(done: subprocess.CompletedProcess[str], command: str, code: int) -> str:
-    """A failed command: exit ``code``, nothing on stdout, exactly one line on stderr, no traceback."""
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert done.stdout == ""
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"mcp-hotmesh {command}: error: "), lines[0]
-    assert "Traceback" not in done.stderr
-    return lines[0]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses: the real CLI
 
 
 @pytest.fixture
@@ -75,18 +38,19 @@ async def login(pg_server: PgServer, role: str, password: str) -> asyncpg.Connec
 
 async def test_migrate_provision_rotate_revoke_roles(pg_server: PgServer, schema: str) -> None:
     common = ("--dsn", pg_server.admin_dsn, "--schema", schema)
-    done = ok(await cli("migrate", *common))
+    done = ok(await run_cli("migrate", *common))
     assert done.stdout == "" and "applied 1" in done.stderr
-    assert "nothing to apply" in ok(await cli("migrate", *common)).stderr
+    assert "nothing to apply" in ok(await run_cli("migrate", *common)).stderr
 
     worker: dict[str, Any] = json.loads(
-        ok(await cli("provision", *common, "--kind", "worker", "--stream", "orders", "--stream", "audit", "--json"))
+        ok(await run_cli("provision", *common, "--kind", "worker", "--stream", "orders", "--stream", "audit", "--json"))
         .stdout
     )
     assert set(worker) == {"role", "password", "kind", "streams"}
     assert worker["kind"] == "worker" and worker["streams"] == ["orders", "audit"]
     assert worker["role"].startswith(f"{schema}_w_") and len(worker["role"].encode()) <= 63
-    caller = json.loads(ok(await cli("provision", *common, "--kind", "caller", "--stream", "orders", "--json")).stdout)
+    caller = json.loads(
+        ok(await run_cli("provision", *common, "--kind", "caller", "--stream", "orders", "--json")).stdout)
 
     # the printed logins work over TCP, each for its kind and its streams only
     conn = await login(pg_server, worker["role"], worker["password"])
@@ -106,19 +70,19 @@ async def test_migrate_provision_rotate_revoke_roles(pg_server: PgServer, schema
     finally:
         await conn.close()
 
-    listed = {r["role"]: r for r in json.loads(ok(await cli("roles", *common, "--json")).stdout)}
+    listed = {r["role"]: r for r in json.loads(ok(await run_cli("roles", *common, "--json")).stdout)}
     assert set(listed) == {worker["role"], caller["role"]}
     assert (listed[worker["role"]]["kind"], listed[worker["role"]]["streams"]) == ("worker", ["orders", "audit"])
     assert (listed[caller["role"]]["kind"], listed[caller["role"]]["streams"]) == ("caller", ["orders"])
     assert all(r["managed"] and r["can_login"] and r["revoked_at"] is None for r in listed.values())
 
-    rotated = json.loads(ok(await cli("rotate", *common, worker["role"], "--json")).stdout)
+    rotated = json.loads(ok(await run_cli("rotate", *common, worker["role"], "--json")).stdout)
     assert rotated["role"] == worker["role"] and rotated["password"] != worker["password"]
     with pytest.raises(asyncpg.InvalidPasswordError):
         await login(pg_server, worker["role"], worker["password"])
     conn = await login(pg_server, worker["role"], rotated["password"])  # stays open across the revoke
     try:
-        done = ok(await cli("revoke", *common, worker["role"]))
+        done = ok(await run_cli("revoke", *common, worker["role"]))
         assert done.stdout == "" and "ended 1 open session" in done.stderr
         assert conn.is_closed() or await _fails(conn)
     finally:
@@ -126,10 +90,10 @@ async def test_migrate_provision_rotate_revoke_roles(pg_server: PgServer, schema
     with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
         await login(pg_server, worker["role"], rotated["password"])
 
-    listed = {r["role"]: r for r in json.loads(ok(await cli("roles", *common, "--json")).stdout)}
+    listed = {r["role"]: r for r in json.loads(ok(await run_cli("roles", *common, "--json")).stdout)}
     assert listed[worker["role"]]["can_login"] is False and listed[worker["role"]]["revoked_at"]
     assert listed[caller["role"]]["can_login"] is True
-    table = ok(await cli("roles", *common)).stdout
+    table = ok(await run_cli("roles", *common)).stdout
     assert table.splitlines()[0].split()[:3] == ["ROLE", "KIND", "STREAMS"]
     assert worker["role"] in table and caller["role"] in table
 
@@ -144,36 +108,34 @@ async def _fails(conn: asyncpg.Connection) -> bool:
 
 async def test_errors_are_one_line_with_no_traceback(pg_server: PgServer, schema: str) -> None:
     common = ("--dsn", pg_server.admin_dsn, "--schema", schema)
-    ok(await cli("migrate", *common))
-    line = one_line_error(await cli("provision", *common, "--kind", "worker", "--stream", "a,b"), "provision", 2)
+    ok(await run_cli("migrate", *common))
+    line = one_line_error(await run_cli("provision", *common, "--kind", "worker", "--stream", "a,b"), "provision", 2)
     assert "invalid stream name" in line
-    line = one_line_error(await cli("rotate", *common, "no_such_role"), "rotate", 1)
+    line = one_line_error(await run_cli("rotate", *common, "no_such_role"), "rotate", 1)
     assert "no_such_role" in line
-    one_line_error(await cli("revoke", *common, "postgres"), "revoke", 1)  # never a role outside the schema
+    one_line_error(await run_cli("revoke", *common, "postgres"), "revoke", 1)  # never a role outside the schema
 
     # a worker's login is no admin: it can neither migrate nor provision, and says so in one line
-    worker = json.loads(ok(await cli("provision", *common, "--kind", "worker", "--stream", "a", "--json")).stdout)
+    worker = json.loads(ok(await run_cli("provision", *common, "--kind", "worker", "--stream", "a", "--json")).stdout)
     as_worker = ("--dsn", pg_server.role_dsn(worker["role"], worker["password"]), "--schema", schema)
-    line = one_line_error(await cli("provision", *as_worker, "--kind", "worker", "--stream", "b"), "provision", 1)
+    line = one_line_error(await run_cli("provision", *as_worker, "--kind", "worker", "--stream", "b"), "provision", 1)
     assert worker["password"] not in line
-    line = one_line_error(await cli("roles", *as_worker), "roles", 1)
+    line = one_line_error(await run_cli("roles", *as_worker), "roles", 1)
     # a wrong password: refused, and the password is never echoed
     wrong = ("--dsn", pg_server.role_dsn(worker["role"], "not-the-password-x"), "--schema", schema)
-    line = one_line_error(await cli("migrate", *wrong), "migrate", 1)
+    line = one_line_error(await run_cli("migrate", *wrong), "migrate", 1)
     assert "not-the-password-x" not in line and "refused the login" in line
-    listed = json.loads(ok(await cli("roles", *common, "--json")).stdout)
+    listed = json.loads(ok(await run_cli("roles", *common, "--json")).stdout)
     assert [r["role"] for r in listed] == [worker["role"]]  # nothing else was created
 
 
 async def test_embedded_default_needs_no_dsn(tmp_path: Path) -> None:
     data_dir = tmp_path / "pg"
     try:
-        done = ok(await cli("migrate", "--data-dir", str(data_dir), limit=110))
+        done = ok(await run_cli("migrate", "--data-dir", str(data_dir), limit=110))
         assert "applied 1" in done.stderr
         assert (data_dir / "PG_VERSION").exists()
         # the data persists: the next run starts the same server again and finds the schema migrated
-        assert "nothing to apply" in ok(await cli("migrate", "--data-dir", str(data_dir), limit=60)).stderr
+        assert "nothing to apply" in ok(await run_cli("migrate", "--data-dir", str(data_dir), limit=60)).stderr
     finally:
-        running = embedded._running(data_dir.resolve())
-        if running is not None:  # only if a command left it running
-            embedded.EmbeddedServer(running.data_dir, running.socket_dir, running.port, started_here=True).stop()
+        stop_if_left_running(data_dir)

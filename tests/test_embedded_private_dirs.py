@@ -16,7 +16,8 @@ import pytest
 from mcp_hotmesh import EmbeddedServerError
 from mcp_hotmesh import _embedded as embedded
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another OS user only for root")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another OS user only for root")]
 
 
 @pytest.fixture

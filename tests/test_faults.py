@@ -15,12 +15,10 @@ import os
 import random
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -37,29 +35,22 @@ from mcp_hotmesh._migrate import migrate
 from mcp_hotmesh._postgres import create_pool, is_transient, translate
 from mcp_hotmesh._roles import provision_role
 from mcp_hotmesh.errors import ConnectionFailed
-from tests.conftest import Env
-from tests.test_gateway import hub_for, wait_for
-from tests.test_gateway_transports import cli
-from tests.test_worker import port_outside_the_ephemeral_range
+from tests.helpers import (
+    ROOT,
+    Env,
+    WorkerProcs,
+    clean_environ,
+    cli_command,
+    free_port,
+    hub_for,
+    text_of,
+    wait_for,
+)
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses, server restarts, faults
 
-ROOT = Path(__file__).resolve().parents[1]
-
+# The worker processes' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-import anyio
-
-from mcp_hotmesh._tools import ToolSet
-
-toolset = ToolSet()
-MARKS = Path(os.environ["TEST_MARKS"])
-
-
 @toolset.tool(topic="fault.work")
 async def work(n: int, ms: int = 100) -> dict[str, int]:
     """Work on n for ms milliseconds; returns n."""
@@ -86,64 +77,10 @@ STREAMS = ["fault.work", "fault.poison", "fault.echo"]
 CLEAR_ERRORS = ("unreachable right now", "did not finish within", "stopped responding", "deadline passed")
 
 
-def text_of(result: CallToolResult) -> str:
-    return "".join(getattr(c, "text", "") for c in result.content)
-
-
-def clean_environ(**extra: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}, **extra}
-
-
-@dataclass
-class Procs:
-    """``mcp-hotmesh worker`` (and ``serve``) processes; whatever is left is killed at the end of the test."""
-
-    tmp: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.marks = self.tmp / "marks"
-        self.marks.mkdir(exist_ok=True)
-        self.tools = self.tmp / "fault_tools.py"
-        self.tools.write_text(textwrap.dedent(TOOLS))
-
-    def worker(self, dsn: str, schema: str, *extra: str, **environ: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(
-            [*cli(), "worker", "--tools", f"{self.tools}:toolset", "--dsn", dsn, "--schema", schema, *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
-            env=clean_environ(TEST_MARKS=str(self.marks), HOTMESH_POLL_INTERVAL="0.2", **environ),
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def ran(self, name: str) -> dict[str, set[int]]:
-        """For each argument key of a tool (``work-<n>``), the pids of the processes that ran it."""
-        found: dict[str, set[int]] = {}
-        for mark in self.marks.glob(f"{name}-*"):
-            key, _, pid = mark.name.rpartition("-")
-            found.setdefault(key, set()).add(int(pid))
-        return found
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp.glob("*.log")))
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-
-
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
+def procs(tmp_path: Path) -> Iterator[WorkerProcs]:
+    with WorkerProcs(tmp_path, TOOLS) as p:
         yield p
-    finally:
-        p.cleanup()
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -152,10 +89,10 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def gateway(pool: asyncpg.Pool, schema: str, role: str, dsn: str, **options: Any) -> AsyncIterator[Engine]:
+async def gateway(pool: asyncpg.Pool, schema: str, role: str, dsn: str,
+                  call_timeout: float = 30.0) -> AsyncIterator[Engine]:
     """The gateway's engine for a caller role, once the tools are live; its MCP server is ``McpGateway(engine)``."""
-    engine = Engine(pool, schema=schema, role=role, listen_dsn=dsn, **{"timeout": 30.0, "recheck_interval": 1.0,
-                                                                       **options})
+    engine = Engine(pool, schema=schema, role=role, listen_dsn=dsn, timeout=call_timeout, recheck_interval=1.0)
     async with engine:
 
         async def live() -> bool:
@@ -173,7 +110,7 @@ async def rows(conn: asyncpg.Connection, schema: str, stream: str) -> list[async
 
 
 # -------------------------------------------------------------------------------------------- SIGKILL workers
-async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None:
+async def test_sigkill_random_workers_under_load(env: Env, procs: WorkerProcs) -> None:
     """300 calls through the gateway, three workers, a random one killed (and replaced) every 0.6 s, five times. Every
     call gets exactly one answer, its own; the killed workers' calls are reclaimed and run again elsewhere."""
     calls, kills = 300, 5
@@ -181,7 +118,7 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
     caller_role = await env.provision(STREAMS, "caller")
     dsn = env.dsn(worker_role)
     options = ("--reclaim-delay", "1000", "--concurrency", "20")
-    alive = [procs.worker(dsn, env.schema, *options) for _ in range(3)]
+    alive = [procs.start(dsn, env.schema, *options) for _ in range(3)]
     started = {p.pid: time.monotonic() for p in alive}
     rng = random.Random(6)
     results: dict[int, list[CallToolResult]] = {}
@@ -208,7 +145,7 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
                     victim = rng.choice([p for p in alive if time.monotonic() - started[p.pid] > 1.0] or alive)
                     alive.remove(victim)
                     await anyio.to_thread.run_sync(kill, victim)
-                    alive.append(replacement := procs.worker(dsn, env.schema, *options))
+                    alive.append(replacement := procs.start(dsn, env.schema, *options))
                     started[replacement.pid] = time.monotonic()
 
     assert sorted(results) == list(range(calls))
@@ -236,11 +173,11 @@ async def test_sigkill_random_workers_under_load(env: Env, procs: Procs) -> None
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL restart
-async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs: Procs) -> None:
+async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs: WorkerProcs) -> None:
     """A server of its own, stopped and started again on the same port while calls run. The gateway and the
     workers reconnect by themselves; calls in flight end with an answer or a clear error; later calls work."""
     os.chmod(tmp_path, 0o755)  # the embedded server's OS user must reach its data directory
-    data_dir, port, schema = tmp_path / "pg", port_outside_the_ephemeral_range(), "faults"
+    data_dir, port, schema = tmp_path / "pg", free_port(), "faults"
     server = await anyio.to_thread.run_sync(lambda: embedded.start(data_dir, port=port))
     pool: asyncpg.Pool | None = None
     try:
@@ -251,11 +188,11 @@ async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs:
             caller = await provision_role(admin, STREAMS, "caller", schema=schema)
         finally:
             await admin.close()
-        workers = [procs.worker(server.role_dsn(worker.role, worker.password), schema) for _ in range(2)]
+        workers = [procs.start(server.role_dsn(worker.role, worker.password), schema) for _ in range(2)]
         caller_dsn = server.role_dsn(caller.role, caller.password)
         pool = await create_pool(caller_dsn, max_size=10)
         results: dict[int, CallToolResult] = {}
-        async with gateway(pool, schema, caller.role, caller_dsn, timeout=20.0) as engine, \
+        async with gateway(pool, schema, caller.role, caller_dsn, call_timeout=20.0) as engine, \
                 Client(McpGateway(engine).server) as client:
 
             async def call(n: int) -> None:
@@ -315,12 +252,12 @@ async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs:
 
 
 # -------------------------------------------------------------------------------------------- gateway restart
-async def test_gateway_restart_with_calls_queued(env: Env, procs: Procs) -> None:
+async def test_gateway_restart_with_calls_queued(env: Env, procs: WorkerProcs) -> None:
     """``serve`` is SIGKILLed with calls queued behind a busy worker. Their caller is gone: they expire by their
     deadline (never run late), nothing stays ready or running, and a new ``serve`` answers at once."""
     worker_role = await env.provision(STREAMS, "worker")
     caller_role = await env.provision(STREAMS, "caller")
-    procs.worker(env.dsn(worker_role), env.schema, "--concurrency", "2")
+    procs.start(env.dsn(worker_role), env.schema, "--concurrency", "2")
 
     async def live() -> bool:
         return bool(await env.admin.fetchval(
@@ -336,7 +273,7 @@ async def test_gateway_restart_with_calls_queued(env: Env, procs: Procs) -> None
         *[{"jsonrpc": "2.0", "id": n + 1, "method": "tools/call",
            "params": {"name": "fault_work", "arguments": {"n": n, "ms": 1000}}} for n in range(queued)],
     ]
-    old = await anyio.open_process([*cli(), "serve", "--timeout", "2"], env=serve_env, cwd=ROOT,
+    old = await anyio.open_process([*cli_command(), "serve", "--timeout", "2"], env=serve_env, cwd=ROOT,
                                    stderr=subprocess.DEVNULL)
     try:
         assert old.stdin is not None
@@ -355,7 +292,8 @@ async def test_gateway_restart_with_calls_queued(env: Env, procs: Procs) -> None
         await old.aclose()
     killed_at = time.monotonic()
 
-    params = StdioServerParameters(command=cli()[0], args=[*cli()[1:], "serve", "--timeout", "10"], cwd=str(ROOT),
+    command, *prefix = cli_command()
+    params = StdioServerParameters(command=command, args=[*prefix, "serve", "--timeout", "10"], cwd=str(ROOT),
                                    env=serve_env)
     async with Client(params, read_timeout_seconds=30) as client:
         started = time.monotonic()
@@ -385,7 +323,7 @@ async def test_gateway_restart_with_calls_queued(env: Env, procs: Procs) -> None
 
 # ----------------------------------------------------------------------------------------------- poison
 async def test_a_poison_message_ends_in_the_dead_letter_queue_and_the_caller_is_told(
-    env: Env, procs: Procs
+    env: Env, procs: WorkerProcs
 ) -> None:
     """A handler that kills its worker every time: a supervisor (systemd, Kubernetes) starts the worker again,
     each start reclaims the message once more, and after --reclaim-count reclaims it is dead-lettered and the
@@ -394,7 +332,7 @@ async def test_a_poison_message_ends_in_the_dead_letter_queue_and_the_caller_is_
     caller_role = await env.provision(STREAMS, "caller")
     dsn = env.dsn(worker_role)
     options = ("--reclaim-delay", "300", "--reclaim-count", "2")
-    current = [procs.worker(dsn, env.schema, *options)]
+    current = [procs.start(dsn, env.schema, *options)]
     done = anyio.Event()
 
     async def supervisor() -> None:
@@ -403,7 +341,7 @@ async def test_a_poison_message_ends_in_the_dead_letter_queue_and_the_caller_is_
                 await anyio.sleep(0.05)
             if done.is_set():
                 return
-            current.append(procs.worker(dsn, env.schema, *options))
+            current.append(procs.start(dsn, env.schema, *options))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(supervisor)
@@ -479,6 +417,7 @@ async def test_a_silently_dead_listen_connection_falls_back_and_is_reestablished
         async with hub_for(env, recheck_interval=0.5) as hub:
             caller = hub.caller
             listen_dsn = f"postgresql://{caller.role}:{caller.password}@127.0.0.1:{proxy.port}/{env.server.database}"
+            assert isinstance(hub.engine.api.pool, asyncpg.Pool)
             engine = Engine(hub.engine.api.pool, schema=env.schema, role=caller.role, listen_dsn=listen_dsn,
                             timeout=20.0, recheck_interval=0.5)
             async with engine, Client(McpGateway(engine).server) as client:

@@ -1,108 +1,33 @@
 """The gateway through the real ``mcp`` client, in-process, in both protocol eras, against real PostgreSQL.
 
-The gateway logs in as a caller role, the worker as a worker role, each with its own password over TCP.
+The gateway logs in as a caller role, the worker as a worker role, each with its own password over TCP; the
+worker serves ``helpers.GATEWAY_TOOLS`` (the example tools, ``test_fail`` and ``test_block``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 from mcp import Client, MCPError
-from mcp.types import INVALID_PARAMS, ToolListChangedNotification
+from mcp.client.session import IncomingMessage
+from mcp.types import INVALID_PARAMS, CallToolResult, ToolListChangedNotification
 
-from mcp_hotmesh._caller import Engine
-from mcp_hotmesh._config import WorkerCredentials
-from mcp_hotmesh._mcp_server import McpGateway
-from mcp_hotmesh._roles import ProvisionedRole
 from mcp_hotmesh._streams import WorkerAPI
-from mcp_hotmesh._tools import ToolContext, ToolSet
-from mcp_hotmesh._worker import Worker
-from mcp_hotmesh.examples import toolset as example_tools
-from tests.conftest import Env
+from tests.helpers import GATEWAY_TOOLS, Env, Hub, block_cancellations, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
-# ------------------------------------------------------------------------------------------- test tools
-tools = ToolSet(list(example_tools.tools))
-cancelled = {"count": 0}
-
-
-@tools.tool(topic="test.fail")
-async def fail(reason: str) -> dict[str, Any]:
-    """Always fails with the given reason."""
-    raise ValueError(reason)
-
-
-@tools.tool(topic="test.block")
-async def block(ctx: ToolContext | None = None) -> dict[str, Any]:
-    """Blocks until cancelled."""
-    try:
-        await anyio.sleep(120)
-    except anyio.get_cancelled_exc_class():
-        cancelled["count"] += 1
-        raise
-    return {}
-
-
-STREAMS = list(tools.topics)
 LATER = "test.later"  # the caller may use it; its tool is registered during a test
-
-
-@contextlib.asynccontextmanager
-async def run_worker(env: Env, role: ProvisionedRole, toolset: ToolSet) -> AsyncIterator[Worker]:
-    """The real worker runtime, logged in as ``role`` over TCP with its password (as from another machine)."""
-    credentials = WorkerCredentials.model_validate({"user": role.role, "password": role.password})
-    base = f"postgresql://{env.server.tcp_host}:{env.server.tcp_port}/{env.server.database}"
-    worker = Worker.from_toolset(toolset, connection=base, credentials=credentials, schema=env.schema,
-                                 shutdown_grace=1.0)
-    async with worker:
-        yield worker
-
-
-@dataclass
-class Hub:
-    env: Env
-    engine: Engine
-    gateway: McpGateway
-    caller: ProvisionedRole
-
-    async def rows(self) -> int:
-        return int(await self.env.admin.fetchval(f'SELECT count(*) FROM "{self.env.schema}".messages'))
-
-
-async def wait_for(predicate: Any, seconds: float = 10) -> None:
-    with anyio.fail_after(seconds):
-        while not await predicate():  # noqa: ASYNC110 - polling the database, which has no event to await
-            await anyio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def hub_for(env: Env, **engine_options: Any) -> AsyncIterator[Hub]:
-    worker_role = await env.provision(STREAMS, "worker")
-    caller = await env.provision([*STREAMS, LATER], "caller")
-    engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
-                    **{"timeout": 20.0, "max_args_bytes": 4096, **engine_options})
-    gateway = McpGateway(engine)
-    async with run_worker(env, worker_role, tools), engine:
-
-        async def ready() -> bool:
-            await engine.refresh()
-            return {r.name for r in engine.tools() if r.live_workers} >= {t.name for t in tools.tools}
-
-        await wait_for(ready)
-        yield Hub(env, engine, gateway, caller)
 
 
 @pytest.fixture
 async def hub(env: Env) -> AsyncIterator[Hub]:
-    async with hub_for(env) as h:
+    async with hub_for(env, extra_streams=[LATER]) as h:
         yield h
 
 
@@ -121,8 +46,8 @@ async def test_list_is_the_registry_on_the_callers_streams(hub: Hub, mode: str) 
         assert client.server_capabilities is not None and client.server_capabilities.tools is not None
         assert client.server_capabilities.tools.list_changed is True
         listed = {t.name: t for t in (await client.list_tools()).tools}
-    assert sorted(listed) == sorted(t.name for t in tools.tools)
-    for t in tools.tools:
+    assert sorted(listed) == sorted(t.name for t in GATEWAY_TOOLS.tools)
+    for t in GATEWAY_TOOLS.tools:
         assert listed[t.name].description == t.description
         assert listed[t.name].input_schema == t.input_schema
         assert listed[t.name].output_schema == t.output_schema
@@ -143,7 +68,7 @@ async def test_list_changed_reaches_modern_clients(hub: Hub) -> None:
 async def test_list_changed_reaches_legacy_clients(hub: Hub) -> None:
     changed = anyio.Event()
 
-    async def on_message(message: Any) -> None:
+    async def on_message(message: IncomingMessage) -> None:
         if isinstance(message, ToolListChangedNotification):
             changed.set()
 
@@ -162,7 +87,7 @@ async def test_structured_result(hub: Hub, mode: str) -> None:
         result = await client.call_tool("echo", {"text": "héllo"})
         assert not result.is_error
         assert result.structured_content == {"text": "héllo", "length": 5}
-        assert json.loads(result.content[0].text) == {"text": "héllo", "length": 5}  # type: ignore[union-attr]
+        assert json.loads(text_of(result)) == {"text": "héllo", "length": 5}
         product = await client.call_tool("math_multiply", {"a": 6, "b": 7})
         assert product.structured_content == {"result": 42}
 
@@ -175,10 +100,10 @@ async def test_invalid_arguments_are_refused_before_anything_is_enqueued(hub: Hu
         out_of_range = await client.call_tool("sleep", {"seconds": -1})
     for result in (wrong_type, missing, extra, out_of_range):
         assert result.is_error
-    assert "text: 5 is not of type 'string'" in wrong_type.content[0].text  # type: ignore[union-attr]
-    assert "'b' is a required property" in missing.content[0].text  # type: ignore[union-attr]
-    assert "colour" in extra.content[0].text  # type: ignore[union-attr]
-    assert "seconds" in out_of_range.content[0].text  # type: ignore[union-attr]
+    assert "text: 5 is not of type 'string'" in text_of(wrong_type)
+    assert "'b' is a required property" in text_of(missing)
+    assert "colour" in text_of(extra)
+    assert "seconds" in text_of(out_of_range)
     assert await hub.rows() == 0
 
 
@@ -186,7 +111,7 @@ async def test_oversized_arguments_are_refused(hub: Hub) -> None:
     async with Client(hub.gateway.server) as client:
         result = await client.call_tool("echo", {"text": "x" * 5000})
     assert result.is_error
-    assert "at most 4096" in result.content[0].text  # type: ignore[union-attr]
+    assert "at most 4096" in text_of(result)
     assert await hub.rows() == 0
 
 
@@ -202,7 +127,7 @@ async def test_handler_failure_is_an_error_result_without_internals(hub: Hub, mo
     async with Client(hub.gateway.server, mode=mode) as client:
         result = await client.call_tool("test_fail", {"reason": "the widget is broken"})
     assert result.is_error
-    text = result.content[0].text  # type: ignore[union-attr]
+    text = text_of(result)
     assert "the widget is broken" in text
     for secret in ("Traceback", "SELECT", "postgresql://", hub.caller.role, hub.caller.password, hub.env.schema):
         assert secret not in text
@@ -231,12 +156,12 @@ async def test_progress_is_forwarded(hub: Hub, mode: str) -> None:
 
 
 async def test_timeout_cancels_the_call(env: Env) -> None:
-    async with hub_for(env, timeout=0.5) as hub, Client(hub.gateway.server) as client:
+    async with hub_for(env, call_timeout=0.5) as hub, Client(hub.gateway.server) as client:
         started = time.monotonic()
         result = await client.call_tool("sleep", {"seconds": 30})
         assert time.monotonic() - started < 5
         assert result.is_error
-        assert "did not finish within 0.5 seconds" in result.content[0].text  # type: ignore[union-attr]
+        assert "did not finish within 0.5 seconds" in text_of(result)
         row = await env.admin.fetchrow(f'SELECT state, cancel_requested FROM "{env.schema}".messages')
         assert row is not None and row["cancel_requested"]
 
@@ -247,13 +172,13 @@ async def test_timeout_cancels_the_call(env: Env) -> None:
 
 
 async def test_client_cancellation_reaches_the_handler(hub: Hub, mode: str) -> None:
-    before = cancelled["count"]
+    before = block_cancellations["count"]
     async with Client(hub.gateway.server, mode=mode) as client:
         with anyio.move_on_after(0.5):
             await client.call_tool("test_block", {})
 
         async def handler_cancelled() -> bool:
-            return cancelled["count"] > before
+            return block_cancellations["count"] > before
 
         await wait_for(handler_cancelled, 10)
         row = await hub.env.admin.fetchrow(f'SELECT state, cancel_requested FROM "{hub.env.schema}".messages')
@@ -276,7 +201,7 @@ async def test_a_tool_without_a_live_worker_fails_at_once(hub: Hub) -> None:
         result = await client.call_tool("later", {})
         assert time.monotonic() - started < 2
     assert result.is_error
-    assert "offline" in result.content[0].text  # type: ignore[union-attr]
+    assert "offline" in text_of(result)
     assert await hub.rows() == 0
 
 
@@ -288,7 +213,7 @@ async def test_listen_reconnect_rechecks_the_waiting_calls(env: Env) -> None:
         heard = listener._handler
         # deaf to call notifications from now on (as if they were sent while disconnected)
         listener._handler = lambda channel, payload: None if payload[:2] in ("r:", "p:") else heard(channel, payload)
-        results: list[Any] = []
+        results: list[CallToolResult] = []
 
         async def call() -> None:
             results.append(await client.call_tool("sleep", {"seconds": 0.3, "steps": 1}))
@@ -321,6 +246,7 @@ async def test_a_second_gateway_does_not_take_over_the_first_ones_roles(env: Env
     async with running_gateway(args) as first, running_gateway(args) as second:
         assert first.role == f"{env.schema}_c_gateway"
         assert second.role == f"{env.schema}_c_gateway_2"
+        assert isinstance(first.api.pool, asyncpg.Pool)
         await first.api.pool.expire_connections()  # new logins: the first one's password still works
         assert await first.refresh() is False
         assert await first.healthy() and await second.healthy()

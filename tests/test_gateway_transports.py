@@ -6,44 +6,32 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from mcp_hotmesh._http import check_http_token, run_http
+from mcp_hotmesh._http import check_http_token
 from mcp_hotmesh._tools import load_toolset
 from mcp_hotmesh.errors import ConfigError
 from mcp_hotmesh.examples import toolset as example_tools
-from tests.conftest import Env
-from tests.test_gateway import Hub, hub_for, wait_for
+from tests.helpers import ROOT, TOKEN, Env, Hub, clean_environ, cli_command, http_client, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses: serve and worker over stdio, and HTTP
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST_CONFIG = ROOT / "examples/agents/claude_desktop_config.json"
 AGENT_TOOLS = "examples/agents/tools.py:toolset"
-
-
-def cli() -> list[str]:
-    """The installed console script (what a host's config names), or the module when running from a checkout."""
-    script = Path(sys.executable).parent / "mcp-hotmesh"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mcp_hotmesh"]
 
 
 def host_entry(env: dict[str, str]) -> StdioServerParameters:
     """The example config's entry, launched as a host would, with the placeholder path made real."""
     entry = json.loads(HOST_CONFIG.read_text())["mcpServers"]["hotmesh"]
     assert entry["command"].startswith("/ABSOLUTE/PATH/TO/") and entry["command"].endswith("/bin/mcp-hotmesh")
-    command, *prefix = cli()
+    command, *prefix = cli_command()
     return StdioServerParameters(command=command, args=[*prefix, *entry["args"]], env={**entry["env"], **env},
                                  cwd=str(ROOT))
 
@@ -76,9 +64,8 @@ async def test_serve_over_stdio_from_the_host_config(env: Env, mode: str) -> Non
 async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: Path) -> None:
     """Raw JSON-RPC in, every stdout line must be JSON-RPC out; the embedded server starts and stops quietly."""
     os.chmod(tmp_path, 0o755)  # the embedded server's OS user must reach its data directory
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}
+    env = clean_environ(HOTMESH_DATA_DIR=str(tmp_path / "pg"))
     env.pop("PYTHONUNBUFFERED", None)  # a user's host does not set it: the child's stdout is block-buffered
-    env["HOTMESH_DATA_DIR"] = str(tmp_path / "pg")
     requests = [
         {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "claude-ai", "version": "1"}}},
@@ -91,7 +78,7 @@ async def test_stdout_carries_only_protocol_with_the_embedded_server(tmp_path: P
     stray = tmp_path / "noisy_tools.py"  # a tool module that prints: it must not reach the protocol
     stray.write_text("print('stray output')\nfrom mcp_hotmesh.examples import toolset\n")
     lines: list[dict[str, Any]] = []
-    async with await anyio.open_process([*cli(), "serve", "--tools", f"{stray}:toolset"], env=env,
+    async with await anyio.open_process([*cli_command(), "serve", "--tools", f"{stray}:toolset"], env=env,
                                         cwd=str(ROOT)) as proc:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         await proc.stdin.send("".join(json.dumps(r) + "\n" for r in requests).encode())
@@ -126,11 +113,9 @@ async def test_worker_in_another_process_and_a_caller_only_gateway(env: Env) -> 
     streams = list(load_toolset(f"{ROOT}/{AGENT_TOOLS}").topics)
     worker_role = await env.provision(streams, "worker")
     caller_role = await env.provision(streams, "caller")
-    base = f"postgresql://{env.server.tcp_host}:{env.server.tcp_port}/{env.server.database}"
-    worker_env = {k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}
-    worker_env.update(HOTMESH_WORKER_USER=worker_role.role, HOTMESH_WORKER_PASSWORD=worker_role.password)
+    worker_env = clean_environ(HOTMESH_WORKER_USER=worker_role.role, HOTMESH_WORKER_PASSWORD=worker_role.password)
     worker = await anyio.open_process(
-        [*cli(), "worker", "--dsn", base, "--schema", env.schema, "--tools", AGENT_TOOLS],
+        [*cli_command(), "worker", "--dsn", env.server.base_dsn, "--schema", env.schema, "--tools", AGENT_TOOLS],
         env=worker_env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -141,7 +126,8 @@ async def test_worker_in_another_process_and_a_caller_only_gateway(env: Env) -> 
                 len(streams), worker_role.role))
 
         await wait_for(worker_alive, 30)
-        params = StdioServerParameters(command=cli()[0], args=[*cli()[1:], "serve"], cwd=str(ROOT),
+        command, *prefix = cli_command()
+        params = StdioServerParameters(command=command, args=[*prefix, "serve"], cwd=str(ROOT),
                                        env={"HOTMESH_DSN": env.dsn(caller_role), "HOTMESH_SCHEMA": env.schema})
         async with Client(params, read_timeout_seconds=60) as client:
             names = {t.name for t in (await client.list_tools()).tools}
@@ -159,33 +145,6 @@ async def test_worker_in_another_process_and_a_caller_only_gateway(env: Env) -> 
 
 
 # ------------------------------------------------------------------------------------------------- HTTP
-TOKEN = "test-token-0123456789-abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-async def http_hub(env: Env) -> AsyncIterator[tuple[Hub, str]]:
-    port = free_port()
-    async with hub_for(env) as hub, anyio.create_task_group() as tg:
-        stop, started = anyio.Event(), anyio.Event()
-        tg.start_soon(lambda: run_http(hub.gateway, host="127.0.0.1", port=port, token=TOKEN, stop=stop,
-                                       started=started))
-        with anyio.fail_after(10):
-            await started.wait()
-        yield hub, f"http://127.0.0.1:{port}"
-        stop.set()
-
-
-def http_client(token: str | None) -> httpx2.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
-
-
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_http_with_the_token(http_hub: tuple[Hub, str], mode: str) -> None:
     _, url = http_hub
@@ -236,8 +195,7 @@ def test_http_needs_a_token_everywhere() -> None:
     with pytest.raises(ConfigError, match="at least 16"):
         check_http_token("127.0.0.1", "short")
     assert check_http_token("::1", TOKEN) == TOKEN
-    env = {k: v for k, v in os.environ.items() if k != "HOTMESH_TOKEN"}
-    done = subprocess.run([*cli(), "serve", "--transport", "http", "--host", "0.0.0.0"], env=env,
+    done = subprocess.run([*cli_command(), "serve", "--transport", "http", "--host", "0.0.0.0"], env=clean_environ(),
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and done.stdout == ""
     assert "bearer token" in done.stderr and "Traceback" not in done.stderr

@@ -14,7 +14,6 @@ calls back into the test's loop with ``anyio.from_thread.run``. Few examples and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -29,19 +28,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mcp import Client, MCPError
-from mcp.types import INVALID_PARAMS, CallToolResult
+from mcp.types import INVALID_PARAMS
 
-from mcp_hotmesh._caller import Engine
-from mcp_hotmesh._http import run_http
-from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._streams import CallerAPI
 from mcp_hotmesh._tools import ToolSet
 from mcp_hotmesh.errors import HotMeshError, InvalidInput, PayloadTooLarge, PermissionDenied
 from mcp_hotmesh.examples import Sum
 from mcp_hotmesh.examples import toolset as example_tools
-from tests.conftest import Env
-from tests.test_gateway import run_worker, wait_for
-from tests.test_gateway_transports import TOKEN, free_port, http_client
+from tests.helpers import TOKEN, Env, Hub, http_client, http_server, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -72,7 +66,7 @@ async def not_json() -> Any:
 @tools.tool(topic=OUT, workflow_name="wrong_shape")
 async def wrong_shape() -> Sum:
     """Returns something that breaks its declared output schema."""
-    return {"result": "seven"}  # type: ignore[return-value]
+    return {"result": "seven"}  # type: ignore[return-value]  # on purpose: what the test is about
 
 
 @tools.tool(topic=OUT, workflow_name="nul")
@@ -110,53 +104,18 @@ ARGS_LIMIT = 65_536
 PAYLOAD_LIMIT = 100_000  # the database's max_payload_bytes in these tests
 
 
-class Hostile:
-    def __init__(self, env: Env, engine: Engine, gateway: McpGateway, caller: CallerAPI) -> None:
-        self.env, self.engine, self.gateway, self.caller = env, engine, gateway, caller
-
-    async def rows(self, where: str = "true") -> int:
-        return int(await self.env.admin.fetchval(f'SELECT count(*) FROM "{self.env.schema}".messages WHERE {where}'))
-
-    async def unfinished(self) -> int:
-        """Messages neither done nor dead: after every answered call, none may be left."""
-        return await self.rows("state NOT IN ('done', 'dead')")
-
-    async def still_serving(self, client: Client) -> None:
-        result = await client.call_tool("echo", {"text": "still here"})
-        assert not result.is_error and result.structured_content == {"text": "still here", "length": 10}
-
-
-@contextlib.asynccontextmanager
-async def hostile_hub(env: Env) -> AsyncIterator[Hostile]:
-    await env.set("max_payload_bytes", PAYLOAD_LIMIT)
-    worker_role = await env.provision(STREAMS, "worker")
-    caller_role = await env.provision([*STREAMS, "hostile.reg"], "caller")
-    engine = Engine(await env.pool(caller_role), schema=env.schema, role=caller_role.role,
-                    listen_dsn=env.dsn(caller_role), timeout=20.0, max_args_bytes=ARGS_LIMIT)
-    gateway = McpGateway(engine)
-    async with run_worker(env, worker_role, tools), engine:
-
-        async def ready() -> bool:
-            await engine.refresh()
-            return {r.name for r in engine.tools() if r.live_workers} >= {t.name for t in tools.tools}
-
-        await wait_for(ready)
-        yield Hostile(env, engine, gateway, CallerAPI(await env.pool(caller_role), env.schema))
-
-
 @pytest.fixture
-async def hub(env: Env) -> AsyncIterator[Hostile]:
-    async with hostile_hub(env) as h:
+async def hub(env: Env) -> AsyncIterator[Hub]:
+    """These tools behind a gateway that takes at most ``ARGS_LIMIT`` bytes of arguments, on a database that takes
+    at most ``PAYLOAD_LIMIT``; its caller may also use hostile.reg."""
+    await env.set("max_payload_bytes", PAYLOAD_LIMIT)
+    async with hub_for(env, toolset=tools, extra_streams=["hostile.reg"], max_args_bytes=ARGS_LIMIT) as h:
         yield h
 
 
-def text_of(result: CallToolResult) -> str:
-    return "".join(getattr(c, "text", "") for c in result.content)
-
-
-def in_thread(run: Callable[[], None]) -> Any:
+async def in_thread(run: Callable[[], None]) -> None:
     """Run a hypothesis test (a blocking function) in a worker thread; it reaches the loop with from_thread."""
-    return anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
 
 
 HYPOTHESIS = settings(max_examples=25, deadline=None, database=None,
@@ -173,7 +132,7 @@ random_arguments = st.dictionaries(keys, json_values, max_size=4)
 
 # ------------------------------------------------------------------------------------------------ agents
 @pytest.mark.parametrize("tool", [t.name for t in example_tools.tools])
-async def test_random_json_against_each_example_tool(hub: Hostile, tool: str) -> None:
+async def test_random_json_against_each_example_tool(hub: Hub, tool: str) -> None:
     """Valid arguments are answered; invalid ones are refused before anything is queued, saying what is wrong."""
     schema = next(t.input_schema for t in example_tools.tools if t.name == tool)
     validator = jsonschema.Draft202012Validator(schema)
@@ -183,7 +142,7 @@ async def test_random_json_against_each_example_tool(hub: Hostile, tool: str) ->
         "math_add": st.fixed_dictionaries({"a": st.floats(-1e300, 1e300) | st.integers(-(10**15), 10**15),
                                            "b": st.floats(-1e300, 1e300) | st.integers(-(10**15), 10**15)}),
         "math_multiply": st.fixed_dictionaries({"a": st.floats(-1e300, 1e300), "b": st.floats(-1e300, 1e300)}),
-        "flaky": st.nothing(),  # its valid call takes a retry (0.5 s): covered in test_gateway
+        "flaky": st.nothing(),  # its valid call takes a retry: covered in test_gateway
     }[tool]
     async with Client(hub.gateway.server) as client:
 
@@ -227,7 +186,7 @@ async def test_random_json_against_each_example_tool(hub: Hostile, tool: str) ->
         await hub.still_serving(client)
 
 
-async def test_unknown_and_odd_tool_names(hub: Hostile) -> None:
+async def test_unknown_and_odd_tool_names(hub: Hub) -> None:
     listed = {t.name for t in tools.tools}
     async with Client(hub.gateway.server) as client:
 
@@ -251,7 +210,7 @@ async def test_unknown_and_odd_tool_names(hub: Hostile) -> None:
     assert await hub.rows() == 1  # only the last echo
 
 
-async def test_nul_and_lone_surrogates_in_arguments(hub: Hostile) -> None:
+async def test_nul_and_lone_surrogates_in_arguments(hub: Hub) -> None:
     async with Client(hub.gateway.server) as client:
         nul_ = await client.call_tool("echo", {"text": "a\u0000b"})
         lone = await client.call_tool("echo", {"text": "a\ud800b"})
@@ -263,7 +222,7 @@ async def test_nul_and_lone_surrogates_in_arguments(hub: Hostile) -> None:
         await hub.still_serving(client)
 
 
-async def test_numbers_out_of_range(hub: Hostile) -> None:
+async def test_numbers_out_of_range(hub: Hub) -> None:
     async with Client(hub.gateway.server) as client:
         # past float range: the worker's own check refuses it, and says so (never retried)
         big = await client.call_tool("math_add", {"a": 10**400, "b": 1})
@@ -280,7 +239,7 @@ async def test_numbers_out_of_range(hub: Hostile) -> None:
     assert await hub.rows("state = 'dead'") == 0 and await hub.unfinished() == 0
 
 
-async def test_sizes_past_the_limits(hub: Hostile) -> None:
+async def test_sizes_past_the_limits(hub: Hub) -> None:
     async with Client(hub.gateway.server) as client:
         long_text = await client.call_tool("echo", {"text": "x" * (ARGS_LIMIT + 1)})
         long_array = await client.call_tool("hostile_anything", {"data": list(range(20_000))})
@@ -301,7 +260,7 @@ async def test_sizes_past_the_limits(hub: Hostile) -> None:
         await hub.still_serving(client)
 
 
-async def test_deep_nesting(hub: Hostile) -> None:
+async def test_deep_nesting(hub: Hub) -> None:
     async with Client(hub.gateway.server) as client:
         fine = await client.call_tool("hostile_anything", {"data": nested(100)})
         assert fine.structured_content == {"data": nested(100)}
@@ -316,16 +275,9 @@ async def test_deep_nesting(hub: Hostile) -> None:
 
 # --------------------------------------------------------------------------------------------- raw JSON-RPC
 @pytest.fixture
-async def http_url(hub: Hostile) -> AsyncIterator[str]:
-    port = free_port()
-    async with anyio.create_task_group() as tg:
-        stop, started = anyio.Event(), anyio.Event()
-        tg.start_soon(lambda: run_http(hub.gateway, host="127.0.0.1", port=port, token=TOKEN, stop=stop,
-                                       started=started))
-        with anyio.fail_after(10):
-            await started.wait()
-        yield f"http://127.0.0.1:{port}/mcp"
-        stop.set()
+async def http_url(hub: Hub) -> AsyncIterator[str]:
+    async with http_server(hub.gateway) as url:
+        yield f"{url}/mcp"
 
 
 def _reply(response: httpx2.Response) -> dict[str, Any]:
@@ -335,7 +287,7 @@ def _reply(response: httpx2.Response) -> dict[str, Any]:
     return dict(response.json())
 
 
-async def test_raw_json_rpc(hub: Hostile, http_url: str) -> None:
+async def test_raw_json_rpc(hub: Hub, http_url: str) -> None:
     """Requests no SDK client would send, straight onto the HTTP transport."""
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with http_client(TOKEN) as http:
@@ -383,7 +335,7 @@ async def test_raw_json_rpc(hub: Hostile, http_url: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- handlers
-async def test_handler_results_that_are_not_json_or_break_their_schema(hub: Hostile) -> None:
+async def test_handler_results_that_are_not_json_or_break_their_schema(hub: Hub) -> None:
     """The caller is told at once what was wrong with the result; the call is not retried; nothing is left."""
     expected = {
         "hostile_out_not_json": "returned an invalid result",
@@ -408,7 +360,7 @@ async def test_handler_results_that_are_not_json_or_break_their_schema(hub: Host
 
 
 # ------------------------------------------------------------------------------------------------ workers
-async def test_tool_registrations_that_are_refused(hub: Hostile) -> None:
+async def test_tool_registrations_that_are_refused(hub: Hub) -> None:
     env = hub.env
     _, worker = await env.worker(["hostile.reg"])
 
@@ -457,7 +409,7 @@ async def test_tool_registrations_that_are_refused(hub: Hostile) -> None:
 
 
 # ----------------------------------------------------------------------------------- the queue, written by hand
-async def test_messages_python_cannot_read_are_refused_and_spare_their_batch(hub: Hostile) -> None:
+async def test_messages_python_cannot_read_are_refused_and_spare_their_batch(hub: Hub) -> None:
     """A caller role may write any jsonb with caller_call within max_json_depth. With a 5000-digit number it is
     valid to PostgreSQL but not readable by Python: the worker answers it with a clear error, and the messages
     claimed in the same batch are answered as usual (one unreadable value must not make a batch unreadable)."""

@@ -37,8 +37,7 @@ from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._tools import ToolSet
 from mcp_hotmesh.examples import toolset as example_tools
-from tests.conftest import Env
-from tests.test_gateway import run_worker, wait_for
+from tests.helpers import Env, Hub, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +65,6 @@ async def codes(code: Annotated[str, Field(pattern=r"^[A-Z]{3}-\d+$")],
     return {"code": code, "tags": list(tags)}
 
 
-STREAMS = list(tools.topics)
 GOOD = {t.name for t in tools.tools}
 
 
@@ -113,7 +111,7 @@ def hostile_tools(secret_file: Path, port: int) -> dict[str, dict[str, str]]:
 class Silent:
     """A local server that accepts connections and never answers: a fetch of it would hang, so any attempt shows."""
 
-    def __init__(self, listener: anyio.abc.SocketListener) -> None:
+    def __init__(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         self.listener = listener
         self.port: int = listener.extra(anyio.abc.SocketAttribute.local_port)
         self.connections = 0
@@ -124,38 +122,55 @@ class Silent:
             await anyio.sleep_forever()
 
 
+async def plant(env: Env, attacker: asyncpg.Connection, name: str, fields: dict[str, str]) -> str:
+    """Register ``name`` on alpha as the attacker's worker role; if the database refuses the registration, write the
+    row as admin (a row from before the refusing limit). Returns which of the two happened."""
+    description = fields.get("description", '"hostile"')
+    output = fields.get("output_schema", "null")
+    registration = (f'{{"name": {json.dumps(name)}, "description": {description}, '
+                    f'"input_schema": {fields["input_schema"]}, "output_schema": {output}}}')
+    s = env.schema
+    try:
+        await attacker.fetchval(f'SELECT "{s}".worker_register_tool($1, $2, $3::text::jsonb)', ALPHA, name,
+                                registration)
+        return "registered"
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == "42501":  # the attacker's own stream: never a permission problem
+            raise
+    await env.admin.execute(
+        f'INSERT INTO "{s}".tools (stream, workflow_name, name, description, input_schema, output_schema, '
+        f"registered_by) VALUES ($1, $2, $2, $3::text::jsonb #>> '{{}}', $4::text::jsonb, "
+        "nullif($5::text::jsonb, 'null'), current_user)",
+        ALPHA, name, description, fields["input_schema"], output)
+    await env.admin.execute(f"SELECT pg_notify('{s}_tools', '')")
+    return "planted"
+
+
 @dataclass
 class Iso:
-    env: Env
-    engine: Engine
-    gateway: McpGateway
+    """The hub serving these tools, whose caller may also use alpha; the attacker's session on alpha."""
+
+    hub: Hub
     attacker: asyncpg.Connection
     silent: Silent
     secret_path: str
     secret: str
 
+    @property
+    def env(self) -> Env:
+        return self.hub.env
+
+    @property
+    def engine(self) -> Engine:
+        return self.hub.engine
+
+    @property
+    def gateway(self) -> McpGateway:
+        return self.hub.gateway
+
     async def plant(self, name: str, fields: dict[str, str]) -> str:
-        """Register ``name`` on alpha as the attacker's worker role; if the database refuses the registration, write
-        the row as admin (a row from before the refusing limit). Returns which of the two happened."""
-        description = fields.get("description", '"hostile"')
-        output = fields.get("output_schema", "null")
-        registration = (f'{{"name": {json.dumps(name)}, "description": {description}, '
-                        f'"input_schema": {fields["input_schema"]}, "output_schema": {output}}}')
-        s = self.env.schema
-        try:
-            await self.attacker.fetchval(f'SELECT "{s}".worker_register_tool($1, $2, $3::text::jsonb)',
-                                         ALPHA, name, registration)
-            return "registered"
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == "42501":  # the attacker's own stream: never a permission problem
-                raise
-        await self.env.admin.execute(
-            f'INSERT INTO "{s}".tools (stream, workflow_name, name, description, input_schema, output_schema, '
-            f"registered_by) VALUES ($1, $2, $2, $3::text::jsonb #>> '{{}}', $4::text::jsonb, "
-            "nullif($5::text::jsonb, 'null'), current_user)",
-            ALPHA, name, description, fields["input_schema"], output)
-        await self.env.admin.execute(f"SELECT pg_notify('{s}_tools', '')")
-        return "planted"
+        """``plant`` as this hub's attacker."""
+        return await plant(self.env, self.attacker, name, fields)
 
     async def known(self, names: set[str]) -> None:
         """Wait until the engine's catalog holds ``names`` (listed or not)."""
@@ -170,8 +185,7 @@ class Iso:
         """tools/list still answers with every good tool, and a good tool of another stream still answers."""
         listed = {t.name for t in (await client.list_tools()).tools}
         assert listed >= GOOD, GOOD - listed
-        result = await client.call_tool("echo", {"text": "still here"})
-        assert not result.is_error and result.structured_content == {"text": "still here", "length": 10}
+        await self.hub.still_serving(client)
         return listed
 
     def hostile(self) -> dict[str, dict[str, str]]:
@@ -181,10 +195,6 @@ class Iso:
         """No file content and no internals in what an agent reads."""
         for leak in (self.secret, "Traceback", "UnreadableJSON", "SELECT", self.env.schema, "Errno"):
             assert leak not in text, text
-
-
-def text_of(result: CallToolResult) -> str:
-    return "".join(getattr(c, "text", "") for c in result.content)
 
 
 @pytest.fixture
@@ -201,29 +211,18 @@ async def iso_hub(env: Env, secret_file: tuple[Path, str], *, plant_first: bool 
     """The example tools served by a real worker, a gateway for them and alpha, and the attacker's connection.
     With ``plant_first`` every hostile tool (and one with a name the database refuses) is in the tools table
     before the gateway starts."""
-    worker_role = await env.provision(STREAMS, "worker")
-    caller = await env.provision([*STREAMS, ALPHA], "caller")
     attacker_role = await env.provision([ALPHA], "worker")
     attacker = await env.connect(attacker_role)
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, \
             anyio.create_task_group() as tg:
         silent = Silent(listener)
         tg.start_soon(listener.serve, silent.handle)
-        engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
-                        timeout=20.0)
-        iso = Iso(env, engine, McpGateway(engine), attacker, silent, str(secret_file[0]), secret_file[1])
         try:
             if plant_first:
-                for name, fields in iso.hostile().items():
-                    await iso.plant(name, fields)
-            async with run_worker(env, worker_role, tools), engine:
-
-                async def ready() -> bool:
-                    await engine.refresh()
-                    return {r.name for r in engine.tools() if r.live_workers} >= GOOD
-
-                await wait_for(ready, 30)
-                yield iso
+                for name, fields in hostile_tools(secret_file[0], silent.port).items():
+                    await plant(env, attacker, name, fields)
+            async with hub_for(env, toolset=tools, extra_streams=[ALPHA], max_args_bytes=1 << 20) as hub:
+                yield Iso(hub, attacker, silent, str(secret_file[0]), secret_file[1])
         finally:
             await attacker.close()
             tg.cancel_scope.cancel()
@@ -314,6 +313,7 @@ async def test_a_file_reference_is_never_read(env: Env, secret_file: tuple[Path,
         assert "file_ref" not in await iso.serves_the_good_tools(client)
 
 
+@pytest.mark.slow  # schemas of thousands of properties
 async def test_large_schemas_are_checked_off_the_event_loop(
         env: Env, secret_file: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """20 schemas of 7,000 properties are refused by the bounds walk; two large valid ones are checked in a worker

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import anyio
 import pytest
 
+from mcp_hotmesh._streams import CallerAPI, Claimed, WorkerAPI
 from mcp_hotmesh.errors import NotFound, PayloadTooLarge
-from tests.conftest import Env
+from tests.helpers import Env
 
 pytestmark = pytest.mark.anyio
+
+
+async def a_call(env: Env, timeout_ms: int = 60_000) -> tuple[WorkerAPI, CallerAPI, UUID]:
+    """A worker role and a caller role on stream ``s``, and a call the caller made there (still queued)."""
+    _, worker = await env.worker(["s"])
+    _, caller = await env.caller(["s"])
+    return worker, caller, await caller.call("s", "", {}, timeout_ms)
 
 
 async def test_call_claim_respond_result(env: Env) -> None:
@@ -34,9 +44,7 @@ async def test_call_claim_respond_result(env: Env) -> None:
 
 
 async def test_handler_error_answer(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 10_000)
+    worker, caller, call_id = await a_call(env, 10_000)
     [msg] = await worker.dequeue("s", "w", 1, 5_000)
     assert await worker.respond("s", msg.id, msg.lease, {"message": "bad input"}, is_error=True)
     result = await caller.result(call_id)
@@ -44,9 +52,7 @@ async def test_handler_error_answer(env: Env) -> None:
 
 
 async def test_retry_waits_for_visible_at_then_dead_letters(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 60_000)
+    worker, caller, call_id = await a_call(env)
     [msg] = await worker.dequeue("s", "w", 1, 5_000)
     assert await worker.fail("s", msg.id, msg.lease, "boom 1", 300)
     assert (await caller.result(call_id)).state == "ready"
@@ -61,9 +67,7 @@ async def test_retry_waits_for_visible_at_then_dead_letters(env: Env) -> None:
 
 
 async def test_retry_never_scheduled_past_the_deadline(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 1_000)
+    worker, caller, call_id = await a_call(env, 1_000)
     [msg] = await worker.dequeue("s", "w", 1, 5_000)
     assert await worker.fail("s", msg.id, msg.lease, "flaky", 5_000)
     result = await caller.result(call_id)
@@ -71,9 +75,7 @@ async def test_retry_never_scheduled_past_the_deadline(env: Env) -> None:
 
 
 async def test_reclaim_after_lease_expiry_then_dead_letter(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 60_000)
+    worker, caller, call_id = await a_call(env)
     [first] = await worker.dequeue("s", "w1", 1, 100, reclaim_count=1)
     await anyio.sleep(0.15)
     [second] = await worker.dequeue("s", "w2", 1, 100, reclaim_count=1)
@@ -86,9 +88,7 @@ async def test_reclaim_after_lease_expiry_then_dead_letter(env: Env) -> None:
 
 
 async def test_deadline_passed_while_queued_is_never_run(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 50)
+    worker, caller, call_id = await a_call(env, 50)
     await anyio.sleep(0.1)
     assert await worker.dequeue("s", "w", 10, 5_000) == []
     result = await caller.result(call_id)
@@ -96,9 +96,7 @@ async def test_deadline_passed_while_queued_is_never_run(env: Env) -> None:
 
 
 async def test_cancel_before_processing(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 60_000)
+    worker, caller, call_id = await a_call(env)
     assert await caller.cancel(call_id) == "ready"
     assert await worker.dequeue("s", "w", 10, 5_000) == []
     result = await caller.result(call_id)
@@ -106,9 +104,7 @@ async def test_cancel_before_processing(env: Env) -> None:
 
 
 async def test_cancel_during_processing_is_seen_by_extend(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    call_id = await caller.call("s", "", {}, 60_000)
+    worker, caller, call_id = await a_call(env)
     [msg] = await worker.dequeue("s", "w", 1, 5_000)
     assert await worker.extend("s", msg.id, msg.lease, 5_000) is False
     assert await caller.cancel(call_id) == "reserved"
@@ -119,9 +115,7 @@ async def test_cancel_during_processing_is_seen_by_extend(env: Env) -> None:
 
 
 async def test_extend_keeps_the_lease(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    await caller.call("s", "", {}, 60_000)
+    worker, _, _ = await a_call(env)
     [msg] = await worker.dequeue("s", "w1", 1, 100)
     for _ in range(3):
         await anyio.sleep(0.06)
@@ -134,15 +128,13 @@ async def test_extend_keeps_the_lease(env: Env) -> None:
     assert stolen.id == msg.id
 
 
-async def _after_expiry(worker: object) -> list:  # type: ignore[type-arg]
+async def _after_expiry(worker: WorkerAPI) -> list[Claimed]:
     await anyio.sleep(0.15)
-    return await worker.dequeue("s", "w2", 1, 100)  # type: ignore[attr-defined, no-any-return]
+    return await worker.dequeue("s", "w2", 1, 100)
 
 
 async def test_release_gives_the_message_back_without_a_reclaim(env: Env) -> None:
-    _, worker = await env.worker(["s"])
-    _, caller = await env.caller(["s"])
-    await caller.call("s", "", {}, 60_000)
+    worker, _, _ = await a_call(env)
     [msg] = await worker.dequeue("s", "w1", 1, 60_000)
     assert await worker.release("s", msg.id, msg.lease)
     [again] = await worker.dequeue("s", "w2", 1, 60_000)

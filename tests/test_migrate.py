@@ -11,7 +11,7 @@ import pytest
 from mcp_hotmesh._config import check_schema
 from mcp_hotmesh._migrate import full_sql, is_migrated, migrate, migrations
 from mcp_hotmesh.errors import ConfigError
-from tests.conftest import PgServer, drop_schema
+from tests.helpers import PgServer, drop_schema
 
 pytestmark = pytest.mark.anyio
 

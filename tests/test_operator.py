@@ -15,9 +15,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.conftest import Env
+from tests.helpers import Env
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the real command, in subprocesses
 
 BOUND = 30  # seconds: the most a stop may take on a busy machine (it takes about one when it works)
 
@@ -32,7 +32,7 @@ def _environment(env: Env) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-async def test_serve_over_stdio_in_a_terminal_stops_on_a_signal(env: Env, signum: int) -> None:
+async def test_serve_over_stdio_in_a_terminal_stops_on_a_signal(env: Env, signum: signal.Signals) -> None:
     """stdin is a terminal nobody types in: the read blocks, and a signal must still stop the process."""
     controller, terminal = pty.openpty()
     try:

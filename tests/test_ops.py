@@ -11,7 +11,7 @@ import json
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from uuid import UUID
 
 import anyio
 import asyncpg
@@ -19,29 +19,35 @@ import pytest
 from mcp import Client, MCPError
 
 from mcp_hotmesh import _admin as admin
-from mcp_hotmesh import _embedded as embedded
 from mcp_hotmesh import _format as fmt
 from mcp_hotmesh._housekeeping import retention_loop
-from mcp_hotmesh._streams import CallerAPI, WorkerAPI
+from mcp_hotmesh._streams import CallerAPI, CallResult, Claimed, WorkerAPI
 from mcp_hotmesh.errors import ConfigError, NotFound
-from tests.conftest import Env
-from tests.test_cli_admin import cli, ok, one_line_error
-from tests.test_gateway import Hub, hub_for, wait_for
-from tests.test_gateway_transports import TOKEN, http_client, http_hub  # noqa: F401  (a fixture)
+from tests.helpers import (
+    TOKEN,
+    Env,
+    Hub,
+    http_client,
+    hub_for,
+    ok,
+    one_line_error,
+    run_cli,
+    stop_if_left_running,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
 
-
-async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
-    """On stream ops.a: one message in each state; on ops.b: a fire-and-forget message. Returns the ids."""
+async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, UUID]]:
+    """On stream ops.a: one message in each state; on ops.b: a fire-and-forget message. Returns the call ids."""
     _, worker = await env.worker(["ops.a", "ops.b"])
     _, caller = await env.caller(["ops.a", "ops.b"])
     await worker.register_tool("ops.a", "", {"name": "ops_a", "description": "a", "input_schema": {"type": "object"}})
     await worker.heartbeat(["ops.a"], "w1", 60_000)
-    ids: dict[str, Any] = {}
+    ids: dict[str, UUID] = {}
 
-    async def claim(lease_ms: int = 60_000) -> Any:
+    async def claim(lease_ms: int = 60_000) -> Claimed:
         [msg] = await worker.dequeue("ops.a", "w1", 1, lease_ms)
         return msg
 
@@ -59,7 +65,7 @@ async def one_of_each(env: Env) -> tuple[WorkerAPI, CallerAPI, dict[str, Any]]:
     ids["in_flight"] = await caller.call("ops.a", "", {"n": "in_flight"}, 60_000)
     await claim()
     ids["ready"] = await caller.call("ops.a", "", {"n": "ready"}, 60_000)
-    ids["published"] = await worker.publish("ops.b", "job", {"n": "published"})
+    await worker.publish("ops.b", "job", {"n": "published"})
     await anyio.sleep(0.1)  # the 50 ms lease expires
     return worker, caller, ids
 
@@ -101,7 +107,7 @@ async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) 
     assert (dead.stream, dead.call_id, dead.error, dead.args) == ("ops.a", ids["dead"], "it broke", {"n": "dead"})
     assert (await caller.result(ids["dead"])).state == "dead"
 
-    async def waiting_caller() -> Any:  # a caller that keeps asking for its call, as caller_result allows
+    async def waiting_caller() -> CallResult:  # a caller that keeps asking for its call, as caller_result allows
         with anyio.fail_after(10):
             while (result := await caller.result(ids["dead"])).state != "done":  # noqa: ASYNC110
                 await anyio.sleep(0.02)
@@ -115,7 +121,7 @@ async def test_dlq_retry_in_place_answers_the_caller_that_still_waits(env: Env) 
     assert 25 < (row["deadline"] - await env.admin.fetchval("SELECT now()")).total_seconds() <= 30
     assert await admin.dlq_list(env.admin, env.schema, admin.DlqFilter()) == []
     async with anyio.create_task_group() as tg:
-        got: list[Any] = []
+        got: list[CallResult] = []
 
         async def wait() -> None:
             got.append(await waiting_caller())
@@ -175,7 +181,7 @@ def test_durations() -> None:
 
 
 # ------------------------------------------------------------------------------------------- retention
-async def done_call(worker: WorkerAPI, caller: CallerAPI, stream: str, timeout_ms: int) -> Any:
+async def done_call(worker: WorkerAPI, caller: CallerAPI, stream: str, timeout_ms: int) -> UUID:
     call_id = await caller.call(stream, "", {}, timeout_ms)
     [msg] = await worker.dequeue(stream, "w", 1, 60_000)
     assert await worker.respond(stream, msg.id, msg.lease, {})
@@ -237,11 +243,12 @@ async def test_the_purge_lock_is_one_no_scoped_role_can_hold(env: Env) -> None:
             assert await worker.purge() == 0
 
 
+@pytest.mark.slow  # 600 calls
 async def test_the_table_stays_bounded_over_many_calls(env: Env) -> None:
     """Calls through the gateway, with the gateway's retention loop running: done rows go once their deadline
     has passed, so the table holds about one deadline's worth of calls, however many were made."""
     await env.set("retention_ms", 0)
-    async with hub_for(env, timeout=0.4) as hub, Client(hub.gateway.server) as client, \
+    async with hub_for(env, call_timeout=0.4) as hub, Client(hub.gateway.server) as client, \
             anyio.create_task_group() as tg:
         tg.start_soon(lambda: retention_loop(hub.engine.api, interval=0.1))
         most = 0
@@ -261,7 +268,7 @@ async def test_the_table_stays_bounded_over_many_calls(env: Env) -> None:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-async def test_metrics_in_prometheus_text(http_hub: tuple[Hub, str]) -> None:  # noqa: F811
+async def test_metrics_in_prometheus_text(http_hub: tuple[Hub, str]) -> None:
     hub, url = http_hub
     async with Client(hub.gateway.server) as client:
         assert not (await client.call_tool("echo", {"text": "hi"})).is_error
@@ -293,70 +300,71 @@ async def test_metrics_in_prometheus_text(http_hub: tuple[Hub, str]) -> None:  #
 
 
 # ---------------------------------------------------------------------------------------- the real CLI
+@pytest.mark.slow  # the real CLI, about twenty times
 async def test_status_and_dlq_commands(env: Env) -> None:
     _, _, ids = await one_of_each(env)
     common = ("--dsn", env.server.admin_dsn, "--schema", env.schema)
-    table = ok(await cli("status", *common)).stdout
+    table = ok(await run_cli("status", *common)).stdout
     assert table.splitlines()[1].split() == ["STREAM", "TOOLS", "READY", "IN", "FLIGHT", "STALLED", "RETRYING",
                                              "DEAD", "OLDEST", "WAITING", "WORKERS", "CALLS/S"]
     assert re.search(r"^ops\.a\s+ops_a\s+1\s+1\s+1\s+1\s+1\s", table, re.MULTILINE), table
-    data = json.loads(ok(await cli("status", *common, "--json")).stdout)
+    data = json.loads(ok(await run_cli("status", *common, "--json")).stdout)
     assert [s["stream"] for s in data["streams"]] == ["ops.a", "ops.b"]
-    watched = ok(await cli("status", *common, "--json", "--watch", "--interval", "0.1", "--count", "2")).stdout
+    watched = ok(await run_cli("status", *common, "--json", "--watch", "--interval", "0.1", "--count", "2")).stdout
     assert [json.loads(line)["schema"] for line in watched.splitlines()] == [env.schema, env.schema]
 
-    listed = json.loads(ok(await cli("dlq", "list", *common, "--json")).stdout)
+    listed = json.loads(ok(await run_cli("dlq", "list", *common, "--json")).stdout)
     assert [(m["stream"], m["call_id"], m["error"]) for m in listed] == [("ops.a", str(ids["dead"]), "it broke")]
     dead_id = str(listed[0]["id"])
-    assert "it broke" in ok(await cli("dlq", "list", *common, "--stream", "ops.a")).stdout
-    assert "empty" in ok(await cli("dlq", "list", *common, "--older-than", "1h")).stdout
-    shown = json.loads(ok(await cli("dlq", "show", *common, dead_id, "--json")).stdout)
+    assert "it broke" in ok(await run_cli("dlq", "list", *common, "--stream", "ops.a")).stdout
+    assert "empty" in ok(await run_cli("dlq", "list", *common, "--older-than", "1h")).stdout
+    shown = json.loads(ok(await run_cli("dlq", "show", *common, dead_id, "--json")).stdout)
     assert shown["args"] == {"n": "dead"} and shown["id"] == listed[0]["id"]
-    assert '"n": "dead"' in ok(await cli("dlq", "show", *common, dead_id)).stdout
-    line = one_line_error(await cli("dlq", "retry", *common), "dlq retry", 2)
+    assert '"n": "dead"' in ok(await run_cli("dlq", "show", *common, dead_id)).stdout
+    line = one_line_error(await run_cli("dlq", "retry", *common), "dlq retry", 2)
     assert "say which dead messages to retry" in line
-    one_line_error(await cli("dlq", "show", *common, "99999999"), "dlq show", 1)  # not found: no usage error
-    one_line_error(await cli("dlq", "list", *common, "--older-than", "soon"), "dlq list", 2)
-    retried = json.loads(ok(await cli("dlq", "retry", *common, dead_id, "--timeout", "30s", "--json")).stdout)
+    one_line_error(await run_cli("dlq", "show", *common, "99999999"), "dlq show", 1)  # not found: no usage error
+    one_line_error(await run_cli("dlq", "list", *common, "--older-than", "soon"), "dlq list", 2)
+    retried = json.loads(ok(await run_cli("dlq", "retry", *common, dead_id, "--timeout", "30s", "--json")).stdout)
     assert retried == [{"id": int(dead_id), "stream": "ops.a", "call_id": str(ids["dead"]), "new_id": int(dead_id)}]
     assert (await env.message(int(dead_id)))["state"] == "ready"
     await env.admin.execute(f"UPDATE \"{env.schema}\".messages SET state = 'dead', finished_at = now() "
                             "WHERE id = $1", int(dead_id))
-    assert "purged 1 dead message(s)" in ok(await cli("dlq", "purge", *common, "--all")).stdout
-    assert json.loads(ok(await cli("dlq", "list", *common, "--json")).stdout) == []
+    assert "purged 1 dead message(s)" in ok(await run_cli("dlq", "purge", *common, "--all")).stdout
+    assert json.loads(ok(await run_cli("dlq", "list", *common, "--json")).stdout) == []
 
-    shown = ok(await cli("settings", *common)).stdout
+    shown = ok(await run_cli("settings", *common)).stdout
     assert re.search(r"^retention_ms\s+3600000  \(1h00m\)$", shown, re.MULTILINE), shown
     assert "purge_lock" not in shown
-    changed = json.loads(ok(await cli("settings", *common, "retention_ms=2h", "purge_batch=100", "--json")).stdout)
+    changed = json.loads(ok(await run_cli("settings", *common, "retention_ms=2h", "purge_batch=100", "--json")).stdout)
     assert (changed["retention_ms"], changed["purge_batch"]) == (7_200_000, 100)
     assert (await admin.status(env.admin, env.schema)).retention_seconds == 7200
-    one_line_error(await cli("settings", *common, "purge_lock=1"), "settings", 2)
-    one_line_error(await cli("settings", *common, "min_lease_ms=2h"), "settings", 2)
-    one_line_error(await cli("settings", *common, "retention_ms"), "settings", 2)
+    one_line_error(await run_cli("settings", *common, "purge_lock=1"), "settings", 2)
+    one_line_error(await run_cli("settings", *common, "min_lease_ms=2h"), "settings", 2)
+    one_line_error(await run_cli("settings", *common, "retention_ms"), "settings", 2)
 
 
+@pytest.mark.slow  # the real CLI, ten times
 async def test_json_logs_for_every_command(env: Env) -> None:
     common = ("--dsn", env.server.admin_dsn, "--schema", env.schema, "--log-format", "json")
-    done = ok(await cli("migrate", *common))
+    done = ok(await run_cli("migrate", *common))
     records = [json.loads(line) for line in done.stderr.splitlines()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     assert any("up to date" in r["message"] for r in records)
-    failed = await cli("dlq", "purge", *common)
+    failed = await run_cli("dlq", "purge", *common)
     assert failed.returncode == 2 and failed.stdout == ""
     [error] = [json.loads(line) for line in failed.stderr.splitlines()]
     assert error["level"] == "ERROR" and error["message"].startswith("mcp-hotmesh dlq purge: error: say which")
     for command in (["serve"], ["worker"], ["sql"], ["status"], ["dlq", "list"], ["roles"], ["provision"]):
-        assert "--log-format" in ok(await cli(*command, "--help")).stdout, command
+        assert "--log-format" in ok(await run_cli(*command, "--help")).stdout, command
 
 
+@pytest.mark.slow  # the real CLI, starting its own server
 async def test_status_and_dlq_against_the_embedded_default(tmp_path: Path) -> None:
     data_dir = tmp_path / "pg"
     try:
-        data = json.loads(ok(await cli("status", "--json", "--data-dir", str(data_dir), limit=110)).stdout)
+        data = json.loads(ok(await run_cli("status", "--json", "--data-dir", str(data_dir), limit=110)).stdout)
         assert data["streams"] == [] and data["schema"] == "hotmesh"
-        assert "empty" in ok(await cli("dlq", "list", "--data-dir", str(data_dir))).stdout
+        assert "empty" in ok(await run_cli("dlq", "list", "--data-dir", str(data_dir))).stdout
     finally:
-        running = embedded._running(data_dir.resolve())
-        if running is not None:  # only if a command left it running
-            embedded.EmbeddedServer(running.data_dir, running.socket_dir, running.port, started_here=True).stop()
+        stop_if_left_running(data_dir)

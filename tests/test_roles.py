@@ -1,4 +1,4 @@
-"""Role lifecycle: provision, rotate, revoke, list_roles, ensure_role (mcp_hotmesh.roles), as the admin runs them."""
+"""Role lifecycle: provision, rotate, revoke, list_roles, ensure_role (mcp_hotmesh._roles), as the admin runs them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mcp_hotmesh._roles import (
 )
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh.errors import ConfigError, Conflict, NotFound, PermissionDenied
-from tests.conftest import Env
+from tests.helpers import Env
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +53,7 @@ def test_role_names_fit_in_63_bytes() -> None:
     for schema in ("h", "hotmesh", "s" * 40):
         for stream in ("a", "Orders.Process:v2/eu-west", "x" * 200, "..."):
             for kind in ("worker", "caller"):
-                name = _role_name(schema, kind, [stream])  # type: ignore[arg-type]
+                name = _role_name(schema, kind, [stream])
                 assert len(name.encode()) <= 63, name
                 assert name.startswith(f"{schema}_{kind[0]}_")
                 assert name == name.lower() and name.isascii()
@@ -108,7 +108,7 @@ async def test_provision_refusals(env: Env) -> None:
     with pytest.raises(ConfigError):
         await provision_role(admin, [], "worker", schema=s)
     with pytest.raises(ConfigError):
-        await provision_role(admin, ["a"], "admin", schema=s)  # type: ignore[arg-type]
+        await provision_role(admin, ["a"], "admin", schema=s)  # type: ignore[arg-type]  # no such kind: refused
     with pytest.raises(ConfigError):
         await provision_role(admin, ["a"], "worker", schema="Bad-Schema")
     with pytest.raises(ConfigError):

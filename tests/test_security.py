@@ -14,7 +14,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,9 @@ import anyio
 import asyncpg
 import pytest
 
+from mcp_hotmesh._common import Kind
 from mcp_hotmesh._migrate import migrate, migrations
-from mcp_hotmesh._roles import Kind, ProvisionedRole, revoke, rotate
+from mcp_hotmesh._roles import ProvisionedRole, revoke, rotate
 from mcp_hotmesh._streams import CallerAPI, Claimed, WorkerAPI, caller_channel, tools_channel, worker_channel
 from mcp_hotmesh.errors import (
     ConfigError,
@@ -34,7 +35,7 @@ from mcp_hotmesh.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from tests.conftest import Env, drop_schema
+from tests.helpers import Env, drop_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -42,16 +43,6 @@ TABLES = ("messages", "tools", "workers", "roles", "settings", "migrations")
 DENIED = asyncpg.InsufficientPrivilegeError  # SQLSTATE 42501
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-@contextlib.asynccontextmanager
-async def session(env: Env, role: ProvisionedRole) -> AsyncIterator[asyncpg.Connection]:
-    """A raw connection as ``role``, over TCP with its password; always closed at the end."""
-    conn = await env.connect(role)
-    try:
-        yield conn
-    finally:
-        conn.terminate()
 
 
 async def snapshot(env: Env) -> dict[str, Any]:
@@ -122,11 +113,11 @@ async def snapshot(env: Env) -> dict[str, Any]:
 
 
 async def refused(
-    attempt: Callable[[], Awaitable[Any]], exc: type[BaseException] | tuple[type[BaseException], ...] = DENIED
+    attempt: Awaitable[object], exc: type[BaseException] | tuple[type[BaseException], ...] = DENIED
 ) -> BaseException:
-    """Run one attack and require that it raises ``exc``; returns the exception."""
+    """Await one attack (an API call not awaited yet) and require that it raises ``exc``; returns the exception."""
     with pytest.raises(exc) as info:
-        await attempt()
+        await attempt
     return info.value
 
 
@@ -279,12 +270,12 @@ def table_attacks(s: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["worker", "caller"])
-async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: str) -> None:
+async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: Kind) -> None:
     await world(env)
-    role = await env.provision(["a", "b"], kind)  # type: ignore[arg-type]
+    role = await env.provision(["a", "b"], kind)
     before = await snapshot(env)
     assert before["messages"] and before["tools"] and before["workers"] and before["settings"]
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         assert await not_refused(conn, table_attacks(env.schema)) == []
         for table in TABLES:
             with pytest.raises(DENIED):
@@ -297,15 +288,15 @@ async def test_no_direct_access_to_any_table_or_ddl(env: Env, kind: str) -> None
 
 
 @pytest.mark.parametrize("kind", ["worker", "caller"])
-async def test_internal_helpers_are_not_callable(env: Env, kind: str) -> None:
+async def test_internal_helpers_are_not_callable(env: Env, kind: Kind) -> None:
     await world(env)
-    role = await env.provision(["a", "b"], kind)  # type: ignore[arg-type]
+    role = await env.provision(["a", "b"], kind)
     helpers = await functions_of(env, "^_")
     assert {name for name, _ in helpers} >= {"_authorize", "_allowed_streams", "_is_admin", "_setting",
                                               "_notify_caller", "_clamp_lease", "_check_tool", "_watchdog",
                                               "_own_streams", "_check_quota"}
     before = await snapshot(env)
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         for name, call in helpers:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetchval(call)
@@ -318,7 +309,7 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
     caller_fns = await functions_of(env, "^caller_")
     assert len(worker_fns) >= 11 and len(caller_fns) >= 4
     before = await snapshot(env)
-    async with session(env, w.wb) as conn:
+    async with env.session(w.wb) as conn:
         for name, call in caller_fns:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetch(call)
@@ -327,7 +318,7 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
             await conn.fetch(f"SELECT * FROM {env.schema}.caller_result($1)", w.queued_b)
         with pytest.raises(DENIED):
             await conn.fetch(f"SELECT {env.schema}.caller_call('b', '', '{{}}', 1000)")
-    async with session(env, w.cb) as conn:
+    async with env.session(w.cb) as conn:
         for name, call in worker_fns:
             with pytest.raises(DENIED, match=f"permission denied for function {name}"):
                 await conn.fetch(call)
@@ -336,12 +327,12 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
     # and through the Python API, as the gateway and worker code would call them
     wrong_worker = WorkerAPI(w.caller_b.pool, env.schema)
     wrong_caller = CallerAPI(w.worker_b.pool, env.schema)
-    await refused(lambda: wrong_worker.dequeue("b", "c", 10, 60_000), PermissionDenied)
-    await refused(lambda: wrong_worker.respond("b", w.held_b.id, w.held_b.lease, {}), PermissionDenied)
-    await refused(lambda: wrong_caller.call("b", "", {}, 1000), PermissionDenied)
-    await refused(lambda: wrong_caller.result(w.queued_b), PermissionDenied)
-    await refused(lambda: wrong_caller.cancel(w.queued_b), PermissionDenied)
-    await refused(wrong_caller.tools, PermissionDenied)
+    await refused(wrong_worker.dequeue("b", "c", 10, 60_000), PermissionDenied)
+    await refused(wrong_worker.respond("b", w.held_b.id, w.held_b.lease, {}), PermissionDenied)
+    await refused(wrong_caller.call("b", "", {}, 1000), PermissionDenied)
+    await refused(wrong_caller.result(w.queued_b), PermissionDenied)
+    await refused(wrong_caller.cancel(w.queued_b), PermissionDenied)
+    await refused(wrong_caller.tools(), PermissionDenied)
     assert await snapshot(env) == before
 
 
@@ -351,11 +342,11 @@ async def test_worker_cannot_call_caller_functions_and_caller_cannot_call_worker
 async def test_worker_is_refused_on_another_stream(env: Env) -> None:
     w = await world(env)
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
         assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.worker_dequeue('a', 'w', 10, 1000)") == 0
-    await refused(lambda: w.worker_a.dequeue("b", "w", 10, 60_000), PermissionDenied)
-    await refused(lambda: w.worker_a.heartbeat(["a", "b"], "w", 60_000), PermissionDenied)
+    await refused(w.worker_a.dequeue("b", "w", 10, 60_000), PermissionDenied)
+    await refused(w.worker_a.heartbeat(["a", "b"], "w", 60_000), PermissionDenied)
     assert await snapshot(env) == before
 
 
@@ -363,7 +354,7 @@ async def test_set_and_set_config_do_not_widen_the_scope(env: Env) -> None:
     w = await world(env)
     before = await snapshot(env)
     s = env.schema
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         for widen in [
             "SET app.allowed_streams = 'a,b'",
             "SET SESSION app.allowed_streams = 'b'",
@@ -374,7 +365,7 @@ async def test_set_and_set_config_do_not_widen_the_scope(env: Env) -> None:
                 await conn.execute(widen)  # any session may set a custom setting ...
                 assert "b" in await conn.fetchval("SELECT current_setting('app.allowed_streams')")
                 await all_worker_attacks_refused(conn, s, "b", w)  # ... but it is never read
-    async with session(env, w.ca) as conn:
+    async with env.session(w.ca) as conn:
         await conn.execute("SET app.allowed_streams = 'a,b'")
         with pytest.raises(DENIED, match="permission denied for this stream"):
             await conn.fetchval(f"SELECT {s}.caller_call('b', '', '{{}}', 1000)")
@@ -389,7 +380,7 @@ async def test_alter_role_on_itself_cannot_widen_or_unnarrow_the_scope(env: Env)
     await env.admin.execute(f"ALTER ROLE \"{w.wa.role}\" SET app.allowed_streams = 'a,b'")
     before = await snapshot(env)
     db = env.server.database
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         assert not await conn.fetchval("SELECT has_parameter_privilege('app.allowed_streams', 'SET')")
         for statement in [
             "ALTER ROLE current_user SET app.allowed_streams = 'a,b'",
@@ -409,7 +400,7 @@ async def test_alter_role_on_itself_cannot_widen_or_unnarrow_the_scope(env: Env)
         await conn.execute(f"ALTER ROLE current_user IN DATABASE {db} RESET ALL")
         await conn.execute("ALTER ROLE current_user RESET ALL")
         await all_worker_attacks_refused(conn, s, "b", w)
-    async with session(env, w.wa) as conn:  # a new session: still only a
+    async with env.session(w.wa) as conn:  # a new session: still only a
         await all_worker_attacks_refused(conn, s, "b", w)
         assert await conn.fetchval(f"SELECT count(*) FROM {s}.worker_dequeue('a', 'w', 1, 1000)") == 0
     assert await snapshot(env) == before
@@ -419,7 +410,7 @@ async def test_set_role_to_the_group_stays_scoped_to_the_session_user(env: Env) 
     w = await world(env)
     s = env.schema
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         await conn.execute(f"SET ROLE {s}_worker")
         assert await conn.fetchval("SELECT current_user") == f"{s}_worker"
         await all_worker_attacks_refused(conn, s, "b", w)
@@ -444,17 +435,17 @@ async def test_hostile_stream_names_are_data(env: Env) -> None:
         "*", "%", "_", "a%", "a_", "{a,b}", '"a"', "", " a", "a ", "A", "a\n", "a\\", "ströme", "a;b", "x" * 5000,
     ]
     before = await snapshot(env)
-    async with session(env, w.wa) as conn:
+    async with env.session(w.wa) as conn:
         for name in [*hostile, None]:
             await all_worker_attacks_refused(conn, s, name, w)
     for name in hostile:
-        await refused(lambda n=name: w.worker_a.dequeue(n, "w", 10, 1000), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.worker_a.publish(n, "", {}), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.worker_a.register_tool(n, "", TOOL), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.caller_a.call(n, "", {}, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(w.worker_a.dequeue(name, "w", 10, 1000), PermissionDenied)
+        await refused(w.worker_a.publish(name, "", {}), PermissionDenied)
+        await refused(w.worker_a.register_tool(name, "", TOOL), PermissionDenied)
+        await refused(w.caller_a.call(name, "", {}, 1000), PermissionDenied)
     # a NUL byte cannot even be sent: the database refuses the value
-    await refused(lambda: w.worker_a.dequeue("a\x00", "w", 10, 1000), InvalidInput)
-    await refused(lambda: w.caller_a.call("a\x00b", "", {}, 1000), InvalidInput)
+    await refused(w.worker_a.dequeue("a\x00", "w", 10, 1000), InvalidInput)
+    await refused(w.caller_a.call("a\x00b", "", {}, 1000), InvalidInput)
     assert await snapshot(env) == before
 
     # the admin (the seed's standard mode) passes the allow-list, so the name itself is checked
@@ -463,10 +454,10 @@ async def test_hostile_stream_names_are_data(env: Env) -> None:
     invalid = [n for n in hostile if n not in ("A", "_", "a_")]
     assert not any(re.fullmatch(r"[A-Za-z0-9._:/-]{1,200}", n) for n in invalid)
     for name in invalid:
-        await refused(lambda n=name: admin_worker.publish(n, "", {}), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_worker.dequeue(n, "w", 1, 1000), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_caller.call(n, "", {}, 1000), InvalidInput)  # type: ignore[misc]
-        await refused(lambda n=name: admin_worker.register_tool(n, "", TOOL), InvalidInput)  # type: ignore[misc]
+        await refused(admin_worker.publish(name, "", {}), InvalidInput)
+        await refused(admin_worker.dequeue(name, "w", 1, 1000), InvalidInput)
+        await refused(admin_caller.call(name, "", {}, 1000), InvalidInput)
+        await refused(admin_worker.register_tool(name, "", TOOL), InvalidInput)
     assert await snapshot(env) == before
 
 
@@ -492,8 +483,8 @@ async def test_a_role_for_a_gets_nothing_near_a(env: Env) -> None:
             "a/", "a:b"]
     before = await snapshot(env)
     for name in near:
-        await refused(lambda n=name: w.worker_a.dequeue(n, "w", 10, 1000), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: w.caller_a.call(n, "", {}, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(w.worker_a.dequeue(name, "w", 10, 1000), PermissionDenied)
+        await refused(w.caller_a.call(name, "", {}, 1000), PermissionDenied)
     assert await snapshot(env) == before
     [got] = await w.worker_a.dequeue("a", "w", 10, 1000)
     assert got.args == {"mine": True}
@@ -508,8 +499,8 @@ async def test_allow_list_entries_that_are_not_stream_names_grant_nothing(env: E
     )
     before = await snapshot(env)
     for name in ("*", "ströme", "%", " b "):
-        await refused(lambda n=name: worker.publish(n, "", {}), PermissionDenied)  # type: ignore[misc]
-        await refused(lambda n=name: worker.dequeue(n, "w", 1, 1000), PermissionDenied)  # type: ignore[misc]
+        await refused(worker.publish(name, "", {}), PermissionDenied)
+        await refused(worker.dequeue(name, "w", 1, 1000), PermissionDenied)
     assert await snapshot(env) == before
     assert await worker.publish("a", "", {}) and await worker.publish("b", "", {})  # spaces are trimmed
 
@@ -537,9 +528,9 @@ async def test_forged_and_foreign_leases_change_nothing(env: Env) -> None:
     assert await w.worker_a.extend("a", held.id, held.lease, 60_000) is None
     assert not await w.worker_a.progress("a", held.id, held.lease, 1, 1, "stolen")
     assert not await w.worker_a.release("a", held.id, held.lease)
-    await refused(lambda: w.worker_a.respond("b", held.id, held.lease, {"stolen": True}), PermissionDenied)
-    await refused(lambda: w.worker_a.release("b", held.id, held.lease), PermissionDenied)
-    async with session(env, w.wa) as conn:
+    await refused(w.worker_a.respond("b", held.id, held.lease, {"stolen": True}), PermissionDenied)
+    await refused(w.worker_a.release("b", held.id, held.lease), PermissionDenied)
+    async with env.session(w.wa) as conn:
         await all_worker_attacks_refused(conn, env.schema, "b", w)
     assert await snapshot(env) == before
     assert wb2.role != w.wb.role
@@ -584,7 +575,7 @@ async def test_lease_ms_is_clamped_and_a_held_lease_is_never_stolen(env: Env) ->
     row = await env.message(first)
     for lease_ms in (0, -1, -(2**31), 1, 2**31 - 1):
         assert await thief.dequeue("s", "thief", 10, lease_ms) == []
-    async with session(env, await env.provision(["s"], "worker")) as conn:
+    async with env.session(await env.provision(["s"], "worker")) as conn:
         assert await conn.fetch(f"SELECT * FROM {env.schema}.worker_dequeue('s', 'thief', 10, NULL)") == []
     assert dict(await env.message(first)) == dict(row)  # still the first worker's, with the same stored expiry
 
@@ -611,9 +602,9 @@ async def test_a_caller_cannot_read_or_cancel_another_callers_call(env: Env) -> 
     queued = await owner.call("s", "", {"secret": 1}, 60_000, "key")
     before = await snapshot(env)
     for call_id in (queued, running, uuid.uuid4()):
-        error = await refused(lambda c=call_id: other.result(c), NotFound)  # type: ignore[misc]
+        error = await refused(other.result(call_id), NotFound)
         assert str(error) == "no such call"  # the same answer as for a call that does not exist
-        await refused(lambda c=call_id: other.cancel(c), NotFound)  # type: ignore[misc]
+        await refused(other.cancel(call_id), NotFound)
     assert await snapshot(env) == before
     # the same idempotency key is another call for another role
     mine = await other.call("s", "", {}, 60_000, "key")
@@ -638,27 +629,28 @@ async def test_tool_registration_attacks(env: Env) -> None:
     before = await snapshot(env)
     wa = w.worker_a
     # a stream it may not use
-    await refused(lambda: wa.register_tool("b", "", {**TOOL, "name": "mine"}), PermissionDenied)
-    await refused(lambda: wa.unregister_tool("b", ""), PermissionDenied)
+    await refused(wa.register_tool("b", "", {**TOOL, "name": "mine"}), PermissionDenied)
+    await refused(wa.unregister_tool("b", ""), PermissionDenied)
     # a name another stream already serves (a takeover of b's tool)
-    error = await refused(lambda: wa.register_tool("a", "", TOOL), InvalidInput)
+    error = await refused(wa.register_tool("a", "", TOOL), InvalidInput)
     assert "another stream" in str(error)
-    await refused(lambda: w.worker_b.register_tool("b", "other_workflow", TOOL), InvalidInput)
+    await refused(w.worker_b.register_tool("b", "other_workflow", TOOL), InvalidInput)
     # invalid names and shapes
     for bad in ["", "a b", "a.b", "x" * 65, "ünïcode", "a\n", "'; DROP TABLE tools; --", None, 7]:
-        await refused(lambda n=bad: wa.register_tool("a", "", {**TOOL, "name": n}), InvalidInput)  # type: ignore[misc]
-    for bad_tool in [
+        await refused(wa.register_tool("a", "", {**TOOL, "name": bad}), InvalidInput)
+    bad_tools: list[dict[str, Any]] = [
         {**TOOL, "description": None},
         {**TOOL, "input_schema": {"type": "string"}},
         {**TOOL, "input_schema": "{}"},
         {**TOOL, "output_schema": {"type": "array"}},
         {"name": "x"},
-    ]:
-        await refused(lambda t=bad_tool: wa.register_tool("a", "", t), InvalidInput)  # type: ignore[misc]
-    await refused(lambda: wa.register_tool("a", "x" * 201, {**TOOL, "name": "ok"}), InvalidInput)
+    ]
+    for bad_tool in bad_tools:
+        await refused(wa.register_tool("a", "", bad_tool), InvalidInput)
+    await refused(wa.register_tool("a", "x" * 201, {**TOOL, "name": "ok"}), InvalidInput)
     # a huge schema
     huge = {**TOOL, "name": "huge", "input_schema": {"type": "object", "description": "x" * 20_000}}
-    await refused(lambda: wa.register_tool("a", "", huge), PayloadTooLarge)
+    await refused(wa.register_tool("a", "", huge), PayloadTooLarge)
     assert await snapshot(env) == before
 
 
@@ -679,7 +671,7 @@ async def test_notify_is_a_hint_that_carries_no_data_and_grants_nothing(env: Env
             answered.set()
 
     channels = [worker_channel(s, "b"), caller_channel(s, w.cb.role), tools_channel(s)]
-    async with session(env, w.wa) as spy, session(env, w.ca) as caller_spy:
+    async with env.session(w.wa) as spy, env.session(w.ca) as caller_spy:
         for channel in channels:
             await spy.add_listener(channel, hear)
         # activity on b, by b's roles
@@ -729,7 +721,7 @@ async def test_roles_of_one_schema_have_nothing_in_another(env: Env) -> None:
     await migrate(env.admin, other)
     try:
         await env.admin.execute(f"INSERT INTO {other}.messages (stream, args) VALUES ('a', '{{}}')")
-        async with session(env, w.wa) as conn:
+        async with env.session(w.wa) as conn:
             for sql in [
                 f"SELECT * FROM {other}.worker_dequeue('a', 'w', 10, 60000)",
                 f"SELECT {other}.worker_publish('a', '', '{{}}')",
@@ -767,7 +759,7 @@ async def test_a_spoofed_cancel_notify_does_not_stop_a_running_handler(env: Env)
         with anyio.fail_after(10):
             await started.wait()
         id_ = (await env.call_row(call_id))["id"]  # message ids are sequential: an attacker can guess them
-        async with session(env, intruder) as conn:
+        async with env.session(intruder) as conn:
             for _ in range(3):
                 await conn.execute("SELECT pg_notify($1, $2)", worker_channel(env.schema, "slow"), f"c:{id_}")
                 await conn.execute("SELECT pg_notify($1, $2)", caller_channel(env.schema, owner_role.role),
@@ -802,12 +794,12 @@ async def test_rotated_password_old_refused_new_works(env: Env) -> None:
     assert rotated.password != role.password
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(role)
-    async with session(env, rotated) as conn:
+    async with env.session(rotated) as conn:
         assert await conn.fetchval("SELECT session_user") == role.role
     given = await rotate(env.admin, role.role, "a chosen password", schema=env.schema)
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(rotated)
-    async with session(env, given) as conn:
+    async with env.session(given) as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {env.schema}.worker_dequeue('a', 'w', 1, 1000)") == 0
 
 
@@ -815,7 +807,7 @@ async def test_a_role_cannot_rotate_its_own_password_into_a_takeover(env: Env) -
     """A role may change its own password (PostgreSQL allows that to every role, and nothing can forbid it):
     the attacker can lock the real worker out, but gains nothing, and the admin's rotate takes it back."""
     role, _ = await env.worker(["a"])
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         await conn.execute("ALTER ROLE current_user PASSWORD 'attacker'")
         for statement in [
             "ALTER ROLE current_user SUPERUSER",
@@ -832,7 +824,7 @@ async def test_a_role_cannot_rotate_its_own_password_into_a_takeover(env: Env) -
     rotated = await rotate(env.admin, role.role, schema=env.schema)
     with pytest.raises(asyncpg.InvalidPasswordError):
         await env.connect(ProvisionedRole(role.role, "attacker", "worker", ["a"]))
-    async with session(env, rotated) as conn:
+    async with env.session(rotated) as conn:
         assert await conn.fetchval("SELECT session_user") == role.role
 
 
@@ -886,7 +878,7 @@ async def test_revoke_refuses_logins_ends_open_sessions_and_removes_everything(e
 
 async def test_a_worker_cannot_end_or_spy_on_other_sessions(env: Env) -> None:
     w = await world(env)
-    async with session(env, w.ca) as victim, session(env, w.wa) as attacker:
+    async with env.session(w.ca) as victim, env.session(w.wa) as attacker:
         pid = victim.get_server_pid()
         await victim.fetchval("SELECT 'a query with a secret in it'")
         with pytest.raises(DENIED):
@@ -922,10 +914,10 @@ async def test_manual_provisioning_path(env: Env) -> None:
     assert await hand.respond("a", msg.id, msg.lease, {"ok": True})
     assert (await caller.result(call_id)).result == {"ok": True}
     before = await snapshot(env)
-    await refused(lambda: hand.dequeue("b", "hand", 10, 60_000), PermissionDenied)
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
-    await refused(lambda: hand.extend("a", msg.id, msg.lease, 1000), PermissionDenied)  # not granted
-    async with session(env, role) as conn:
+    await refused(hand.dequeue("b", "hand", 10, 60_000), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.extend("a", msg.id, msg.lease, 1000), PermissionDenied)  # not granted
+    async with env.session(role) as conn:
         await conn.execute("SET app.allowed_streams = 'a,b'")
         with pytest.raises(DENIED):
             await conn.fetch(f"SELECT * FROM {s}.worker_dequeue('b', 'x', 1, 1000)")
@@ -935,17 +927,17 @@ async def test_manual_provisioning_path(env: Env) -> None:
 
     # a database-specific setting wins over the role-wide one: now b, and no longer a
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} SET app.allowed_streams = 'b'")
-    await refused(lambda: hand.dequeue("a", "hand", 10, 60_000), PermissionDenied)
+    await refused(hand.dequeue("a", "hand", 10, 60_000), PermissionDenied)
     [got] = await hand.dequeue("b", "hand", 10, 60_000)
     assert (await env.call_row(other))["id"] == got.id
     # an empty database-specific setting also wins: nothing at all
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} SET app.allowed_streams = ''")
-    await refused(lambda: hand.publish("a", "", {}), PermissionDenied)
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.publish("a", "", {}), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
     # a setting for another database counts for nothing
     await admin.execute(f"ALTER ROLE {name} IN DATABASE {db} RESET app.allowed_streams")
     await admin.execute(f"ALTER ROLE {name} IN DATABASE template1 SET app.allowed_streams = 'b'")
-    await refused(lambda: hand.publish("b", "", {}), PermissionDenied)
+    await refused(hand.publish("b", "", {}), PermissionDenied)
     assert await hand.publish("a", "", {})
     await admin.execute(f"ALTER ROLE {name} IN DATABASE template1 RESET app.allowed_streams")
 
@@ -957,7 +949,7 @@ async def test_a_worker_cannot_stall_migrations_with_an_advisory_lock(env: Env) 
     """Any role may take any advisory lock, so migrate() must not wait on one (it locks the migrations table)."""
     role, _ = await env.worker(["a"])
     fresh = env.schema + "_m"
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         for schema in (env.schema, fresh):  # the key migrate() used to wait on
             # (the embedded server refuses advisory locks to scoped roles outright; another server allows them)
             with contextlib.suppress(DENIED):
@@ -984,7 +976,7 @@ async def test_a_worker_cannot_stall_a_pending_migration_with_a_plan_time_lock(e
     role, _ = await env.worker(["a"])
     s = env.schema
     await env.admin.execute(f'DELETE FROM "{s}".migrations WHERE version = 1')  # an upgrade is pending
-    async with session(env, role) as conn:
+    async with env.session(role) as conn:
         pid = conn.get_server_pid()
         try:
             await conn.execute(
@@ -1008,9 +1000,10 @@ async def test_a_worker_cannot_stall_a_pending_migration_with_a_plan_time_lock(e
                         break
                     await anyio.sleep(0.01)
                 try:
-                    with anyio.fail_after(6), pytest.raises(DatabaseError) as failed:  # clearly, and soon
-                        await migrate(admin, s)
-                    assert role.role in str(failed.value) and "gave up" in str(failed.value)
+                    # clearly, and soon: after the lock timeout (shortened here from migrate's 3 s), not the 60 s
+                    with anyio.fail_after(20), pytest.raises(DatabaseError) as failed:
+                        await migrate(admin, s, lock_timeout="300ms")
+                    assert role.role in str(failed.value) and "gave up after 300ms" in str(failed.value)
                 finally:
                     await env.admin.execute("SELECT pg_terminate_backend($1, 5000)", pid)
         finally:

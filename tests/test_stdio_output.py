@@ -9,17 +9,15 @@ and what tools print (at import, while handling a call, from a child process, at
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.conftest import Env
-from tests.test_gateway_transports import ROOT, cli
+from tests.helpers import ROOT, Env, clean_environ, cli_command
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # a serve subprocess
 
 # A tool module that prints in every way a tool author might, none of it flushed by hand.
 NOISY_TOOLS = '''
@@ -54,9 +52,8 @@ PRINTED = ["printed at import", "printed while handling hello", "printed by a ch
 
 def user_environment(env: Env) -> dict[str, str]:
     """This machine's environment as a user's host would pass it: no ``PYTHONUNBUFFERED``, no stray HOTMESH_*."""
-    child = {k: v for k, v in os.environ.items() if not k.startswith("HOTMESH_")}
+    child = clean_environ(HOTMESH_DSN=env.server.admin_dsn, HOTMESH_SCHEMA=env.schema)
     child.pop("PYTHONUNBUFFERED", None)
-    child.update(HOTMESH_DSN=env.server.admin_dsn, HOTMESH_SCHEMA=env.schema)
     return child
 
 
@@ -82,7 +79,7 @@ async def test_nothing_but_protocol_reaches_stdout_without_pythonunbuffered(env:
     ]
     stdout = b""
     stderr = b""
-    async with await anyio.open_process([*cli(), "serve", "--tools", f"{tools}:toolset"],
+    async with await anyio.open_process([*cli_command(), "serve", "--tools", f"{tools}:toolset"],
                                         env=user_environment(env), cwd=str(ROOT)) as proc:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc_stdout, proc_stderr = proc.stdout, proc.stderr

@@ -5,72 +5,64 @@ Callers are separate caller roles (``env.caller``); workers log in as worker rol
 
 from __future__ import annotations
 
-import contextlib
-import random
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import anyio
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from mcp_hotmesh import _embedded as embedded
 from mcp_hotmesh._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
 from mcp_hotmesh._migrate import migrate
 from mcp_hotmesh._postgres import connect, create_pool, pools
 from mcp_hotmesh._roles import provision_role
-from mcp_hotmesh._streams import CallerAPI, CallResult, Claimed, WorkerAPI
+from mcp_hotmesh._streams import CallerAPI, Claimed, WorkerAPI
 from mcp_hotmesh._tools import ToolContext, ToolSet
 from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.errors import ConnectionFailed, HotMeshError
-from tests.conftest import Env
+from tests.helpers import FAST, Env, finished, free_port, serving, wait_for
 
 pytestmark = pytest.mark.anyio
-
-FAST = {"poll_interval": 0.2, "heartbeat_interval": 1.0, "shutdown_grace": 0.5}
-
-
-@contextlib.asynccontextmanager
-async def serving(env: Env, tools: ToolSet, **options: Any) -> AsyncIterator[Worker]:
-    """A worker for ``tools``, logged in as a fresh worker role for their topics."""
-    role = await env.provision(sorted(tools.topics), "worker")
-    async with Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, **{**FAST, **options}) as w:
-        yield w
-
-
-async def finished(caller: CallerAPI, call_id: UUID, seconds: float = 10) -> CallResult:
-    """The call's result once it is done or dead (polled: the gateway, not the test, listens)."""
-    with anyio.fail_after(seconds):
-        while True:
-            result = await caller.result(call_id)
-            if result.finished:
-                return result
-            await anyio.sleep(0.02)
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 5) -> None:
-    with anyio.fail_after(seconds):
-        while True:
-            if await predicate():
-                return
-            await anyio.sleep(0.02)
-
 
 class Sum(BaseModel):
     total: int
 
 
-def adder() -> ToolSet:
+def adder(runs: list[int] | None = None, *, wrong_result: bool = False) -> ToolSet:
+    """A tool set of one tool on ``calc`` that adds two integers; each run is noted in ``runs``. With
+    ``wrong_result`` it answers what breaks its own output schema."""
     tools = ToolSet()
 
     @tools.tool(topic="calc")
     async def add(a: int, b: int) -> Sum:
         """Add two integers."""
+        if runs is not None:
+            runs.append(a + b)
+        if wrong_result:
+            return {"total": "lots"}  # type: ignore[return-value]  # on purpose: what the test is about
         return Sum(total=a + b)
 
     return tools
+
+
+def noting_its_runs(
+    topic: str, then: Callable[[int], Awaitable[dict[str, Any]]] | None = None
+) -> tuple[ToolSet, list[int]]:
+    """A tool set of one tool on ``topic`` that notes each run (0, 1, ...) in the list returned with it, then
+    answers what ``then(run)`` returns (``{}`` without it) or raises what it raises."""
+    runs: list[int] = []
+    tools = ToolSet()
+
+    @tools.tool(topic=topic)
+    async def job() -> dict[str, Any]:
+        """Notes its run."""
+        runs.append(len(runs))
+        return await then(runs[-1]) if then else {}
+
+    return tools, runs
 
 
 # ------------------------------------------------------------------------------------------ basics
@@ -89,38 +81,20 @@ async def test_call_answered_tools_registered_heartbeat_and_goodbye(env: Env) ->
 
 
 async def test_invalid_arguments_are_answered_not_retried(env: Env) -> None:
-    calls = 0
-    tools = ToolSet()
-
-    @tools.tool(topic="calc")
-    async def add(a: int, b: int) -> int:
-        """Add."""
-        nonlocal calls
-        calls += 1
-        return a + b
-
+    runs: list[int] = []
     _, caller = await env.caller(["calc"])
-    async with serving(env, tools):
+    async with serving(env, adder(runs)):
         result = await finished(caller, await caller.call("calc", "", {"a": "two", "b": 3}, 10_000))
-    assert result.state == "done" and result.is_error and result.attempt == 0 and calls == 0
+    assert result.state == "done" and result.is_error and result.attempt == 0 and runs == []
     assert result.result["error"].startswith("invalid arguments: a: Input should be a valid integer")
 
 
 async def test_invalid_result_is_answered_not_retried(env: Env) -> None:
-    calls = 0
-    tools = ToolSet()
-
-    @tools.tool(topic="calc")
-    async def add(a: int, b: int) -> Sum:
-        """Add, badly."""
-        nonlocal calls
-        calls += 1
-        return {"total": "lots"}  # type: ignore[return-value]
-
+    runs: list[int] = []
     _, caller = await env.caller(["calc"])
-    async with serving(env, tools):
+    async with serving(env, adder(runs, wrong_result=True)):
         result = await finished(caller, await caller.call("calc", "", {"a": 1, "b": 2}, 10_000))
-    assert result.state == "done" and result.is_error and calls == 1
+    assert result.state == "done" and result.is_error and runs == [3]
     assert "returned an invalid result" in result.result["error"]
 
 
@@ -158,44 +132,29 @@ async def test_raising_handler_retried_with_growing_delays_then_dead_lettered(
 
 
 async def test_retry_never_scheduled_past_the_deadline(env: Env) -> None:
-    attempts = 0
-    tools = ToolSet()
-
-    @tools.tool(topic="flaky")
-    async def flaky() -> dict[str, Any]:
-        """Always fails."""
-        nonlocal attempts
-        attempts += 1
+    async def upstream_down(run: int) -> dict[str, Any]:
         raise ValueError("upstream is down")
 
+    tools, runs = noting_its_runs("flaky", upstream_down)
     _, caller = await env.caller(["flaky"])
     retry = RetryPolicy(initial_interval=2_000, maximum_interval=2_000)
     async with serving(env, tools, retry=retry):
         result = await finished(caller, await caller.call("flaky", "", {}, 1_000))
-    assert attempts == 1 and result.state == "dead" and result.error == "upstream is down"
+    assert runs == [0] and result.state == "dead" and result.error == "upstream is down"
 
 
 # ------------------------------------------------------------------------ deadline, cancel, progress
 
 
 async def test_deadline_passed_while_queued_never_runs(env: Env) -> None:
-    ran = False
-    tools = ToolSet()
-
-    @tools.tool(topic="slow")
-    async def slow() -> dict[str, Any]:
-        """Runs."""
-        nonlocal ran
-        ran = True
-        return {}
-
+    tools, runs = noting_its_runs("slow")
     _, caller = await env.caller(["slow"])
     call_id = await caller.call("slow", "", {}, 50)
     await anyio.sleep(0.1)
     async with serving(env, tools):
         result = await finished(caller, call_id)
         await anyio.sleep(0.2)
-    assert not ran
+    assert not runs
     assert result.state == "dead" and result.error == "the call's deadline passed while it waited in the queue"
 
 
@@ -268,7 +227,7 @@ async def test_progress_reaches_the_caller(env: Env) -> None:
             r = await caller.result(call_id)
             return (r.progress, r.progress_total, r.progress_message) == (1, 4, "a quarter")
 
-        await until(reported)
+        await wait_for(reported)
         go_on.set()
         assert (await finished(caller, call_id)).result == {"done": True}
 
@@ -303,16 +262,7 @@ async def test_run_in_a_task_group_stops_gracefully_when_cancelled(env: Env) -> 
 
 
 async def test_readonly_never_consumes_but_publishes_and_registers(env: Env) -> None:
-    ran = False
-    tools = ToolSet()
-
-    @tools.tool(topic="ro")
-    async def job() -> dict[str, Any]:
-        """A job."""
-        nonlocal ran
-        ran = True
-        return {}
-
+    tools, runs = noting_its_runs("ro")
     _, caller = await env.caller(["ro"])
     call_id = await caller.call("ro", "", {}, 10_000)
     async with serving(env, tools, readonly=True) as worker:
@@ -321,7 +271,7 @@ async def test_readonly_never_consumes_but_publishes_and_registers(env: Env) -> 
         await anyio.sleep(0.5)  # two fallback polls, were there a consumer
         [tool] = await caller.tools()
         assert tool.name == "ro" and tool.live_workers == 0
-    assert not ran and (await caller.result(call_id)).state == "ready"
+    assert not runs and (await caller.result(call_id)).state == "ready"
     published = await env.message(message_id)
     assert published["state"] == "ready" and published["args"] == '{"from": "readonly"}'
 
@@ -388,7 +338,7 @@ async def test_concurrency_limit_claims_no_more_than_free_slots(env: Env) -> Non
         async def two_running() -> bool:
             return running == 2
 
-        await until(two_running)
+        await wait_for(two_running)
         await anyio.sleep(0.3)
         states = sorted([(await caller.result(i)).state for i in ids])
         assert states == ["ready", "ready", "ready", "reserved", "reserved"]  # not claimed while slots are full
@@ -398,22 +348,17 @@ async def test_concurrency_limit_claims_no_more_than_free_slots(env: Env) -> Non
 
 
 async def test_lease_extended_while_a_handler_runs_past_its_reclaim_delay(env: Env) -> None:
-    runs = 0
-    tools = ToolSet()
+    async def leases(run: int) -> dict[str, Any]:
+        await anyio.sleep(1.25)  # two and a half times the 500 ms lease
+        return {"runs": run + 1}
 
-    @tools.tool(topic="long")
-    async def long() -> dict[str, Any]:
-        """Takes four leases' time."""
-        nonlocal runs
-        runs += 1
-        await anyio.sleep(0.8)
-        return {"runs": runs}
-
+    tools, runs = noting_its_runs("long", leases)
     _, caller = await env.caller(["long"])
-    async with serving(env, tools, reclaim_delay=200, poll_interval=0.05):
+    # extended every 250 ms: each extension has 250 ms to spare before the lease would end (a busy machine)
+    async with serving(env, tools, reclaim_delay=500, poll_interval=0.05):
         call_id = await caller.call("long", "", {}, 10_000)
         assert (await finished(caller, call_id)).result == {"runs": 1}
-    assert runs == 1 and (await env.call_row(call_id))["reclaims"] == 0
+    assert runs == [0] and (await env.call_row(call_id))["reclaims"] == 0
 
 
 async def test_reclaim_count_dead_letters_after_that_many_reclaims(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,21 +366,16 @@ async def test_reclaim_count_dead_letters_after_that_many_reclaims(env: Env, mon
         return False  # a worker that hangs: it never extends, so its lease expires
 
     monkeypatch.setattr(WorkerAPI, "extend", dead_heart)
-    runs = 0
-    tools = ToolSet()
 
-    @tools.tool(topic="stuck")
-    async def stuck() -> dict[str, Any]:
-        """Hangs."""
-        nonlocal runs
-        runs += 1
+    async def hang(run: int) -> dict[str, Any]:
         await anyio.sleep(30)
         return {}
 
+    tools, runs = noting_its_runs("stuck", hang)
     _, caller = await env.caller(["stuck"])
     async with serving(env, tools, reclaim_delay=200, reclaim_count=1, poll_interval=0.1):
         result = await finished(caller, await caller.call("stuck", "", {}, 30_000))
-    assert runs == 2  # the first run, one reclaim; the default (3) would have run it four times
+    assert runs == [0, 1]  # the first run, one reclaim; the default (3) would have run it four times
     assert result.state == "dead" and result.error == "the worker handling this call stopped responding 2 time(s)"
 
 
@@ -470,10 +410,10 @@ async def test_worker_credentials_replace_the_connections_login(env: Env) -> Non
     role = await env.provision(["calc"], "worker")
     _, caller = await env.caller(["calc"])
     wrong = ConnectionOptions(host=env.server.tcp_host, port=env.server.tcp_port, database=env.server.database,
-                              user="nobody", password="wrong")  # type: ignore[arg-type]
+                              user="nobody", password=SecretStr("wrong"))
     tool = adder().tools[0]
     config = WorkerConfig(topic="calc", callback=tool.invoke, connection=wrong,
-                          worker_credentials=WorkerCredentials(user=role.role, password=role.password))  # type: ignore[arg-type]
+                          worker_credentials=WorkerCredentials(user=role.role, password=SecretStr(role.password)))
     async with Worker([config], schema=env.schema, **FAST):
         assert (await finished(caller, await caller.call("calc", "", {"a": 1, "b": 1}, 10_000))).result == {"total": 2}
     with pytest.raises(ConnectionFailed):
@@ -491,23 +431,10 @@ async def test_a_stream_the_role_may_not_use_fails_at_start(env: Env) -> None:
 # ---------------------------------------------------------------------------------- server restart
 
 
-def port_outside_the_ephemeral_range() -> int:
-    """While the server is down, clients retrying 127.0.0.1:port may be given that very port as their own
-    (a TCP self-connect), and the restarted server could not bind it; ports below 32768 are never handed out."""
-    for _ in range(100):
-        port = random.randint(20_000, 32_000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
-async def test_worker_recovers_after_the_server_restarts(tmp_path: Any) -> None:
-    tmp_path.chmod(0o755)
-    port = port_outside_the_ephemeral_range()
+@pytest.mark.slow  # a server of its own, restarted
+async def test_worker_recovers_after_the_server_restarts(tmp_path: Path) -> None:
+    await anyio.Path(tmp_path).chmod(0o755)
+    port = free_port()
     server = await anyio.to_thread.run_sync(lambda: embedded.start(tmp_path / "pg", port=port))
     try:
         admin = await connect(server.admin_dsn)
@@ -533,9 +460,9 @@ async def test_worker_recovers_after_the_server_restarts(tmp_path: Any) -> None:
                         call_id = await caller.call("calc", "", {"a": 2, "b": 2}, 10_000)
                     except ConnectionFailed:
                         return False  # the caller's own pool reconnects too
-                    return (await finished(caller, call_id)).result == {"total": 4}
+                    return bool((await finished(caller, call_id)).result == {"total": 4})
 
-                await until(answered, seconds=20)
+                await wait_for(answered, 20)
         finally:
             await caller.pool.close()
     finally:

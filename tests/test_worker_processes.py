@@ -6,37 +6,22 @@ so the test knows which process ran what without any side channel into the worke
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import anyio
 import pytest
 
 from mcp_hotmesh._streams import CallerAPI
-from tests.conftest import Env
-from tests.test_worker import finished, until
+from tests.helpers import Env, WorkerProcs, finished, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # worker subprocesses
 
+# The workers' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-import anyio
-
-from mcp_hotmesh._tools import ToolSet
-
-toolset = ToolSet()
-MARKS = Path(os.environ["TEST_MARKS"])
-
-
 @toolset.tool(topic="proc.work")
 async def work(n: int) -> dict[str, int]:
     """Do some work on n."""
@@ -45,52 +30,18 @@ async def work(n: int) -> dict[str, int]:
         await anyio.sleep(3600)
     return {"n": n, "pid": os.getpid()}
 '''
-
-
-class Workers:
-    """Starts ``mcp-hotmesh worker`` processes; kills whatever is left at the end of the test."""
-
-    def __init__(self, env: Env, tmp_path: Path) -> None:
-        self.env = env
-        self.tmp = tmp_path
-        self.marks = tmp_path / "marks"
-        self.marks.mkdir()
-        (tmp_path / "tools.py").write_text(textwrap.dedent(TOOLS))
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, dsn: str, *extra: str, hang: bool = False, **env_vars: str) -> subprocess.Popen[bytes]:
-        environ = {**os.environ, "TEST_MARKS": str(self.marks), "TEST_HANG": "1" if hang else "0",
-                   "HOTMESH_POLL_INTERVAL": "0.2", **env_vars}
-        log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_hotmesh", "worker", "--tools", f"{self.tmp / 'tools.py'}:toolset",
-             "--dsn", dsn, "--schema", self.env.schema, *extra],
-            stdout=subprocess.PIPE, stderr=log, env=environ,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def started(self, n: int) -> list[int]:
-        """The pids of the processes that started the handler for ``n``."""
-        return [int(p.name.rsplit("-", 1)[1]) for p in self.marks.glob(f"started-{n}-*")]
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            assert proc.stdout is not None
-            proc.stdout.close()
+HANG = {"TEST_HANG": "1"}  # the handler never finishes
 
 
 @pytest.fixture
-def workers(env: Env, tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(env, tmp_path)
-    try:
+def workers(tmp_path: Path) -> Iterator[WorkerProcs]:
+    with WorkerProcs(tmp_path, TOOLS) as w:
         yield w
-    finally:
-        w.cleanup()
+
+
+def started(workers: WorkerProcs, n: int) -> set[int]:
+    """The pids of the processes that started the handler for ``n``."""
+    return workers.ran("started").get(f"started-{n}", set())
 
 
 async def live_workers(caller: CallerAPI) -> int:
@@ -102,7 +53,7 @@ async def wait_live(caller: CallerAPI, count: int) -> None:
     async def reached() -> bool:
         return await live_workers(caller) == count
 
-    await until(reached, seconds=15)
+    await wait_for(reached, 15)
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 10) -> int:
@@ -112,10 +63,26 @@ async def wait_exit(proc: subprocess.Popen[bytes], seconds: float = 10) -> int:
     return code
 
 
-async def test_cli_worker_answers_through_a_secured_role(env: Env, workers: Workers) -> None:
+async def held_by_a_hanging_worker(
+    workers: WorkerProcs, caller: CallerAPI, n: int, dsn: str, schema: str, *extra: str, **environ: str
+) -> tuple[subprocess.Popen[bytes], UUID]:
+    """A worker whose handler never finishes (``extra`` and ``environ`` as for ``WorkerProcs.start``), once it has
+    started the handler of a call of ``n``: the worker and the call."""
+    proc = workers.start(dsn, schema, *extra, **HANG, **environ)
+    await wait_live(caller, 1)
+    call_id = await caller.call("proc.work", "", {"n": n}, 60_000)
+
+    async def running() -> bool:
+        return started(workers, n) == {proc.pid}
+
+    await wait_for(running)
+    return proc, call_id
+
+
+async def test_cli_worker_answers_through_a_secured_role(env: Env, workers: WorkerProcs) -> None:
     role = await env.provision(["proc.work"], "worker")
     _, caller = await env.caller(["proc.work"])
-    proc = workers.start(env.dsn(role))
+    proc = workers.start(env.dsn(role), env.schema)
     await wait_live(caller, 1)
     [tool] = await caller.tools()
     assert tool.name == "proc_work" and tool.description == "Do some work on n."
@@ -128,59 +95,45 @@ async def test_cli_worker_answers_through_a_secured_role(env: Env, workers: Work
 
 
 async def test_killed_worker_message_reclaimed_after_reclaim_delay_and_answered_once(
-    env: Env, workers: Workers
+    env: Env, workers: WorkerProcs
 ) -> None:
     role = await env.provision(["proc.work"], "worker")
     _, caller = await env.caller(["proc.work"])
-    doomed = workers.start(env.dsn(role), hang=True, HOTMESH_RECLAIM_DELAY_MS="400")
-    await wait_live(caller, 1)
-    call_id = await caller.call("proc.work", "", {"n": 1}, 30_000)
-
-    async def started() -> bool:
-        return workers.started(1) == [doomed.pid]
-
-    await until(started)
+    doomed, call_id = await held_by_a_hanging_worker(workers, caller, 1, env.dsn(role), env.schema,
+                                                     HOTMESH_RECLAIM_DELAY_MS="400")
     doomed.send_signal(signal.SIGKILL)
     await wait_exit(doomed)
-    rescuer = workers.start(env.dsn(role), HOTMESH_RECLAIM_DELAY_MS="400")
+    rescuer = workers.start(env.dsn(role), env.schema, HOTMESH_RECLAIM_DELAY_MS="400")
     result = await finished(caller, call_id, seconds=4)  # the default 10 s lease would not do
     assert result.state == "done" and result.result == {"n": 1, "pid": rescuer.pid}
     row = await env.call_row(call_id)
     assert row["reclaims"] == 1 and row["attempt"] == 0
-    assert sorted(workers.started(1)) == sorted([doomed.pid, rescuer.pid])  # it ran once more, not twice
+    assert started(workers, 1) == {doomed.pid, rescuer.pid}  # it ran once more, not twice
 
 
-async def test_sigterm_releases_claimed_work_for_another_worker_at_once(env: Env, workers: Workers) -> None:
+async def test_sigterm_releases_claimed_work_for_another_worker_at_once(env: Env, workers: WorkerProcs) -> None:
     role = await env.provision(["proc.work"], "worker")
     _, caller = await env.caller(["proc.work"])
-    base = f"postgresql://{env.server.tcp_host}:{env.server.tcp_port}/{env.server.database}"
     credentials = (f"--user={role.role}", f"--password={role.password}")  # the seed's workerCredentials
     # ("=": a generated password may start with "-")
     # The default 10 s lease: only a release (not a reclaim) lets another worker take the message quickly.
-    leaving = workers.start(base, *credentials, hang=True, HOTMESH_SHUTDOWN_GRACE="0.3")
-    await wait_live(caller, 1)
-    call_id = await caller.call("proc.work", "", {"n": 2}, 60_000)
-
-    async def started() -> bool:
-        return workers.started(2) == [leaving.pid]
-
-    await until(started)
+    leaving, call_id = await held_by_a_hanging_worker(workers, caller, 2, env.server.base_dsn, env.schema,
+                                                      *credentials, HOTMESH_SHUTDOWN_GRACE="0.3")
     leaving.send_signal(signal.SIGTERM)
     assert await wait_exit(leaving, seconds=5) == 0
     assert await live_workers(caller) == 0  # worker_goodbye
     row = await env.call_row(call_id)
     assert row["state"] == "ready" and row["reclaims"] == 0 and row["attempt"] == 0
-    staying = workers.start(base, *credentials)
+    staying = workers.start(env.server.base_dsn, env.schema, *credentials)
     result = await finished(caller, call_id, seconds=5)
     assert result.result == {"n": 2, "pid": staying.pid}
     assert (await env.call_row(call_id))["reclaims"] == 0
 
 
-
-async def test_cli_worker_refused_stream_is_one_line_on_stderr(env: Env, workers: Workers) -> None:
+async def test_cli_worker_refused_stream_is_one_line_on_stderr(env: Env, workers: WorkerProcs) -> None:
     role = await env.provision(["elsewhere"], "worker")
-    proc = workers.start(env.dsn(role))
+    proc = workers.start(env.dsn(role), env.schema)
     assert await wait_exit(proc) == 1
     assert proc.stdout is not None and proc.stdout.read() == b""
-    err = (workers.tmp / "worker-0.log").read_text().strip().splitlines()
+    err = workers.log_path(0).read_text().strip().splitlines()
     assert err == ["mcp-hotmesh worker: error: permission denied for stream 'proc.work'"]
