@@ -280,3 +280,45 @@ async def change_settings(conn: asyncpg.Connection, schema: str, changes: dict[s
     return await settings(conn, s)
 
 
+# ----------------------------------------------------------------------------------------------- tools
+
+@dataclass(frozen=True)
+class RegisteredTool:
+    """A registration in the tools table, as ``mcp-hotmesh tools`` shows it (the JSON keys are these names)."""
+
+    name: str
+    stream: str
+    workflow_name: str
+    registered_by: str
+    live_workers: int
+    updated_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "updated_at": self.updated_at.isoformat()}
+
+
+async def tools(conn: asyncpg.Connection, schema: str) -> list[RegisteredTool]:
+    """Every registered tool, served or not (admin connection)."""
+    s = check_schema(schema)
+    with translated():
+        rows = await conn.fetch(
+            f"""SELECT t.name, t.stream, t.workflow_name, t.registered_by, t.updated_at,
+                       (SELECT count(*) FROM "{s}".workers w WHERE w.stream = t.stream AND w.expires_at > now())
+                           AS live
+                FROM "{s}".tools t ORDER BY t.name""")
+    return [RegisteredTool(r["name"], r["stream"], r["workflow_name"], r["registered_by"], r["live"],
+                           r["updated_at"]) for r in rows]
+
+
+async def remove_tool(conn: asyncpg.Connection, schema: str, name: str) -> RegisteredTool:
+    """Take a registration out of the catalog (a tool nobody serves any more); gateways stop listing it at once.
+    A worker that still serves it registers it again when it starts."""
+    s = check_schema(schema)
+    with translated():
+        found = [t for t in await tools(conn, s) if t.name == name]
+        if not found:
+            raise NotFound(f"no registered tool named {name!r}")
+        async with conn.transaction():
+            await conn.execute(f'DELETE FROM "{s}".tools WHERE name = $1', name)
+            await conn.execute("SELECT pg_notify($1, '')", f"{s}_tools")
+    return found[0]

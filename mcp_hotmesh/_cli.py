@@ -184,6 +184,30 @@ async def cmd_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_tools(args: argparse.Namespace) -> int:
+    """The tool catalog: every registration, and who serves it; remove one nobody serves."""
+    schema = check_schema(args.schema)
+    async with admin_connection(args) as conn:
+        await migrate(conn, schema)
+        if args.tools_command == "remove":
+            if not args.name:
+                raise ConfigError("say which tool to remove: mcp-hotmesh tools remove NAME")
+            removed = await _admin.remove_tool(conn, schema, args.name)
+            log.info("removed tool %s (stream %s)%s", removed.name, removed.stream,
+                     f"; {removed.live_workers} live worker(s) serve its stream and will register it again"
+                     if removed.live_workers else "")
+            return 0
+        listed = await _admin.tools(conn, schema)
+    if args.json:
+        _print_json([t.as_json() for t in listed])
+    else:
+        rows = [("TOOL", "STREAM", "WORKFLOW", "REGISTERED BY", "WORKERS", "UPDATED")] + [
+            (t.name, t.stream, t.workflow_name or "-", t.registered_by, str(t.live_workers),
+             f"{t.updated_at:%Y-%m-%d %H:%M}") for t in listed]
+        sys.stdout.write(_format.table(rows) if listed else "no tools registered\n")
+    return 0
+
+
 async def cmd_roles(args: argparse.Namespace) -> int:
     async with admin_connection(args) as conn:
         roles = await list_roles(conn, schema=check_schema(args.schema))
@@ -558,6 +582,13 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--log-level", type=str.upper, choices=logs.LEVELS, default="INFO", help=argparse.SUPPRESS)
     _log_format(p)
+
+    p = add("tools", cmd_tools, "List the registered tools (stream, who registered them, live workers), or remove "
+            "one that nobody serves any more (tools remove NAME).")
+    _common(p)
+    p.add_argument("tools_command", nargs="?", choices=["list", "remove"], default="list")
+    p.add_argument("name", nargs="?", help="with remove: the tool's name")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")
     _common(p)

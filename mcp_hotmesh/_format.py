@@ -55,7 +55,7 @@ def format_age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> str:
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
 
@@ -71,13 +71,13 @@ def format_status(st: Status) -> str:
         for s in st.streams
     ]
     out = f"schema {st.schema} at {st.time.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC\n"
-    out += _table(rows) if st.streams else "no streams yet: no tools registered, no messages, no workers\n"
+    out += table(rows) if st.streams else "no streams yet: no tools registered, no messages, no workers\n"
     kept = format_age(st.retention_seconds)
     dead = "kept until purged" if st.dead_retention_seconds is None else f"kept {format_age(st.dead_retention_seconds)}"
     last = "never" if st.last_purge is None else f"{st.last_purge:%Y-%m-%d %H:%M:%S} UTC"
     out += f"retention: done calls kept {kept}, dead calls {dead}; last purge {last}\n"
     if st.roles:
-        out += "\n" + _table([("ROLE", "KIND", "LOGIN", "SESSIONS", "OLDEST TRANSACTION", "QUEUED", "QUEUED BYTES")] + [
+        out += "\n" + table([("ROLE", "KIND", "LOGIN", "SESSIONS", "OLDEST TRANSACTION", "QUEUED", "QUEUED BYTES")] + [
             (r.role, r.kind, "yes" if r.can_login else "no",
              f"{r.sessions}/{r.connection_limit}" if r.connection_limit >= 0 else str(r.sessions),
              format_age(r.oldest_transaction_seconds), str(r.queued), str(r.queued_bytes))
@@ -107,7 +107,7 @@ def format_dlq(messages: list[DeadMessage], now: datetime) -> str:
                      str(m.attempt), str(m.reclaims),
                      f"{format_age((now - m.died_at).total_seconds())} ago" if m.died_at else "-",
                      clip(error, 80)))
-    return _table(rows)
+    return table(rows)
 
 
 def format_dead(m: DeadMessage) -> str:

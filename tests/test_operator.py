@@ -206,3 +206,16 @@ async def test_a_bad_data_directory_is_one_line_and_leaves_nothing(tmp_path: Pat
     assert done.returncode == 1 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
     assert str(target) in stderr
     assert sorted(os.listdir(tmp_path)) == before  # no half-made directory, no lock file
+
+
+async def test_a_tool_nobody_serves_can_be_listed_and_removed(env: Env) -> None:
+    _, worker = await env.worker(["gone"])
+    await worker.register_tool("gone", "", {"name": "old_tool", "description": "d", "input_schema": {"type": "object"}})
+    common = ["--dsn", env.server.admin_dsn, "--schema", env.schema]
+    listed = json.loads((await _run("tools", "--json", *common)).stdout)
+    assert [(t["name"], t["stream"], t["live_workers"]) for t in listed] == [("old_tool", "gone", 0)]
+    done = await _run("tools", "remove", "old_tool", *common)
+    assert done.returncode == 0 and "removed tool old_tool" in done.stderr.decode(), done.stderr
+    assert json.loads((await _run("tools", "--json", *common)).stdout) == []
+    done = await _run("tools", "remove", "old_tool", *common)
+    assert done.returncode == 1 and "no registered tool named 'old_tool'" in done.stderr.decode()
