@@ -1,6 +1,7 @@
 -- mcp-hotmesh bootstrap: run by the admin before the numbered migrations, every time (idempotent).
 --
--- Creates the roles that own and use the schema, the schema itself and the migrations table.
+-- Creates the roles that own and use the schema, the schema itself and the tables that record what was
+-- applied (migrations, definitions).
 -- "hotmesh" stands for the schema name chosen with --schema; mcp_hotmesh.migrate writes the real one in.
 --
 --   hotmesh_owner   NOLOGIN; owns the schema, its tables and functions, nothing else (never a superuser),
@@ -35,9 +36,27 @@ SET ROLE hotmesh_owner;
 -- Functions the owner creates are never executable by PUBLIC, now or in later migrations.
 ALTER DEFAULT PRIVILEGES FOR ROLE hotmesh_owner REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
+-- The numbered migrations applied, each once.
 CREATE TABLE IF NOT EXISTS hotmesh.migrations (
     version     integer PRIMARY KEY,
     name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+-- sha256 of the migration's file as applied; NULL for one applied before checksums were recorded. Added, and
+-- only when missing, to a table made by an earlier version (no exclusive lock on every run).
+DO $checksum$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                   WHERE attrelid = 'hotmesh.migrations'::regclass AND attname = 'checksum' AND NOT attisdropped) THEN
+        ALTER TABLE hotmesh.migrations ADD COLUMN checksum text;
+    END IF;
+END
+$checksum$;
+-- The replaceable definitions (functions.sql) as last applied: run again whenever the shipped file's sha256
+-- differs from the one here.
+CREATE TABLE IF NOT EXISTS hotmesh.definitions (
+    name        text PRIMARY KEY,
+    checksum    text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 RESET ROLE;
