@@ -59,4 +59,5 @@ CREATE TABLE IF NOT EXISTS hotmesh.definitions (
     checksum    text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
+REVOKE ALL ON hotmesh.migrations, hotmesh.definitions FROM PUBLIC;
 RESET ROLE;

@@ -1,18 +1,19 @@
 -- mcp-hotmesh SQL API v1: every function of the schema, as this version of mcp-hotmesh needs it.
 --
 -- Replaceable. The numbered migrations (NNN_*.sql) hold tables, indexes and data; each runs once, and once
--- landed it is never edited. This file holds the definitions, and `migrate` runs it again, after the numbered
--- migrations, whenever its checksum (sha256 of the file) differs from the one recorded in
--- hotmesh.definitions: to change a function, change it here. So every statement here must leave the same
--- result when run again, on any schema an earlier version of this file (or of 001 and 002, which defined the
--- functions before this file existed) left behind:
---   * CREATE OR REPLACE FUNCTION keeps a function's owner, its grants (the seed's manual path included) and its
---     oid; it replaces its SET clauses, so the lock_timeout of the scoped functions is set again at the end;
---   * a function whose argument types or result type change, or that is no longer needed, is dropped by its
---     old signature (DROP FUNCTION IF EXISTS) before the definitions here, in this file (the DROP then stays for
---     good) or in a numbered migration (004 dropped 001's planning helpers so); a new signature is created and
---     granted here;
---   * grants are given, never assumed: the end of the file grants every API function to its kind again.
+-- landed it is never edited. This file holds the definitions, and `migrate` runs it after any numbered
+-- migration and again whenever its checksum (sha256 of the file) differs from the one recorded in
+-- hotmesh.definitions: to change a function, change it here. It runs on any schema an earlier version of this
+-- file (or of 001 and 002, which defined the functions before this file existed) left behind, while workers and
+-- gateways go on calling the functions, so:
+--   * every definition is a CREATE OR REPLACE, which keeps a function's owner, its grants (the seed's manual
+--     path included) and its oid, and replaces its SET clauses: the lock_timeout of the scoped functions is set
+--     again at the end, every time, and the grants are given again;
+--   * nothing is dropped. A call that started before migrate committed runs the earlier definition to its end,
+--     and the functions that definition calls must still be there: the helpers no definition here calls any
+--     more stay, defined at the end ("kept for earlier definitions"), owner-only and harmless.
+--     A new signature of an API function is a new function beside the old one; redefine the old one here as a
+--     call of the new (or revoke its EXECUTE here), so that no earlier behaviour stays callable.
 -- A numbered migration runs before this file and must not rely on a definition here.
 --
 -- Runs as hotmesh_owner, in the transaction of the numbered migrations it follows. Every API function:
@@ -1256,6 +1257,32 @@ AS $$
     FROM scoped s LEFT JOIN queued q ON q.owner = s.rolname
     ORDER BY s.rolname
 $$;
+-- ------------------------------------------------------------------------------ kept for earlier definitions
+
+-- Helpers of 001 that no definition here calls any more. A call that started before an upgrade committed runs the
+-- earlier definition, which may call them (see the header), so they stay, as 001 last defined them: owner-only,
+-- neither SECURITY DEFINER nor granted to anyone.
+
+CREATE OR REPLACE FUNCTION hotmesh._valid_stream(p_stream text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+-- '+' and a length test, not '{1,200}': the bounded repetition costs ~20 us per match, on every call.
+AS $$ SELECT p_stream IS NOT NULL AND length(p_stream) <= 200 AND p_stream ~ '^[A-Za-z0-9._:/-]+$' $$;
+
+CREATE OR REPLACE FUNCTION hotmesh._plan_with_indexes() RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old text := pg_catalog.current_setting('enable_seqscan');  -- read first, then changed: in that order
+BEGIN
+    PERFORM pg_catalog.set_config('enable_seqscan', 'off', true);
+    RETURN v_old;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh._plan_restore(p_old text) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT FROM pg_catalog.set_config('enable_seqscan', p_old, true) $$;
+
 -- ---------------------------------------------------------------------------------------------------- grants
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA hotmesh FROM PUBLIC;

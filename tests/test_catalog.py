@@ -50,9 +50,9 @@ async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) ->
         assert fn["owner"] == owner, fn["sig"]
         assert fn["kind"] == "f", fn["sig"]
         api = fn["proname"].startswith(("worker_", "caller_"))
-        # API functions wait for a lock 2 s at most: a row a stranger holds costs a bounded wait (SQL 003)
+        # API functions wait for a lock 2 s at most: a row a stranger holds costs a bounded wait (functions.sql)
         config = ["search_path=pg_catalog, pg_temp"] + (["lock_timeout=2s"] if api else [])
-        if fn["proname"] in HOT:  # planned with indexes only, whatever the statistics say (SQL 004)
+        if fn["proname"] in HOT:  # planned with indexes only, whatever the statistics say (functions.sql)
             config.append("enable_seqscan=off")
         assert fn["proconfig"] == config, fn["sig"]
         assert fn["prosecdef"] == api, f"{fn['sig']}: only the API functions are SECURITY DEFINER"
