@@ -66,10 +66,11 @@ class ServeOptions:
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
-    """A superuser, or a member of ``<schema>_owner``."""
+    """A superuser, or a member of ``<schema>_owner``; before the schema exists, a role that may create it (with
+    CREATEROLE, as a managed PostgreSQL's admin: ``migrate`` makes the owner and grants it to that role)."""
     with translated():
         row = await conn.fetchrow(
-            "SELECT r.rolsuper, EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS owner_exists "
+            "SELECT r.rolsuper, r.rolcreaterole, EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS owner_exists "
             "FROM pg_roles r WHERE r.rolname = session_user",
             f"{schema}_owner",
         )
@@ -78,7 +79,7 @@ async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
         if row["rolsuper"]:
             return True
         if not row["owner_exists"]:
-            return False
+            return bool(row["rolcreaterole"])
         return bool(await conn.fetchval("SELECT pg_has_role(session_user, $1, 'MEMBER')", f"{schema}_owner"))
 
 

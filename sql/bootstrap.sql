@@ -10,6 +10,8 @@
 --   hotmesh_caller  NOLOGIN group: EXECUTE on the caller_* functions. Provisioned caller roles are members.
 
 DO $bootstrap$
+DECLARE
+    v_can_set boolean;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'hotmesh_owner') THEN
         CREATE ROLE hotmesh_owner NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT;
@@ -21,8 +23,14 @@ BEGIN
         CREATE ROLE hotmesh_caller NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE;
     END IF;
     -- A non-superuser admin (one with CREATEROLE) must be able to SET ROLE to the owner to migrate.
-    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-       AND NOT pg_catalog.pg_has_role(current_user, 'hotmesh_owner', 'MEMBER') THEN
+    -- From PostgreSQL 16 the creator of a role holds only ADMIN OPTION on it (no SET, no INHERIT): 'MEMBER' is
+    -- then true while SET ROLE is not, so ask for SET there; on 15 'MEMBER' means SET ROLE is possible.
+    IF pg_catalog.current_setting('server_version_num')::integer >= 160000 THEN
+        v_can_set := pg_catalog.pg_has_role(current_user, 'hotmesh_owner', 'SET');
+    ELSE
+        v_can_set := pg_catalog.pg_has_role(current_user, 'hotmesh_owner', 'MEMBER');
+    END IF;
+    IF NOT v_can_set AND NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
         GRANT hotmesh_owner TO CURRENT_USER;
     END IF;
 END
