@@ -151,8 +151,8 @@ def _refusal(schema: str, recorded: _Recorded) -> str | None:
     unknown = sorted(set(recorded.migrations) - set(shipped))
     if unknown:
         return (f"schema {schema} records migration {', '.join(f'{v:03d}' for v in unknown)}, which this "
-                "mcp-hotmesh does not ship: a newer mcp-hotmesh migrated it. Use that version (or a later one); "
-                "this one would put its older functions in place of the schema's")
+                "mcp-hotmesh does not ship: a newer (or an unreleased) mcp-hotmesh migrated it. Use that version "
+                "or a later one; this one would put its own functions in place of the schema's")
     for version, sum_ in sorted(recorded.migrations.items()):
         m = shipped[version]
         if sum_ is not None and sum_ != m.checksum:

@@ -1,5 +1,6 @@
 """Upgrades: ``migrate`` brings a schema left by an earlier landed version to what this version needs, with a
-worker and a gateway attached to it the whole time, and leaves the catalog of a fresh install.
+worker and a gateway attached to it the whole time, and leaves the catalog of a fresh install; changed
+definitions are applied again, keeping grants and settings; a schema this version must not touch is refused.
 
 The earlier SQL is kept as it was at each commit under ``tests/fixtures/sql_<commit>/`` and applied as ``migrate``
 applied it then: the bootstrap, then each numbered migration as the owner role, recorded by version and name
@@ -23,14 +24,14 @@ from mcp import Client
 from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._config import WorkerCredentials
 from mcp_hotmesh._mcp_server import McpGateway
-from mcp_hotmesh._migrate import checksum, definitions_sql, is_migrated, migrate, migrations, render
+from mcp_hotmesh._migrate import checksum, definitions_sql, full_sql, is_migrated, migrate, migrations, render
 from mcp_hotmesh._postgres import create_pool
 from mcp_hotmesh._roles import provision_role, set_limits
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh._worker import Worker
-from mcp_hotmesh.errors import QuotaExceeded
+from mcp_hotmesh.errors import DatabaseError, QuotaExceeded
 from mcp_hotmesh.examples import toolset
-from tests.conftest import PgServer, drop_schema
+from tests.conftest import Env, PgServer, drop_schema
 
 pytestmark = pytest.mark.anyio
 
@@ -223,3 +224,64 @@ async def test_calls_flow_before_during_and_after_an_upgrade(
     # a claim or an answer that failed (a function gone while a call ran its earlier definition) is retried and
     # the call still answered, later: it shows here
     assert [r.getMessage() for r in caplog.records if r.name == "mcp_hotmesh._consumer"] == []
+
+
+async def functions_catalog(conn: asyncpg.Connection, schema: str) -> list[tuple[str, str, list[str], str]]:
+    rows = await conn.fetch(
+        "SELECT p.oid::regprocedure::text AS sig, pg_get_functiondef(p.oid) AS definition, p.proconfig AS config, "
+        "p.proacl::text AS acl FROM pg_proc p WHERE p.pronamespace = $1::regnamespace ORDER BY 1", schema)
+    return [(r["sig"], r["definition"], r["config"], r["acl"]) for r in rows]
+
+
+async def test_changed_definitions_are_applied_again_keeping_grants_and_settings(env: Env) -> None:
+    """A schema whose functions.sql checksum differs (a newer file shipped) gets the definitions again, and
+    nothing else changes: owners, SET clauses (lock_timeout on every scoped function) and grants, a grant made by
+    hand on the seed's manual path included."""
+    s = env.schema
+    manual = "t_manual_" + secrets.token_hex(3)
+    await env.admin.execute(f'CREATE ROLE "{manual}" NOLOGIN')
+    try:
+        await env.admin.execute(f'GRANT EXECUTE ON FUNCTION "{s}".caller_tools() TO "{manual}"')
+        before = await functions_catalog(env.admin, s)
+        await env.admin.execute(f'UPDATE "{s}".definitions SET checksum = $1', "from another file")
+        assert not await is_migrated(env.admin, s)
+        assert await migrate(env.admin, s) == []  # no numbered migration: only the definitions, again
+        assert await is_migrated(env.admin, s)
+        assert await env.admin.fetchval(f'SELECT checksum FROM "{s}".definitions') == checksum(definitions_sql())
+        assert await functions_catalog(env.admin, s) == before
+        assert await env.admin.fetchval(
+            f"SELECT has_function_privilege($1, '\"{s}\".caller_tools()', 'EXECUTE')", manual)
+    finally:
+        await env.admin.execute(f'REVOKE ALL ON ALL FUNCTIONS IN SCHEMA "{s}" FROM "{manual}"')
+        await env.admin.execute(f'DROP ROLE "{manual}"')
+
+
+async def test_a_migration_applied_before_checksums_counts_as_applied(env: Env) -> None:
+    await env.admin.execute(f'UPDATE "{env.schema}".migrations SET checksum = NULL WHERE version = 1')
+    assert await is_migrated(env.admin, env.schema)
+    assert await migrate(env.admin, env.schema) == []
+
+
+async def test_an_edited_migration_or_a_newer_schema_is_refused(env: Env) -> None:
+    """A recorded checksum that is not the shipped file's (a landed migration edited, or an unreleased build), or
+    a version this package does not ship (a newer mcp-hotmesh migrated the schema): migrate changes nothing and
+    says why, rather than put its own functions over the schema's."""
+    s = env.schema
+    before = await functions_catalog(env.admin, s)
+    await env.admin.execute(f'UPDATE "{s}".migrations SET checksum = $1 WHERE version = 2', "0" * 64)
+    assert not await is_migrated(env.admin, s)
+    with pytest.raises(DatabaseError, match="records migration 002_operations with checksum 000000000000"):
+        await migrate(env.admin, s)
+    await env.admin.execute(f'UPDATE "{s}".migrations SET checksum = NULL WHERE version = 2')
+    await env.admin.execute(f"INSERT INTO \"{s}\".migrations (version, name, checksum) VALUES (999, 'later', 'x')")
+    await env.admin.execute(f'UPDATE "{s}".definitions SET checksum = $1', "a newer file")
+    with pytest.raises(DatabaseError, match="records migration 999, which this mcp-hotmesh does not ship"):
+        await migrate(env.admin, s)
+    assert await functions_catalog(env.admin, s) == before
+    assert await env.admin.fetchval(f'SELECT checksum FROM "{s}".definitions') == "a newer file"
+
+
+def test_every_shipped_file_is_in_the_sql_a_dba_reads() -> None:
+    sql = full_sql("hotmesh")
+    assert definitions_sql() in sql and all(m.sql in sql for m in migrations())
+    assert "DROP FUNCTION" not in definitions_sql()  # nothing an earlier definition calls may go (see its header)
