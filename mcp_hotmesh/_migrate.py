@@ -92,15 +92,16 @@ def full_sql(schema: str) -> str:
     return "\n\n".join(parts)
 
 
-async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
+async def migrate(conn: asyncpg.Connection, schema: str, *, lock_timeout: str = LOCK_TIMEOUT) -> list[int]:
     """Bring ``schema`` up to date; returns the numbered versions applied now (the definitions may be applied
     again without one: that is logged). ``conn`` must be the admin's.
 
     Concurrent runs are serialised by ``LOCK TABLE <schema>.migrations``, a lock only the admin and the owner
     can take (an advisory lock would not do: any role can take any advisory lock, and so stall every start).
-    Every lock is waited for ``LOCK_TIMEOUT`` at most: a role with USAGE on the schema can hold a table's lock
-    while its own statement is planned, and a migration must then fail clearly rather than wait for ever (and
-    hold up, meanwhile, every statement queued behind its own lock request).
+    Every lock is waited for ``lock_timeout`` at most (a PostgreSQL duration, ``LOCK_TIMEOUT`` unless given): a
+    role with USAGE on the schema can hold a table's lock while its own statement is planned, and a migration
+    must then fail clearly rather than wait for ever (and hold up, meanwhile, every statement queued behind its
+    own lock request).
     """
     check_schema(schema)
     with translated():
@@ -108,7 +109,7 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
         if await is_migrated(conn, schema):
             return []
         try:
-            return await _apply(conn, schema)
+            return await _apply(conn, schema, lock_timeout)
         except asyncpg.LockNotAvailableError:
             holders = await conn.fetch(
                 "SELECT DISTINCT a.pid, a.usename FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -118,7 +119,7 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
             )
             who = ", ".join(f"{r['usename']} (pid {r['pid']})" for r in holders) or "another session"
             raise DatabaseError(
-                f"migrating schema {schema} gave up after {LOCK_TIMEOUT}: its tables are locked by {who}; end "
+                f"migrating schema {schema} gave up after {lock_timeout}: its tables are locked by {who}; end "
                 "that session (mcp-hotmesh revoke ROLE, or pg_terminate_backend) and run it again"
             ) from None
 
@@ -171,11 +172,11 @@ def _up_to_date(recorded: _Recorded) -> bool:
             and recorded.definitions == checksum(definitions_sql()))
 
 
-async def _apply(conn: asyncpg.Connection, schema: str) -> list[int]:
-    await _bootstrap(conn, schema)
+async def _apply(conn: asyncpg.Connection, schema: str, lock_timeout: str) -> list[int]:
+    await _bootstrap(conn, schema, lock_timeout)
     done = []
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
         await conn.execute(f'LOCK TABLE "{schema}".migrations IN SHARE ROW EXCLUSIVE MODE')
         recorded = await _recorded(conn, schema)
         assert recorded is not None  # the bootstrap made the table
@@ -211,12 +212,12 @@ async def _apply(conn: asyncpg.Connection, schema: str) -> list[int]:
     return done
 
 
-async def _bootstrap(conn: asyncpg.Connection, schema: str) -> None:
+async def _bootstrap(conn: asyncpg.Connection, schema: str, lock_timeout: str) -> None:
     """Run the idempotent bootstrap; a concurrent first run may win a race for a role or the schema: retry."""
     for attempt in range(5):
         try:
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
                 await conn.execute(render(_read("bootstrap.sql"), schema))
             return
         except (asyncpg.UniqueViolationError, asyncpg.DuplicateObjectError, asyncpg.InternalServerError):
