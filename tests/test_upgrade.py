@@ -234,15 +234,20 @@ async def functions_catalog(conn: asyncpg.Connection, schema: str) -> list[tuple
 
 
 async def test_changed_definitions_are_applied_again_keeping_grants_and_settings(env: Env) -> None:
-    """A schema whose functions.sql checksum differs (a newer file shipped) gets the definitions again, and
-    nothing else changes: owners, SET clauses (lock_timeout on every scoped function) and grants, a grant made by
-    hand on the seed's manual path included."""
+    """A schema whose functions.sql checksum differs (another file applied) gets the definitions again, with their
+    owners, SET clauses (lock_timeout on every scoped function) and grants, a grant made by hand on the seed's
+    manual path included."""
     s = env.schema
     manual = "t_manual_" + secrets.token_hex(3)
     await env.admin.execute(f'CREATE ROLE "{manual}" NOLOGIN')
     try:
         await env.admin.execute(f'GRANT EXECUTE ON FUNCTION "{s}".caller_tools() TO "{manual}"')
         before = await functions_catalog(env.admin, s)
+        # what an earlier file left: a function's settings as CREATE OR REPLACE leaves them, another's body
+        await env.admin.execute(f'ALTER FUNCTION "{s}".caller_tools() RESET ALL')
+        await env.admin.execute(f'CREATE OR REPLACE FUNCTION "{s}"._clamp_lease(p_lease_ms integer) RETURNS integer '
+                                "LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$ SELECT 1000 $$")
+        assert await functions_catalog(env.admin, s) != before
         await env.admin.execute(f'UPDATE "{s}".definitions SET checksum = $1', "from another file")
         assert not await is_migrated(env.admin, s)
         assert await migrate(env.admin, s) == []  # no numbered migration: only the definitions, again
