@@ -1,7 +1,7 @@
 """Admin queries: what an operator sees (``status``), fixes (``dlq``) and tunes (``settings``).
 
-Each runs over the admin's connection and calls the admin-only helpers of ``sql/002_operations.sql`` and
-``sql/003_isolation.sql`` (never executable by a scoped role). The CLI prints what they return (``_format``).
+Each runs over the admin's connection and calls the admin-only helpers of ``sql/functions.sql`` (``_ops_*``,
+``_dlq_*``; never executable by a scoped role). The CLI prints what they return (``_format``).
 """
 
 from __future__ import annotations

@@ -159,6 +159,17 @@ async def adopt_all(conn: asyncpg.Connection, schema: str) -> None:
             await adopt(conn, row["role_name"], schema)
 
 
+async def _check_may_store_allow_lists(conn: asyncpg.Connection) -> None:
+    """From PostgreSQL 15 only a superuser, or a role granted SET on the parameter, may store another role's
+    ``app.allowed_streams`` (a placeholder parameter): say so before trying, as PostgreSQL would not."""
+    if not await conn.fetchval("SELECT has_parameter_privilege('app.allowed_streams', 'SET')"):
+        user = await conn.fetchval("SELECT current_user")
+        raise ConfigError(
+            f"role {user} may not store a role's allow-list: a superuser must first run GRANT SET ON PARAMETER "
+            f"app.allowed_streams TO {user} (PostgreSQL 15+; see the README, Managed PostgreSQL)"
+        )
+
+
 async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[str], schema: str) -> None:
     """Make ``role`` a member of its kind's group, and of that kind only; set its allow-list, record it.
 
@@ -166,6 +177,7 @@ async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[
     group and any EXECUTE granted on worker functions by hand away, and fails if the role would still keep
     the other kind's functions through some other role.
     """
+    await _check_may_store_allow_lists(conn)
     other = "caller" if kind == "worker" else "worker"
     if await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", role, f"{schema}_{other}"):
         await _exec_format(conn, "REVOKE %I FROM %I", f"{schema}_{other}", role)

@@ -3,9 +3,10 @@
 Three modes, chosen by the DSN (``--dsn`` / ``HOTMESH_DSN``):
 
 * no DSN: the embedded PostgreSQL is started (``--data-dir``), then as with an admin DSN;
-* an admin DSN (a superuser, or a member of ``<schema>_owner``): migrate, then create or take over (with a
-  fresh password, ``roles.ensure_role``) a caller role ``<schema>_c_gateway`` and, unless ``--no-worker``, a
-  worker role ``<schema>_w_gateway``, both scoped to the tool set's topics. The admin connection is closed
+* an admin DSN (a superuser, a member of ``<schema>_owner``, or before the schema exists a role with
+  CREATEROLE, as on a managed PostgreSQL): migrate, then create or take over (with a fresh password,
+  ``roles.ensure_role``) a caller role ``<schema>_c_gateway`` and, unless ``--no-worker``, a worker role
+  ``<schema>_w_gateway``, both scoped to the tool set's topics. The admin connection is closed
   once they exist: agents are served through the caller role's pool and the attached worker runs through the
   worker role's pool, each logged in with its own password, as a process on another machine would be;
 * any other DSN: a caller role's login. The gateway only serves (workers run elsewhere).
@@ -66,10 +67,11 @@ class ServeOptions:
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
-    """A superuser, or a member of ``<schema>_owner``."""
+    """A superuser, or a member of ``<schema>_owner``; before the schema exists, a role that may create it (with
+    CREATEROLE, as a managed PostgreSQL's admin: ``migrate`` makes the owner and grants it to that role)."""
     with translated():
         row = await conn.fetchrow(
-            "SELECT r.rolsuper, EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS owner_exists "
+            "SELECT r.rolsuper, r.rolcreaterole, EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS owner_exists "
             "FROM pg_roles r WHERE r.rolname = session_user",
             f"{schema}_owner",
         )
@@ -78,7 +80,7 @@ async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
         if row["rolsuper"]:
             return True
         if not row["owner_exists"]:
-            return False
+            return bool(row["rolcreaterole"])
         return bool(await conn.fetchval("SELECT pg_has_role(session_user, $1, 'MEMBER')", f"{schema}_owner"))
 
 

@@ -50,9 +50,9 @@ async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) ->
         assert fn["owner"] == owner, fn["sig"]
         assert fn["kind"] == "f", fn["sig"]
         api = fn["proname"].startswith(("worker_", "caller_"))
-        # API functions wait for a lock 2 s at most: a row a stranger holds costs a bounded wait (SQL 003)
+        # API functions wait for a lock 2 s at most: a row a stranger holds costs a bounded wait (functions.sql)
         config = ["search_path=pg_catalog, pg_temp"] + (["lock_timeout=2s"] if api else [])
-        if fn["proname"] in HOT:  # planned with indexes only, whatever the statistics say (SQL 004)
+        if fn["proname"] in HOT:  # planned with indexes only, whatever the statistics say (functions.sql)
             config.append("enable_seqscan=off")
         assert fn["proconfig"] == config, fn["sig"]
         assert fn["prosecdef"] == api, f"{fn['sig']}: only the API functions are SECURITY DEFINER"
@@ -92,7 +92,7 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
         "WHERE relnamespace = $1::regnamespace", env.schema
     )
     assert {r["relname"] for r in owned if r["relkind"] == "r"} == {
-        "messages", "tools", "workers", "roles", "settings", "migrations", "role_limits"
+        "messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "role_limits"
     }
     assert {r["owner"] for r in owned} == {owner}
     assert await env.admin.fetchval(

@@ -1,0 +1,1334 @@
+-- mcp-hotmesh SQL API v1: every function of the schema, as this version of mcp-hotmesh needs it.
+--
+-- Replaceable. The numbered migrations (NNN_*.sql) hold tables, indexes and data; each runs once, and once
+-- landed it is never edited. This file holds the definitions, and `migrate` runs it after any numbered
+-- migration and again whenever its checksum (sha256 of the file) differs from the one recorded in
+-- hotmesh.definitions: to change a function, change it here. It runs on any schema an earlier version of this
+-- file (or of 001 and 002, which defined the functions before this file existed) left behind, while workers and
+-- gateways go on calling the functions, so:
+--   * every definition is a CREATE OR REPLACE, which keeps a function's owner, its grants (the seed's manual
+--     path included) and its oid, and replaces its SET clauses: the lock_timeout of the scoped functions is set
+--     again at the end, every time, and the grants are given again;
+--   * nothing is dropped. A call that started before migrate committed runs the earlier definition to its end,
+--     and the functions that definition calls must still be there: the helpers no definition here calls any
+--     more stay, defined at the end ("kept for earlier definitions"), owner-only and harmless.
+--     A new signature of an API function is a new function beside the old one; redefine the old one here as a
+--     call of the new (or revoke its EXECUTE here), so that no earlier behaviour stays callable.
+-- A numbered migration runs before this file and must not rely on a definition here.
+--
+-- Runs as hotmesh_owner, in the transaction of the numbered migrations it follows. Every API function:
+--   * is SECURITY DEFINER with search_path pinned to pg_catalog, pg_temp, every object schema-qualified;
+--   * checks its stream against the allow-list of SESSION_USER, read from the role's *stored* setting
+--     app.allowed_streams in pg_db_role_setting (never current_setting(): any session can SET it);
+--   * is executable only by the group role of its kind (hotmesh_worker / hotmesh_caller), never PUBLIC;
+--   * waits for a lock 2 s at most (lock_timeout, set at the end of this file).
+-- A denied call raises SQLSTATE 42501 and says nothing about whether the stream exists.
+--
+-- Our own SQLSTATEs (class HM):
+--   HM001 lease lost    HM002 invalid name    HM003 payload too large
+--   HM004 tool refused  HM005 not found       HM006 quota exceeded
+--
+-- Message life: ready -> reserved (lease) -> done
+--               reserved -> ready again (worker_fail with a retry, or lease expired: reclaims + 1)
+--               any -> dead (attempts or reclaims used up, deadline passed, cancelled); the caller's
+--               error answer is written in the same statement and the caller is notified.
+-- NOTIFY payloads carry ids only; channels are named by hashes of stream or owner, so any stream name fits.
+
+-- -------------------------------------------------------------------------------------------- internal helpers
+
+-- Not SECURITY DEFINER, not executable by anyone but the owner: only the API functions and the admin's
+-- commands call them.
+
+CREATE OR REPLACE FUNCTION hotmesh._setting(p_key text) RETURNS bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT value FROM hotmesh.settings WHERE key = p_key $$;
+
+CREATE OR REPLACE FUNCTION hotmesh._is_admin() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.rolsuper OR pg_catalog.pg_has_role(session_user, 'hotmesh_owner', 'MEMBER')
+    FROM pg_catalog.pg_roles r WHERE r.rolname = session_user
+$$;
+
+-- The stored allow-list of session_user: a database-specific setting wins over a role-wide one.
+CREATE OR REPLACE FUNCTION hotmesh._allowed_streams() RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(btrim(item)) FILTER (WHERE btrim(item) <> ''), '{}')
+    FROM (
+        SELECT substr(cfg, length('app.allowed_streams=') + 1) AS value
+        FROM pg_catalog.pg_db_role_setting s
+        CROSS JOIN LATERAL unnest(s.setconfig) AS cfg
+        WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = session_user)
+          AND s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()))
+          -- starts_with, not LIKE 'app.allowed\_streams=%': a backslash in a literal means something else
+          -- under SET standard_conforming_strings = off, and every session may set that.
+          AND pg_catalog.starts_with(cfg, 'app.allowed_streams=')
+        ORDER BY s.setdatabase DESC
+        LIMIT 1
+    ) AS setting
+    CROSS JOIN LATERAL unnest(string_to_array(setting.value, ',')) AS item
+$$;
+
+-- The streams of session_user's stored allow-list; NULL for the admin (every stream).
+CREATE OR REPLACE FUNCTION hotmesh._own_streams() RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE WHEN hotmesh._is_admin() THEN NULL ELSE hotmesh._allowed_streams() END $$;
+
+-- The check every API function makes on a stream argument. One query (the admin test and the stored allow-list
+-- of session_user, as _is_admin() and _allowed_streams() read them): it runs on every call, and each nested
+-- helper call would cost a search_path switch of its own.
+CREATE OR REPLACE FUNCTION hotmesh._authorize(p_stream text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- as _valid_stream(), inline
+    v_valid boolean := p_stream IS NOT NULL AND length(p_stream) <= 200 AND p_stream ~ '^[A-Za-z0-9._:/-]+$';
+    v_admin boolean;
+    v_allowed boolean;
+BEGIN
+    SELECT r.rolsuper OR pg_catalog.pg_has_role(r.oid, 'hotmesh_owner', 'MEMBER'),
+           coalesce((
+               SELECT p_stream = ANY (SELECT btrim(item) FROM unnest(string_to_array(
+                          substr(cfg, length('app.allowed_streams=') + 1), ',')) AS item)
+               FROM pg_catalog.pg_db_role_setting s
+               CROSS JOIN LATERAL unnest(s.setconfig) AS cfg
+               WHERE s.setrole = r.oid
+                 AND s.setdatabase IN (0, (SELECT d.oid FROM pg_catalog.pg_database d
+                                           WHERE d.datname = current_database()))
+                 -- starts_with, not LIKE: see _allowed_streams()
+                 AND pg_catalog.starts_with(cfg, 'app.allowed_streams=')
+               ORDER BY s.setdatabase DESC
+               LIMIT 1), false)
+    INTO v_admin, v_allowed
+    FROM pg_catalog.pg_roles r WHERE r.rolname = session_user;
+    IF coalesce(v_admin, false) THEN
+        IF NOT v_valid THEN
+            RAISE EXCEPTION 'invalid stream name' USING ERRCODE = 'HM002';
+        END IF;
+        RETURN;
+    END IF;
+    -- An allow-list written by hand may hold entries that are no stream names ('*' meant as a wildcard,
+    -- 'ströme'): such an entry grants nothing, so no message is ever written under an invalid name.
+    IF NOT v_valid OR NOT coalesce(v_allowed, false) THEN
+        RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
+-- The depth of a JSON value is at least p_depth: a value at level p_depth exists (the root is level 0).
+-- jsonpath walks the value in C and stops at the first hit.
+CREATE OR REPLACE FUNCTION hotmesh._deeper_than(p_value jsonb, p_depth bigint) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.jsonb_path_exists(p_value, ('strict $.**{' || (p_depth + 1)::text || '}')::jsonpath) $$;
+
+-- Arguments and results: no larger than max_payload_bytes, no deeper than max_json_depth.
+CREATE OR REPLACE FUNCTION hotmesh._check_size(p_value jsonb, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF octet_length(p_value::text) > hotmesh._setting('max_payload_bytes') THEN
+        RAISE EXCEPTION '% larger than % bytes', p_what, hotmesh._setting('max_payload_bytes')
+            USING ERRCODE = 'HM003';
+    END IF;
+    IF hotmesh._deeper_than(p_value, hotmesh._setting('max_json_depth')) THEN
+        RAISE EXCEPTION '% nested deeper than % levels', p_what, hotmesh._setting('max_json_depth')
+            USING ERRCODE = 'HM003';
+    END IF;
+END
+$$;
+
+-- One call's arguments, workflow name and idempotency key, as caller_call and caller_call_many take them.
+CREATE OR REPLACE FUNCTION hotmesh._check_call(p_args jsonb, p_workflow text, p_key text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_args IS NULL OR jsonb_typeof(p_args) <> 'object' THEN
+        RAISE EXCEPTION 'arguments must be a JSON object' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._check_size(p_args, 'arguments');
+    IF length(p_key) > 200 OR length(p_workflow) > 200 THEN
+        RAISE EXCEPTION 'idempotency key and workflow name are at most 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+END
+$$;
+
+-- A tool registration, checked as untrusted input for every gateway that will read it. Each refusal names the
+-- rule it broke.
+CREATE OR REPLACE FUNCTION hotmesh._check_tool(p_tool jsonb) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text := CASE WHEN jsonb_typeof(p_tool -> 'name') = 'string' THEN p_tool ->> 'name' END;  -- not 7 -> '7'
+BEGIN
+    IF p_tool IS NULL OR jsonb_typeof(p_tool) <> 'object' THEN
+        RAISE EXCEPTION 'tool must be a JSON object' USING ERRCODE = 'HM004';
+    END IF;
+    IF octet_length(p_tool::text) > hotmesh._setting('max_schema_bytes') THEN
+        RAISE EXCEPTION 'tool registration larger than % bytes', hotmesh._setting('max_schema_bytes')
+            USING ERRCODE = 'HM003';
+    END IF;
+    IF hotmesh._deeper_than(p_tool, hotmesh._setting('max_schema_depth')) THEN
+        RAISE EXCEPTION 'tool registration nested deeper than % levels', hotmesh._setting('max_schema_depth')
+            USING ERRCODE = 'HM003';
+    END IF;
+    IF (SELECT count(*) FROM pg_catalog.jsonb_path_query(p_tool, 'strict $.**')) > hotmesh._setting('max_schema_nodes') THEN
+        RAISE EXCEPTION 'tool registration has more than % values', hotmesh._setting('max_schema_nodes')
+            USING ERRCODE = 'HM003';
+    END IF;
+    IF v_name IS NULL OR v_name !~ '^[A-Za-z0-9_-]{1,64}$' THEN
+        RAISE EXCEPTION 'tool name must match ^[A-Za-z0-9_-]{1,64}$' USING ERRCODE = 'HM004';
+    END IF;
+    IF jsonb_typeof(p_tool -> 'description') IS DISTINCT FROM 'string' THEN
+        RAISE EXCEPTION 'tool description must be a string' USING ERRCODE = 'HM004';
+    END IF;
+    IF length(p_tool ->> 'description') > hotmesh._setting('max_description_chars') THEN
+        RAISE EXCEPTION 'tool description longer than % characters', hotmesh._setting('max_description_chars')
+            USING ERRCODE = 'HM004';
+    END IF;
+    IF jsonb_typeof(p_tool -> 'input_schema') IS DISTINCT FROM 'object'
+       OR p_tool -> 'input_schema' ->> 'type' IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'input_schema must be a JSON Schema object with "type": "object"' USING ERRCODE = 'HM004';
+    END IF;
+    IF p_tool ? 'output_schema' AND jsonb_typeof(p_tool -> 'output_schema') <> 'null'
+       AND (jsonb_typeof(p_tool -> 'output_schema') <> 'object'
+            OR p_tool -> 'output_schema' ->> 'type' IS DISTINCT FROM 'object') THEN
+        RAISE EXCEPTION 'output_schema must be a JSON Schema object with "type": "object"' USING ERRCODE = 'HM004';
+    END IF;
+    -- A reader's JSON library may refuse a number this long (Python's int() stops at 4,300 digits).
+    IF EXISTS (SELECT 1 FROM pg_catalog.jsonb_path_query(p_tool, 'strict $.** ? (@.type() == "number")') AS n(v)
+               WHERE length(n.v::text) > 100) THEN
+        RAISE EXCEPTION 'tool registration holds a number longer than 100 characters' USING ERRCODE = 'HM004';
+    END IF;
+    -- Nothing outside the registration: a gateway never fetches a URL or reads a file a schema points to.
+    IF EXISTS (SELECT 1 FROM pg_catalog.jsonb_path_query(p_tool, 'strict $.**."$ref"') AS r(v)
+               WHERE jsonb_typeof(r.v) <> 'string' OR NOT pg_catalog.starts_with(r.v #>> '{}', '#'))
+       OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_path_query(p_tool, 'strict $.**."$dynamicRef"') AS r(v)
+                  WHERE jsonb_typeof(r.v) <> 'string' OR NOT pg_catalog.starts_with(r.v #>> '{}', '#')) THEN
+        RAISE EXCEPTION 'a $ref in a tool''s schema must point inside it (start with #)' USING ERRCODE = 'HM004';
+    END IF;
+END
+$$;
+
+-- The quota of p_owner (NULL: fire-and-forget messages, with the limits of session_user) on p_stream, before
+-- p_count more messages of p_bytes in all are queued.
+CREATE OR REPLACE FUNCTION hotmesh._check_quota(p_stream text, p_owner name, p_count bigint, p_bytes bigint)
+RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_max_messages bigint := hotmesh._setting('max_queued_messages');
+    v_max_bytes bigint := hotmesh._setting('max_queued_bytes');
+    v_messages bigint;
+    v_bytes bigint;
+BEGIN
+    -- (no row: the settings stand; SELECT INTO would set both to NULL)
+    SELECT coalesce(l.max_queued_messages, v_max_messages), coalesce(l.max_queued_bytes, v_max_bytes)
+    INTO v_max_messages, v_max_bytes
+    FROM (SELECT 1) AS one LEFT JOIN hotmesh.role_limits l ON l.role_name = coalesce(p_owner, session_user);
+    -- counted up to the limit: the cost is bounded by the quota, whatever the queue holds
+    IF p_owner IS NULL THEN
+        SELECT count(*), coalesce(sum(pg_catalog.pg_column_size(q.args)), 0) INTO v_messages, v_bytes
+        FROM (SELECT m.args FROM hotmesh.messages m
+              WHERE m.stream = p_stream AND m.state = 'ready' AND m.owner IS NULL LIMIT v_max_messages + 1) q;
+    ELSE
+        SELECT count(*), coalesce(sum(pg_catalog.pg_column_size(q.args)), 0) INTO v_messages, v_bytes
+        FROM (SELECT m.args FROM hotmesh.messages m
+              WHERE m.stream = p_stream AND m.state = 'ready' AND m.owner = p_owner LIMIT v_max_messages + 1) q;
+    END IF;
+    IF v_messages + p_count > v_max_messages THEN
+        RAISE EXCEPTION 'queue quota reached: at most % messages may wait on this stream', v_max_messages
+            USING ERRCODE = 'HM006';
+    END IF;
+    IF v_bytes + p_bytes > v_max_bytes THEN
+        RAISE EXCEPTION 'queue quota reached: at most % bytes may wait on this stream', v_max_bytes
+            USING ERRCODE = 'HM006';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh._clamp_lease(p_lease_ms integer) RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT least(greatest(coalesce(p_lease_ms, 0)::bigint, hotmesh._setting('min_lease_ms')),
+                 hotmesh._setting('max_lease_ms'))::integer
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh._worker_channel(p_stream text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'hotmesh_w_' || left(md5(p_stream), 16) $$;
+
+CREATE OR REPLACE FUNCTION hotmesh._caller_channel(p_owner name) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'hotmesh_r_' || left(md5(p_owner::text), 16) $$;
+
+-- Tell a caller that its call ended (r:) or made progress (p:). The payload is the call id only.
+CREATE OR REPLACE FUNCTION hotmesh._notify_caller(p_owner name, p_call_id uuid, p_kind text) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.pg_notify(hotmesh._caller_channel(p_owner), p_kind || ':' || p_call_id::text)
+    WHERE p_owner IS NOT NULL AND p_call_id IS NOT NULL
+$$;
+
+-- The claim, shared by worker_dequeue and worker_respond_and_dequeue (which authorize first): leases whose
+-- stored expiry passed go back to ready (or dead), then up to p_batch ready messages are leased, in one
+-- statement each. Callers of dead-lettered calls are told (NOTIFY) in the same statement.
+CREATE OR REPLACE FUNCTION hotmesh._claim(
+    p_stream text, p_consumer text, p_batch integer, p_lease_ms integer, p_workflows text[], p_reclaim_count integer)
+RETURNS TABLE (id bigint, lease uuid, workflow_name text, args jsonb, attempt integer, reclaims integer,
+               deadline timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_lease_ms integer := hotmesh._clamp_lease(p_lease_ms);
+    v_batch integer := least(greatest(coalesce(p_batch, 1), 1), hotmesh._setting('max_batch'));
+    v_max_reclaims integer := greatest(coalesce(p_reclaim_count, 3), 0);
+    v_told bigint;
+BEGIN
+    IF p_consumer IS NULL OR length(p_consumer) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+
+    -- Leases whose *stored* expiry passed: back to ready, or dead once reclaims are used up. The claimant's
+    -- own lease_ms plays no part, so nobody can take a lease that is still held.
+    WITH expired AS MATERIALIZED (
+        SELECT m.id,
+               m.reclaims >= v_max_reclaims OR m.cancel_requested OR coalesce(m.deadline <= now(), false) AS dies
+        FROM hotmesh.messages m
+        WHERE m.stream = p_stream AND m.state = 'reserved' AND m.lease_expires_at <= now()
+        ORDER BY m.lease_expires_at
+        LIMIT v_batch
+        FOR UPDATE SKIP LOCKED
+    ), moved AS (
+        UPDATE hotmesh.messages m SET
+            state = CASE WHEN expired.dies THEN 'dead' ELSE 'ready' END,
+            reclaims = m.reclaims + 1,
+            lease = NULL, consumer = NULL, lease_expires_at = NULL,
+            is_error = expired.dies,
+            error = CASE
+                WHEN NOT expired.dies THEN NULL
+                WHEN m.cancel_requested THEN 'cancelled by the caller'
+                WHEN m.deadline <= now() THEN 'the call''s deadline passed before a worker answered'
+                ELSE 'the worker handling this call stopped responding ' || (m.reclaims + 1)::text || ' time(s)'
+            END,
+            finished_at = CASE WHEN expired.dies THEN now() END
+        FROM expired WHERE m.id = expired.id
+        RETURNING m.state, m.owner, m.call_id
+    )
+    SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(moved.owner), 'r:' || moved.call_id::text))
+    INTO v_told
+    FROM moved WHERE moved.state = 'dead' AND moved.owner IS NOT NULL AND moved.call_id IS NOT NULL;
+
+    -- Claim in one statement; calls whose deadline passed while queued are dead-lettered, never run.
+    -- The stream is matched as a range of one value and ordered by (stream, id): only messages_ready gives that
+    -- order, so the plan is always that index, whatever the statistics say. With "stream = p_stream ORDER BY
+    -- id" the planner may walk the primary key in id order instead and filter: cheap while most rows are ready
+    -- (right after a burst), then one step per done row of any stream below the first ready one (measured:
+    -- 112 ms instead of 0.07 ms with 200,000 older done rows), so claim time would grow with the table's history.
+    RETURN QUERY
+    WITH candidates AS MATERIALIZED (
+        SELECT m.id, coalesce(m.deadline <= now(), false) AS late
+        FROM hotmesh.messages m
+        WHERE m.stream >= p_stream AND m.stream <= p_stream AND m.state = 'ready' AND m.visible_at <= now()
+          AND (p_workflows IS NULL OR m.workflow_name = ANY (p_workflows))
+        ORDER BY m.stream, m.id
+        LIMIT v_batch
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE hotmesh.messages m SET
+            state = CASE WHEN c.late THEN 'dead' ELSE 'reserved' END,
+            lease = CASE WHEN c.late THEN NULL ELSE gen_random_uuid() END,
+            consumer = CASE WHEN c.late THEN NULL ELSE p_consumer END,
+            lease_expires_at = CASE WHEN c.late THEN NULL
+                                    ELSE now() + make_interval(secs => v_lease_ms / 1000.0) END,
+            is_error = c.late,
+            error = CASE WHEN c.late THEN 'the call''s deadline passed while it waited in the queue' END,
+            finished_at = CASE WHEN c.late THEN now() END
+        FROM candidates c WHERE m.id = c.id
+        RETURNING m.id, m.lease, m.workflow_name, m.args, m.attempt, m.reclaims, m.deadline, m.state, m.owner,
+                  m.call_id
+    ), told AS (  -- one row, so the join below runs it
+        SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(d.owner), 'r:' || d.call_id::text)) AS n
+        FROM claimed d WHERE d.state = 'dead' AND d.owner IS NOT NULL AND d.call_id IS NOT NULL
+    )
+    SELECT c.id, c.lease, c.workflow_name, c.args, c.attempt, c.reclaims, c.deadline
+    FROM claimed c CROSS JOIN told
+    WHERE c.state = 'reserved'
+    ORDER BY c.id;
+END
+$$;
+
+-- -------------------------------------------------------------------------------------------- worker functions
+
+-- Claim up to batch ready messages of an allowed stream (_claim). Planned with enable_seqscan off by the
+-- function's own SET clause, which PostgreSQL restores on return and on error: plans of statements inside
+-- functions are cached per session, and a generic plan made while the table was small (a fresh install, the
+-- first minute before autovacuum's first ANALYZE) is a sequential scan that stays in use while the table grows
+-- (measured: a 16-call read took 1.6 ms at 3,300 rows and kept growing). Every lookup it makes has an index.
+CREATE OR REPLACE FUNCTION hotmesh.worker_dequeue(
+    stream text, consumer text, batch integer, lease_ms integer,
+    workflows text[] DEFAULT NULL, reclaim_count integer DEFAULT 3)
+RETURNS TABLE (id bigint, lease uuid, workflow_name text, args jsonb, attempt integer, reclaims integer,
+               deadline timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s' SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM hotmesh._authorize(worker_dequeue.stream);
+    SET LOCAL synchronous_commit = off;  -- a claim alone may be lost in a crash: see 001
+    RETURN QUERY SELECT * FROM hotmesh._claim(worker_dequeue.stream, worker_dequeue.consumer, worker_dequeue.batch,
+                                              worker_dequeue.lease_ms, worker_dequeue.workflows,
+                                              worker_dequeue.reclaim_count);
+END
+$$;
+
+-- Answer a held message: only while its lease is held (false, and nothing written, once it was lost); the
+-- caller is told at once.
+CREATE OR REPLACE FUNCTION hotmesh.worker_respond(
+    stream text, id bigint, lease uuid, result jsonb, is_error boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+BEGIN
+    PERFORM hotmesh._authorize(worker_respond.stream);
+    PERFORM hotmesh._check_size(worker_respond.result, 'result');
+    UPDATE hotmesh.messages m SET
+        state = 'done', result = worker_respond.result, is_error = coalesce(worker_respond.is_error, false),
+        error = NULL, lease = NULL, lease_expires_at = NULL, finished_at = now()
+    WHERE m.id = worker_respond.id AND m.stream = worker_respond.stream
+      AND m.state = 'reserved' AND m.lease = worker_respond.lease
+    RETURNING m.owner, m.call_id INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM hotmesh._notify_caller(r.owner, r.call_id, 'r');
+    RETURN true;
+END
+$$;
+
+-- Answer several held messages and claim the next ones, in one round trip and one commit: what a busy worker
+-- does between handlers. Each answer is worker_respond's (only while its lease is held; the caller is told at
+-- once); then, when batch > 0, up to batch messages are claimed as worker_dequeue claims them. Returns a row
+-- per answer, kind 'answered' or 'lost' (the lease was lost: nothing was written), and a row per claimed
+-- message, kind 'claimed'. With no answers the commit is asynchronous, as worker_dequeue's; with answers it
+-- is durable. Planned with indexes only, as worker_dequeue; results no deeper than max_json_depth.
+CREATE OR REPLACE FUNCTION hotmesh.worker_respond_and_dequeue(
+    stream text, consumer text, ids bigint[], leases uuid[], results jsonb[], is_errors boolean[],
+    batch integer, lease_ms integer, workflows text[] DEFAULT NULL, reclaim_count integer DEFAULT 3)
+RETURNS TABLE (kind text, id bigint, lease uuid, workflow_name text, args jsonb, attempt integer, reclaims integer,
+               deadline timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s' SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_count integer := coalesce(cardinality(worker_respond_and_dequeue.ids), 0);
+    v_result jsonb;
+BEGIN
+    PERFORM hotmesh._authorize(worker_respond_and_dequeue.stream);
+    IF v_count > hotmesh._setting('max_batch')
+       OR coalesce(cardinality(worker_respond_and_dequeue.leases), 0) <> v_count
+       OR coalesce(cardinality(worker_respond_and_dequeue.results), 0) <> v_count
+       OR coalesce(cardinality(worker_respond_and_dequeue.is_errors), 0) <> v_count THEN
+        RAISE EXCEPTION 'ids, leases, results and is_errors must be arrays of one length, at most max_batch'
+            USING ERRCODE = 'HM002';
+    END IF;
+    IF v_count = 0 THEN
+        SET LOCAL synchronous_commit = off;  -- a claim alone: see worker_dequeue
+    END IF;
+    FOREACH v_result IN ARRAY coalesce(worker_respond_and_dequeue.results, '{}') LOOP
+        PERFORM hotmesh._check_size(v_result, 'result');
+    END LOOP;
+    IF v_count > 0 THEN
+        RETURN QUERY
+        WITH answers AS (
+            SELECT a.id, a.lease, a.result, coalesce(a.is_error, false) AS is_error
+            FROM unnest(worker_respond_and_dequeue.ids, worker_respond_and_dequeue.leases,
+                        worker_respond_and_dequeue.results, worker_respond_and_dequeue.is_errors)
+                 AS a(id, lease, result, is_error)
+        ), done AS (
+            UPDATE hotmesh.messages m SET
+                state = 'done', result = a.result, is_error = a.is_error,
+                error = NULL, lease = NULL, lease_expires_at = NULL, finished_at = now()
+            FROM answers a
+            WHERE m.id = a.id AND m.stream = worker_respond_and_dequeue.stream
+              AND m.state = 'reserved' AND m.lease = a.lease
+            RETURNING m.id, m.owner, m.call_id
+        ), told AS (  -- one row, so the join below runs it
+            SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(d.owner), 'r:' || d.call_id::text)) AS n
+            FROM done d WHERE d.owner IS NOT NULL AND d.call_id IS NOT NULL
+        )
+        SELECT CASE WHEN d.id IS NULL THEN 'lost' ELSE 'answered' END, a.id, NULL::uuid, NULL::text, NULL::jsonb,
+               NULL::integer, NULL::integer, NULL::timestamptz
+        FROM (SELECT DISTINCT answers.id FROM answers) a LEFT JOIN done d ON d.id = a.id CROSS JOIN told;
+    END IF;
+    IF coalesce(worker_respond_and_dequeue.batch, 0) > 0 THEN
+        RETURN QUERY
+        SELECT 'claimed', c.id, c.lease, c.workflow_name, c.args, c.attempt, c.reclaims, c.deadline
+        FROM hotmesh._claim(worker_respond_and_dequeue.stream, worker_respond_and_dequeue.consumer,
+                            worker_respond_and_dequeue.batch, worker_respond_and_dequeue.lease_ms,
+                            worker_respond_and_dequeue.workflows, worker_respond_and_dequeue.reclaim_count) c;
+    END IF;
+END
+$$;
+
+-- A handler failed: retry after retry_in_ms (attempt + 1), or, with no retry, past the deadline or with attempts
+-- used up, dead-letter the message and tell its caller at once.
+CREATE OR REPLACE FUNCTION hotmesh.worker_fail(
+    stream text, id bigint, lease uuid, error text, retry_in_ms integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_error text := left(coalesce(worker_fail.error, 'the tool failed'), hotmesh._setting('max_error_chars')::integer);
+    v_retry_at timestamptz := now() + make_interval(secs => greatest(coalesce(worker_fail.retry_in_ms, 0), 0) / 1000.0);
+    r record;
+BEGIN
+    PERFORM hotmesh._authorize(worker_fail.stream);
+    UPDATE hotmesh.messages m SET
+        state = CASE WHEN worker_fail.retry_in_ms IS NULL OR m.cancel_requested
+                          OR m.attempt + 1 >= hotmesh._setting('max_attempts')
+                          OR v_retry_at >= m.deadline
+                     THEN 'dead' ELSE 'ready' END,
+        attempt = m.attempt + 1,
+        visible_at = v_retry_at,
+        lease = NULL, consumer = NULL, lease_expires_at = NULL,
+        is_error = true,
+        error = CASE WHEN m.cancel_requested THEN 'cancelled by the caller' ELSE v_error END
+    WHERE m.id = worker_fail.id AND m.stream = worker_fail.stream
+      AND m.state = 'reserved' AND m.lease = worker_fail.lease
+    RETURNING m.state, m.owner, m.call_id INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF r.state = 'dead' THEN
+        UPDATE hotmesh.messages m SET finished_at = now() WHERE m.id = worker_fail.id;
+        PERFORM hotmesh._notify_caller(r.owner, r.call_id, 'r');
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Heartbeat for a long handler: extends the lease; returns true when the caller cancelled (stop work),
+-- false to go on, NULL when the lease was lost.
+CREATE OR REPLACE FUNCTION hotmesh.worker_extend(stream text, id bigint, lease uuid, lease_ms integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_cancel boolean;
+BEGIN
+    PERFORM hotmesh._authorize(worker_extend.stream);
+    UPDATE hotmesh.messages m SET
+        lease_expires_at = now() + make_interval(secs => hotmesh._clamp_lease(worker_extend.lease_ms) / 1000.0)
+    WHERE m.id = worker_extend.id AND m.stream = worker_extend.stream
+      AND m.state = 'reserved' AND m.lease = worker_extend.lease
+    RETURNING m.cancel_requested OR coalesce(m.deadline <= now(), false) INTO v_cancel;
+    RETURN v_cancel;  -- NULL when no row matched: the lease is lost
+END
+$$;
+
+-- Progress for the caller, forwarded to the agent. A finite number: NaN or infinity is no JSON, and a client
+-- that reads it may drop its whole connection.
+CREATE OR REPLACE FUNCTION hotmesh.worker_progress(
+    stream text, id bigint, lease uuid, progress double precision, total double precision, message text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+BEGIN
+    PERFORM hotmesh._authorize(worker_progress.stream);
+    IF worker_progress.progress IS NULL OR worker_progress.progress IN ('NaN', 'Infinity', '-Infinity')
+       OR worker_progress.total IN ('NaN', 'Infinity', '-Infinity') THEN
+        RAISE EXCEPTION 'progress and total must be finite numbers' USING ERRCODE = 'HM002';
+    END IF;
+    UPDATE hotmesh.messages m SET
+        progress = worker_progress.progress, progress_total = worker_progress.total,
+        progress_message = left(worker_progress.message, 1000)
+    WHERE m.id = worker_progress.id AND m.stream = worker_progress.stream
+      AND m.state = 'reserved' AND m.lease = worker_progress.lease
+    RETURNING m.owner, m.call_id INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM hotmesh._notify_caller(r.owner, r.call_id, 'p');
+    RETURN true;
+END
+$$;
+
+-- Give a claimed message back at once (graceful shutdown): no reclaim is counted.
+CREATE OR REPLACE FUNCTION hotmesh.worker_release(stream text, id bigint, lease uuid)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM hotmesh._authorize(worker_release.stream);
+    UPDATE hotmesh.messages m SET
+        state = 'ready', visible_at = now(), lease = NULL, consumer = NULL, lease_expires_at = NULL
+    WHERE m.id = worker_release.id AND m.stream = worker_release.stream
+      AND m.state = 'reserved' AND m.lease = worker_release.lease;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(worker_release.stream), '');
+    RETURN true;
+END
+$$;
+
+-- A new fire-and-forget message on an allowed stream (readonly workers publish but never consume), within the
+-- quota for fire-and-forget messages on the stream.
+CREATE OR REPLACE FUNCTION hotmesh.worker_publish(stream text, workflow_name text, args jsonb)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_id bigint;
+BEGIN
+    PERFORM hotmesh._authorize(worker_publish.stream);
+    IF worker_publish.args IS NULL THEN
+        RAISE EXCEPTION 'arguments must not be null' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._check_size(worker_publish.args, 'arguments');
+    PERFORM hotmesh._check_quota(worker_publish.stream, NULL, 1, pg_catalog.pg_column_size(worker_publish.args));
+    INSERT INTO hotmesh.messages (stream, workflow_name, args)
+    VALUES (worker_publish.stream, left(coalesce(worker_publish.workflow_name, ''), 200), worker_publish.args)
+    RETURNING messages.id INTO v_id;
+    PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(worker_publish.stream), '');
+    RETURN v_id;
+END
+$$;
+
+-- Upsert the tool served on (stream, workflow_name): {"name", "description", "input_schema", "output_schema"},
+-- checked as untrusted input (_check_tool). A tool name belongs to one stream: one that differs from another
+-- stream's only by case or by - and _ is refused too; a stream has at most max_tools_per_stream tools.
+CREATE OR REPLACE FUNCTION hotmesh.worker_register_tool(stream text, workflow_name text, tool jsonb)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_name text;
+    v_workflow text := coalesce(worker_register_tool.workflow_name, '');
+BEGIN
+    PERFORM hotmesh._authorize(worker_register_tool.stream);
+    PERFORM hotmesh._check_tool(worker_register_tool.tool);
+    v_name := tool ->> 'name';
+    IF length(v_workflow) > 200 THEN
+        RAISE EXCEPTION 'workflow name longer than 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+    IF EXISTS (SELECT 1 FROM hotmesh.tools t
+               WHERE lower(replace(t.name, '-', '_')) = lower(replace(v_name, '-', '_'))
+                 AND (t.stream, t.workflow_name) IS DISTINCT FROM (worker_register_tool.stream, v_workflow)) THEN
+        RAISE EXCEPTION 'another stream already serves a tool with this name, or one differing from it only by case or - and _'
+            USING ERRCODE = 'HM004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM hotmesh.tools t
+                   WHERE t.stream = worker_register_tool.stream AND t.workflow_name = v_workflow)
+       AND (SELECT count(*) FROM hotmesh.tools t WHERE t.stream = worker_register_tool.stream)
+           >= hotmesh._setting('max_tools_per_stream') THEN
+        RAISE EXCEPTION 'this stream already has % tools, the most one stream may register',
+            hotmesh._setting('max_tools_per_stream') USING ERRCODE = 'HM004';
+    END IF;
+    INSERT INTO hotmesh.tools AS t (stream, workflow_name, name, description, input_schema, output_schema,
+                                    registered_by)
+    VALUES (worker_register_tool.stream, v_workflow, v_name, tool ->> 'description', tool -> 'input_schema',
+            nullif(tool -> 'output_schema', 'null'::jsonb), session_user)
+    ON CONFLICT (stream, workflow_name) DO UPDATE SET
+        name = excluded.name, description = excluded.description, input_schema = excluded.input_schema,
+        output_schema = excluded.output_schema, registered_by = excluded.registered_by, updated_at = now()
+    WHERE (t.name, t.description, t.input_schema, t.output_schema)
+          IS DISTINCT FROM (excluded.name, excluded.description, excluded.input_schema, excluded.output_schema);
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- Take a tool of an allowed stream away; gateways refresh.
+CREATE OR REPLACE FUNCTION hotmesh.worker_unregister_tool(stream text, workflow_name text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM hotmesh._authorize(worker_unregister_tool.stream);
+    DELETE FROM hotmesh.tools t
+    WHERE t.stream = worker_unregister_tool.stream AND t.workflow_name = coalesce(worker_unregister_tool.workflow_name, '');
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- A live worker says so for each stream it consumes; gateways count live workers per stream. A role announces
+-- at most max_consumers_per_stream consumers per stream. The cleanup of long-expired rows (any role's) skips
+-- rows another session holds: a stranger who keeps a heartbeat's transaction open must not stall every other
+-- worker's heartbeat.
+CREATE OR REPLACE FUNCTION hotmesh.worker_heartbeat(streams text[], consumer text, ttl_ms integer)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_stream text;
+    v_ttl interval := make_interval(secs => least(greatest(coalesce(ttl_ms, 0), 1000),
+                                                  hotmesh._setting('max_worker_ttl_ms')) / 1000.0);
+    v_new boolean := false;
+BEGIN
+    IF consumer IS NULL OR length(consumer) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+    IF cardinality(streams) > 1000 THEN
+        RAISE EXCEPTION 'too many streams' USING ERRCODE = 'HM002';
+    END IF;
+    FOREACH v_stream IN ARRAY coalesce(streams, '{}') LOOP
+        PERFORM hotmesh._authorize(v_stream);
+        INSERT INTO hotmesh.workers AS w (stream, consumer, role_name, expires_at)
+        VALUES (v_stream, worker_heartbeat.consumer, session_user, now() + v_ttl)
+        ON CONFLICT (stream, consumer) DO UPDATE SET expires_at = excluded.expires_at
+        WHERE w.role_name = session_user
+        RETURNING (xmax = 0) INTO v_new;
+        IF v_new THEN
+            -- a new consumer: within the role's bound on this stream (a flood of made-up consumers would make
+            -- every gateway's live-worker count, and the table, grow without end)
+            IF (SELECT count(*) FROM (SELECT 1 FROM hotmesh.workers o
+                                      WHERE o.stream = v_stream AND o.role_name = session_user
+                                      LIMIT hotmesh._setting('max_consumers_per_stream') + 1) n)
+               > hotmesh._setting('max_consumers_per_stream') THEN
+                RAISE EXCEPTION 'at most % consumers of one role per stream', hotmesh._setting('max_consumers_per_stream')
+                    USING ERRCODE = 'HM006';
+            END IF;
+            PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
+        END IF;
+    END LOOP;
+    DELETE FROM hotmesh.workers w
+    WHERE (w.stream, w.consumer) IN (
+        SELECT o.stream, o.consumer FROM hotmesh.workers o
+        WHERE o.expires_at < now() - interval '1 hour'
+        LIMIT 100
+        FOR UPDATE SKIP LOCKED);
+    RETURN coalesce(cardinality(streams), 0);
+END
+$$;
+
+-- A worker stopping: its consumer's rows go, so gateways stop counting it at once.
+CREATE OR REPLACE FUNCTION hotmesh.worker_goodbye(consumer text)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_count integer;
+BEGIN
+    DELETE FROM hotmesh.workers w WHERE w.consumer = worker_goodbye.consumer AND w.role_name = session_user;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
+    END IF;
+    RETURN v_count;
+END
+$$;
+
+-- -------------------------------------------------------------------------------------------- caller functions
+
+-- The registered tools on the caller's allowed streams, with how many live workers serve each.
+CREATE OR REPLACE FUNCTION hotmesh.caller_tools()
+RETURNS TABLE (stream text, workflow_name text, name text, description text, input_schema jsonb,
+               output_schema jsonb, live_workers integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+    v_allowed text[] := hotmesh._allowed_streams();
+BEGIN
+    RETURN QUERY
+    SELECT t.stream, t.workflow_name, t.name, t.description, t.input_schema, t.output_schema,
+           (SELECT count(*) FROM hotmesh.workers w WHERE w.stream = t.stream AND w.expires_at > now())::integer
+    FROM hotmesh.tools t
+    WHERE v_admin OR t.stream = ANY (v_allowed)
+    ORDER BY t.name;
+END
+$$;
+
+-- Enqueue one call on an allowed stream; returns its call id. session_user owns it. Within the caller's quota on
+-- the stream; the arguments are checked by _check_call. A repeated idempotency key returns the first call.
+CREATE OR REPLACE FUNCTION hotmesh.caller_call(
+    stream text, workflow_name text, args jsonb, timeout_ms integer, idempotency_key text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_call_id uuid;
+    v_timeout bigint := least(greatest(coalesce(timeout_ms, 0), 1), hotmesh._setting('max_timeout_ms'));
+BEGIN
+    PERFORM hotmesh._authorize(caller_call.stream);
+    SET LOCAL synchronous_commit = off;  -- see 001
+    PERFORM hotmesh._check_call(caller_call.args, caller_call.workflow_name, caller_call.idempotency_key);
+    PERFORM hotmesh._check_quota(caller_call.stream, session_user, 1, pg_catalog.pg_column_size(caller_call.args));
+    INSERT INTO hotmesh.messages (stream, workflow_name, args, call_id, owner, idempotency_key, deadline)
+    VALUES (caller_call.stream, coalesce(caller_call.workflow_name, ''), caller_call.args, gen_random_uuid(),
+            session_user, caller_call.idempotency_key, now() + make_interval(secs => v_timeout / 1000.0))
+    ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING call_id INTO v_call_id;
+    IF v_call_id IS NULL THEN  -- the same idempotency key was used before: that call is this call
+        SELECT m.call_id INTO v_call_id FROM hotmesh.messages m
+        WHERE m.owner = session_user AND m.idempotency_key = caller_call.idempotency_key;
+        RETURN v_call_id;
+    END IF;
+    PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(caller_call.stream), '');
+    RETURN v_call_id;
+END
+$$;
+
+-- Several calls in one statement and one commit: what a gateway sends when calls arrive together. The arrays
+-- are one call each (as caller_call's arguments, with no idempotency key); returns the call ids in the same
+-- order. Each distinct stream is authorized and its quota checked; one NOTIFY per stream. Any refused call
+-- refuses them all, and nothing is written.
+CREATE OR REPLACE FUNCTION hotmesh.caller_call_many(
+    streams text[], workflow_names text[], args jsonb[], timeout_ms integer[])
+RETURNS uuid[]
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_count integer := coalesce(cardinality(caller_call_many.streams), 0);
+    v_max_timeout bigint := hotmesh._setting('max_timeout_ms');
+    v_stream record;
+    v_ids uuid[];
+BEGIN
+    IF v_count > hotmesh._setting('max_batch')
+       OR coalesce(cardinality(caller_call_many.workflow_names), 0) <> v_count
+       OR coalesce(cardinality(caller_call_many.args), 0) <> v_count
+       OR coalesce(cardinality(caller_call_many.timeout_ms), 0) <> v_count THEN
+        RAISE EXCEPTION 'streams, workflow_names, args and timeout_ms must be arrays of one length, at most max_batch'
+            USING ERRCODE = 'HM002';
+    END IF;
+    FOR v_stream IN SELECT DISTINCT s.stream FROM unnest(caller_call_many.streams) AS s(stream) LOOP
+        PERFORM hotmesh._authorize(v_stream.stream);
+    END LOOP;
+    SET LOCAL synchronous_commit = off;  -- as caller_call's
+    PERFORM hotmesh._check_call(c.args, c.workflow_name, NULL)
+    FROM unnest(caller_call_many.args, caller_call_many.workflow_names) AS c(args, workflow_name);
+    FOR v_stream IN
+        SELECT s.stream, count(*) AS n, sum(pg_catalog.pg_column_size(s.args)) AS bytes
+        FROM unnest(caller_call_many.streams, caller_call_many.args) AS s(stream, args) GROUP BY s.stream
+    LOOP
+        PERFORM hotmesh._check_quota(v_stream.stream, session_user, v_stream.n, v_stream.bytes);
+    END LOOP;
+    WITH input AS MATERIALIZED (
+        SELECT i.stream, coalesce(i.workflow_name, '') AS workflow_name, i.args, gen_random_uuid() AS call_id,
+               now() + make_interval(secs => least(greatest(coalesce(i.timeout_ms, 0), 1), v_max_timeout) / 1000.0)
+                   AS deadline,
+               i.ord
+        FROM unnest(caller_call_many.streams, caller_call_many.workflow_names, caller_call_many.args,
+                    caller_call_many.timeout_ms) WITH ORDINALITY AS i(stream, workflow_name, args, timeout_ms, ord)
+    ), inserted AS (
+        INSERT INTO hotmesh.messages (stream, workflow_name, args, call_id, owner, deadline)
+        SELECT input.stream, input.workflow_name, input.args, input.call_id, session_user, input.deadline
+        FROM input ORDER BY input.ord
+        RETURNING 1
+    )
+    SELECT array_agg(input.call_id ORDER BY input.ord) INTO v_ids FROM input;
+    FOR v_stream IN SELECT DISTINCT s.stream FROM unnest(caller_call_many.streams) AS s(stream) LOOP
+        PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(v_stream.stream), '');
+    END LOOP;
+    RETURN coalesce(v_ids, '{}');
+END
+$$;
+
+-- The state of several of the caller's own calls, one row per call found (calls of other roles, and unknown
+-- ids, are left out: the same answer as caller_result's "not found"). Planned with indexes only, as
+-- worker_dequeue.
+CREATE OR REPLACE FUNCTION hotmesh.caller_results(call_ids uuid[])
+RETURNS TABLE (call_id uuid, state text, result jsonb, is_error boolean, error text, attempt integer,
+               progress double precision, progress_total double precision, progress_message text,
+               deadline timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s' SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+BEGIN
+    IF coalesce(cardinality(caller_results.call_ids), 0) > hotmesh._setting('max_batch') THEN
+        RAISE EXCEPTION 'at most max_batch call ids' USING ERRCODE = 'HM002';
+    END IF;
+    RETURN QUERY
+    SELECT m.call_id, m.state, m.result, m.is_error, m.error, m.attempt, m.progress, m.progress_total,
+           m.progress_message, m.deadline
+    FROM hotmesh.messages m
+    WHERE m.call_id = ANY (caller_results.call_ids) AND (m.owner = session_user OR v_admin);
+END
+$$;
+
+-- The state of one of the caller's own calls. Another role's call, or none, is "not found": the same answer.
+CREATE OR REPLACE FUNCTION hotmesh.caller_result(call_id uuid)
+RETURNS TABLE (state text, result jsonb, is_error boolean, error text, attempt integer,
+               progress double precision, progress_total double precision, progress_message text,
+               deadline timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT m.state, m.result, m.is_error, m.error, m.attempt, m.progress, m.progress_total, m.progress_message,
+           m.deadline
+    FROM hotmesh.messages m
+    WHERE m.call_id = caller_result.call_id AND (m.owner = session_user OR hotmesh._is_admin());
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no such call' USING ERRCODE = 'HM005';
+    END IF;
+END
+$$;
+
+-- Cancel one of the caller's calls: a queued call is dead at once; a running one is flagged, and its
+-- worker is woken to see the flag through worker_extend. Returns the state the call was in.
+CREATE OR REPLACE FUNCTION hotmesh.caller_cancel(call_id uuid)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+BEGIN
+    SELECT m.id, m.state, m.stream, m.owner INTO r FROM hotmesh.messages m
+    WHERE m.call_id = caller_cancel.call_id AND (m.owner = session_user OR hotmesh._is_admin())
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no such call' USING ERRCODE = 'HM005';
+    END IF;
+    IF r.state = 'ready' THEN
+        UPDATE hotmesh.messages m SET state = 'dead', cancel_requested = true, is_error = true,
+            error = 'cancelled by the caller', finished_at = now()
+        WHERE m.id = r.id;
+        PERFORM hotmesh._notify_caller(r.owner, caller_cancel.call_id, 'r');
+    ELSIF r.state = 'reserved' THEN
+        UPDATE hotmesh.messages m SET cancel_requested = true WHERE m.id = r.id;
+        PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(r.stream), 'c:' || r.id::text);
+    END IF;
+    RETURN r.state;
+END
+$$;
+
+-- --------------------------------------------------------------------------------------------------- retention
+
+-- Done calls are deleted `retention_ms` after they finished, once their deadline has passed too (a caller may
+-- still read an answer until then). Dead calls stay for the dlq command unless `dead_retention_ms` is set above
+-- 0. Any running gateway or worker purges its own streams now and then, `purge_batch` rows per call at most.
+
+-- Delete at most purge_batch finished calls past retention on p_streams (NULL: every stream); returns how many.
+-- No lock a scoped role could hold: purges of different processes split the rows between them (SKIP LOCKED),
+-- and a stranger keeping a purge's transaction open holds only its own streams' rows. The time of the last
+-- purge is recorded when its row is free.
+CREATE OR REPLACE FUNCTION hotmesh._purge(p_streams text[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_done_before timestamptz := now() - make_interval(secs => hotmesh._setting('retention_ms') / 1000.0);
+    v_dead_ms bigint := coalesce(hotmesh._setting('dead_retention_ms'), 0);
+    v_dead_before timestamptz := now() - make_interval(secs => greatest(v_dead_ms, 0) / 1000.0);
+    v_count integer;
+BEGIN
+    WITH doomed AS MATERIALIZED (
+        SELECT m.id FROM hotmesh.messages m
+        WHERE m.state IN ('done', 'dead')
+          AND (p_streams IS NULL OR m.stream = ANY (p_streams))
+          AND ((m.state = 'done' AND m.finished_at < v_done_before AND coalesce(m.deadline < now(), true))
+               OR (m.state = 'dead' AND v_dead_ms > 0 AND m.finished_at < v_dead_before))
+        LIMIT greatest(coalesce(hotmesh._setting('purge_batch'), 5000), 1)
+        FOR UPDATE SKIP LOCKED
+    )
+    DELETE FROM hotmesh.messages m USING doomed WHERE m.id = doomed.id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    UPDATE hotmesh.settings s SET value = extract(epoch FROM now())::bigint
+    WHERE s.key IN (SELECT l.key FROM hotmesh.settings l WHERE l.key = 'purge_lock' FOR UPDATE SKIP LOCKED);
+    RETURN v_count;
+END
+$$;
+
+-- A worker purges the finished calls of its own streams: what the admin's retention settings say, no more.
+CREATE OR REPLACE FUNCTION hotmesh.worker_purge()
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$ BEGIN RETURN hotmesh._purge(hotmesh._own_streams()); END $$;
+
+-- A gateway (caller role) purges the finished calls of its own streams, the same way.
+CREATE OR REPLACE FUNCTION hotmesh.caller_purge()
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$ BEGIN RETURN hotmesh._purge(hotmesh._own_streams()); END $$;
+
+-- -------------------------------------------------------------------------------------------- queue statistics
+
+-- Per stream of the caller's allow-list (every stream for the admin): what waits, runs, retries and died.
+-- For a gateway's /metrics. Counts only, never a message's data.
+CREATE OR REPLACE FUNCTION hotmesh.caller_stats()
+RETURNS TABLE (stream text, ready bigint, in_flight bigint, retrying bigint, dead bigint,
+               oldest_ready_seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+    v_allowed text[] := hotmesh._allowed_streams();
+BEGIN
+    RETURN QUERY
+    SELECT m.stream,
+           count(*) FILTER (WHERE m.state = 'ready' AND m.visible_at <= now()),
+           count(*) FILTER (WHERE m.state = 'reserved'),
+           count(*) FILTER (WHERE m.state = 'ready' AND m.visible_at > now()),
+           count(*) FILTER (WHERE m.state = 'dead'),
+           extract(epoch FROM now() - min(m.visible_at) FILTER (WHERE m.state = 'ready' AND m.visible_at <= now()))::double precision
+    FROM hotmesh.messages m
+    WHERE m.state IN ('ready', 'reserved', 'dead') AND (v_admin OR m.stream = ANY (v_allowed))
+    GROUP BY m.stream
+    ORDER BY m.stream;
+END
+$$;
+
+-- ----------------------------------------------------------------------------------------------- admin: status
+
+-- One row per stream that has messages, tools or live workers.
+--   ready     waiting to be claimed now          retrying  waiting out a retry's backoff
+--   in_flight claimed, lease held                stalled   claimed, lease expired: its worker is gone
+--   dead      in the dead-letter queue           done      answered, kept until retention purges it
+--   oldest_ready_seconds  how long the oldest ready message has waited to be claimed
+--   finished_last_minute  calls that ended (done or dead) in the last 60 s
+CREATE OR REPLACE FUNCTION hotmesh._ops_status()
+RETURNS TABLE (stream text, tools text[], ready bigint, in_flight bigint, stalled bigint, retrying bigint,
+               dead bigint, done bigint, oldest_ready_seconds double precision, live_workers bigint,
+               finished_last_minute bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH q AS (
+        SELECT m.stream,
+               count(*) FILTER (WHERE m.state = 'ready' AND m.visible_at <= now()) AS ready,
+               count(*) FILTER (WHERE m.state = 'reserved' AND m.lease_expires_at > now()) AS in_flight,
+               count(*) FILTER (WHERE m.state = 'reserved' AND m.lease_expires_at <= now()) AS stalled,
+               count(*) FILTER (WHERE m.state = 'ready' AND m.visible_at > now()) AS retrying,
+               count(*) FILTER (WHERE m.state = 'dead') AS dead,
+               count(*) FILTER (WHERE m.state = 'done') AS done,
+               extract(epoch FROM now() - min(m.visible_at)
+                   FILTER (WHERE m.state = 'ready' AND m.visible_at <= now()))::double precision AS oldest,
+               count(*) FILTER (WHERE m.state IN ('done', 'dead') AND m.finished_at > now() - interval '60 seconds')
+                   AS recent
+        FROM hotmesh.messages m
+        GROUP BY m.stream
+    ),
+    w AS (
+        SELECT w.stream, count(*) AS live FROM hotmesh.workers w WHERE w.expires_at > now() GROUP BY w.stream
+    ),
+    t AS (
+        SELECT t.stream, array_agg(t.name ORDER BY t.name) AS names FROM hotmesh.tools t GROUP BY t.stream
+    ),
+    s AS (
+        SELECT q.stream FROM q UNION SELECT w.stream FROM w UNION SELECT t.stream FROM t
+    )
+    SELECT s.stream, coalesce(t.names, '{}'), coalesce(q.ready, 0), coalesce(q.in_flight, 0),
+           coalesce(q.stalled, 0), coalesce(q.retrying, 0), coalesce(q.dead, 0), coalesce(q.done, 0), q.oldest,
+           coalesce(w.live, 0), coalesce(q.recent, 0)
+    FROM s
+    LEFT JOIN q ON q.stream = s.stream
+    LEFT JOIN w ON w.stream = s.stream
+    LEFT JOIN t ON t.stream = s.stream
+    ORDER BY s.stream
+$$;
+
+-- -------------------------------------------------------------------------------------------------- admin: dlq
+
+-- The dead messages that match every given filter (NULL: no filter): ids, stream, died at least p_older_than
+-- ago, died at most p_newer_than ago. Oldest first.
+CREATE OR REPLACE FUNCTION hotmesh._dlq_ids(
+    p_ids bigint[], p_stream text, p_older_than interval, p_newer_than interval, p_limit integer)
+RETURNS SETOF bigint
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.id FROM hotmesh.messages m
+    WHERE m.state = 'dead'
+      AND (p_ids IS NULL OR m.id = ANY (p_ids))
+      AND (p_stream IS NULL OR m.stream = p_stream)
+      AND (p_older_than IS NULL OR m.finished_at <= now() - p_older_than)
+      AND (p_newer_than IS NULL OR m.finished_at >= now() - p_newer_than)
+    ORDER BY m.finished_at, m.id
+    LIMIT p_limit
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh._dlq_list(
+    p_ids bigint[], p_stream text, p_older_than interval, p_newer_than interval, p_limit integer)
+RETURNS SETOF hotmesh.messages
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.* FROM hotmesh.messages m
+    WHERE m.id IN (SELECT hotmesh._dlq_ids(p_ids, p_stream, p_older_than, p_newer_than, p_limit))
+    ORDER BY m.finished_at, m.id
+$$;
+
+-- Put dead messages back in their queue.
+--   * a call (it has a call_id) keeps its call_id and gets a fresh deadline, now + p_timeout_ms (NULL: the
+--     time it was given at first, at most max_timeout_ms), so a caller still asking for it gets the answer;
+--   * p_publish: a new fire-and-forget message with the same stream, workflow and arguments, and the dead
+--     one is deleted (nobody waits for an answer);
+--   * a fire-and-forget message is simply queued again.
+-- Attempts and reclaims start again from 0. Returns each message retried and the id it runs under now.
+CREATE OR REPLACE FUNCTION hotmesh._dlq_retry(
+    p_ids bigint[], p_stream text, p_older_than interval, p_newer_than interval, p_limit integer,
+    p_timeout_ms bigint, p_publish boolean)
+RETURNS TABLE (id bigint, stream text, call_id uuid, new_id bigint)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+    v_new bigint;
+    v_ms bigint;
+BEGIN
+    FOR r IN
+        SELECT m.* FROM hotmesh.messages m
+        WHERE m.id IN (SELECT hotmesh._dlq_ids(p_ids, p_stream, p_older_than, p_newer_than, p_limit))
+          AND m.state = 'dead'
+        ORDER BY m.id
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        IF coalesce(p_publish, false) THEN
+            INSERT INTO hotmesh.messages (stream, workflow_name, args)
+            VALUES (r.stream, r.workflow_name, r.args)
+            RETURNING messages.id INTO v_new;
+            DELETE FROM hotmesh.messages m WHERE m.id = r.id;
+        ELSE
+            v_ms := least(greatest(coalesce(p_timeout_ms,
+                                            (extract(epoch FROM r.deadline - r.created_at) * 1000)::bigint,
+                                            60000), 1000),
+                          hotmesh._setting('max_timeout_ms'));
+            UPDATE hotmesh.messages m SET
+                state = 'ready', attempt = 0, reclaims = 0, visible_at = now(),
+                deadline = CASE WHEN m.call_id IS NULL AND m.deadline IS NULL AND p_timeout_ms IS NULL THEN NULL
+                                ELSE now() + make_interval(secs => v_ms / 1000.0) END,
+                lease = NULL, consumer = NULL, lease_expires_at = NULL, cancel_requested = false,
+                result = NULL, is_error = false, error = NULL,
+                progress = NULL, progress_total = NULL, progress_message = NULL, finished_at = NULL
+            WHERE m.id = r.id;
+            v_new := r.id;
+        END IF;
+        PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(r.stream), '');
+        id := r.id; stream := r.stream; call_id := r.call_id; new_id := v_new;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- Delete dead messages for good; returns how many. Rows another session holds are skipped: a caller can lock
+-- its own dead call (an uncommitted caller_cancel), and the admin's purge must not wait for it. A row skipped
+-- now goes with the next purge.
+CREATE OR REPLACE FUNCTION hotmesh._dlq_purge(
+    p_ids bigint[], p_stream text, p_older_than interval, p_newer_than interval, p_limit integer)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    DELETE FROM hotmesh.messages m
+    WHERE m.id IN (SELECT d.id FROM hotmesh.messages d
+                   WHERE d.id IN (SELECT hotmesh._dlq_ids(p_ids, p_stream, p_older_than, p_newer_than, p_limit))
+                     AND d.state = 'dead'
+                   FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------------- watchdog
+
+-- End the sessions of scoped roles (members of hotmesh_worker or hotmesh_caller, never an admin) whose
+-- transaction sat idle longer than watchdog_idle_ms or stayed open longer than watchdog_transaction_ms, or that
+-- hold an advisory lock. No API
+-- function takes that long, so only a session that holds a transaction open on purpose (or a broken client) is
+-- ended: what frees the row locks, the NOTIFY queue (a listener inside a transaction holds it) and the
+-- connection slot it kept. Returns the sessions ended. The owner sees and signals a role's sessions through its
+-- membership in that role, granted when the role is provisioned.
+CREATE OR REPLACE FUNCTION hotmesh._watchdog()
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_idle interval := make_interval(secs => hotmesh._setting('watchdog_idle_ms') / 1000.0);
+    v_open interval := make_interval(secs => hotmesh._setting('watchdog_transaction_ms') / 1000.0);
+    r record;
+BEGIN
+    FOR r IN
+        SELECT a.usename, a.pid,
+               CASE WHEN a.state LIKE 'idle in transaction%' AND a.state_change < pg_catalog.clock_timestamp() - v_idle
+                        THEN 'idle in a transaction'
+                    WHEN a.xact_start < pg_catalog.clock_timestamp() - v_open THEN 'a transaction open too long'
+                    ELSE 'an advisory lock held' END AS reason,
+               coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start), 0) AS age
+        FROM pg_catalog.pg_stat_activity a
+        JOIN pg_catalog.pg_roles o ON o.oid = a.usesysid
+        WHERE a.pid <> pg_catalog.pg_backend_pid()
+          AND a.backend_type = 'client backend'
+          AND NOT o.rolsuper
+          AND NOT pg_catalog.pg_has_role(o.oid, 'hotmesh_owner', 'MEMBER')
+          AND (pg_catalog.pg_has_role(o.oid, 'hotmesh_worker', 'MEMBER')
+               OR pg_catalog.pg_has_role(o.oid, 'hotmesh_caller', 'MEMBER'))
+          AND ((a.state LIKE 'idle in transaction%' AND a.state_change < pg_catalog.clock_timestamp() - v_idle)
+               OR a.xact_start < pg_catalog.clock_timestamp() - v_open
+               -- an advisory lock: no API function takes one, and enough of them fill the server's lock table
+               -- (one statement can take thousands), after which every session's next lock fails
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory'))
+    LOOP
+        IF pg_catalog.pg_terminate_backend(r.pid) THEN
+            role_name := r.usename; pid := r.pid; reason := r.reason; seconds := r.age;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh.worker_watchdog()
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- any live worker role may run it; it ends only sessions that break the rule above, whoever runs it
+    IF NOT hotmesh._is_admin() AND cardinality(hotmesh._allowed_streams()) = 0 THEN
+        RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
+    END IF;
+    RETURN QUERY SELECT * FROM hotmesh._watchdog();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh.caller_watchdog()
+RETURNS TABLE (role_name name, pid integer, reason text, seconds double precision)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- any live caller role may run it; it ends only sessions that break the rule above, whoever runs it
+    IF NOT hotmesh._is_admin() AND cardinality(hotmesh._allowed_streams()) = 0 THEN
+        RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
+    END IF;
+    RETURN QUERY SELECT * FROM hotmesh._watchdog();
+END
+$$;
+
+-- ------------------------------------------------------------------------------------------------ admin: roles
+
+-- One row per role that uses this schema (a member of hotmesh_worker or hotmesh_caller, or provisioned here):
+-- its sessions, its oldest open transaction, and its queued messages and their stored bytes (calls it made,
+-- waiting to be claimed).
+CREATE OR REPLACE FUNCTION hotmesh._ops_roles()
+RETURNS TABLE (role_name name, kind text, can_login boolean, connection_limit integer, sessions bigint,
+               oldest_transaction_seconds double precision, queued bigint, queued_bytes bigint)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH scoped AS (
+        SELECT r.oid, r.rolname, r.rolcanlogin, r.rolconnlimit,
+               CASE WHEN pg_catalog.pg_has_role(r.oid, 'hotmesh_worker', 'MEMBER') THEN 'worker' ELSE 'caller' END
+                   AS kind
+        FROM pg_catalog.pg_roles r
+        WHERE NOT r.rolsuper AND NOT pg_catalog.pg_has_role(r.oid, 'hotmesh_owner', 'MEMBER')
+          AND (pg_catalog.pg_has_role(r.oid, 'hotmesh_worker', 'MEMBER')
+               OR pg_catalog.pg_has_role(r.oid, 'hotmesh_caller', 'MEMBER'))
+          AND r.rolname NOT IN ('hotmesh_worker', 'hotmesh_caller')
+    ), queued AS (
+        SELECT m.owner, count(*) AS n, sum(pg_catalog.pg_column_size(m.args)) AS bytes
+        FROM hotmesh.messages m WHERE m.state = 'ready' AND m.owner IS NOT NULL GROUP BY m.owner
+    )
+    SELECT s.rolname, s.kind, s.rolcanlogin, s.rolconnlimit,
+           (SELECT count(*) FROM pg_catalog.pg_stat_activity a WHERE a.usesysid = s.oid),
+           (SELECT extract(epoch FROM now() - min(a.xact_start))::double precision
+            FROM pg_catalog.pg_stat_activity a WHERE a.usesysid = s.oid),
+           coalesce(q.n, 0), coalesce(q.bytes, 0)
+    FROM scoped s LEFT JOIN queued q ON q.owner = s.rolname
+    ORDER BY s.rolname
+$$;
+-- ------------------------------------------------------------------------------ kept for earlier definitions
+
+-- Helpers of 001 that no definition here calls any more. A call that started before an upgrade committed runs the
+-- earlier definition, which may call them (see the header), so they stay, as 001 last defined them: owner-only,
+-- neither SECURITY DEFINER nor granted to anyone.
+
+CREATE OR REPLACE FUNCTION hotmesh._valid_stream(p_stream text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+-- '+' and a length test, not '{1,200}': the bounded repetition costs ~20 us per match, on every call.
+AS $$ SELECT p_stream IS NOT NULL AND length(p_stream) <= 200 AND p_stream ~ '^[A-Za-z0-9._:/-]+$' $$;
+
+CREATE OR REPLACE FUNCTION hotmesh._plan_with_indexes() RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old text := pg_catalog.current_setting('enable_seqscan');  -- read first, then changed: in that order
+BEGIN
+    PERFORM pg_catalog.set_config('enable_seqscan', 'off', true);
+    RETURN v_old;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION hotmesh._plan_restore(p_old text) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT FROM pg_catalog.set_config('enable_seqscan', p_old, true) $$;
+
+-- ---------------------------------------------------------------------------------------------------- grants
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA hotmesh FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    hotmesh.worker_dequeue(text, text, integer, integer, text[], integer),
+    hotmesh.worker_respond(text, bigint, uuid, jsonb, boolean),
+    hotmesh.worker_respond_and_dequeue(text, text, bigint[], uuid[], jsonb[], boolean[], integer, integer, text[],
+                                       integer),
+    hotmesh.worker_fail(text, bigint, uuid, text, integer),
+    hotmesh.worker_extend(text, bigint, uuid, integer),
+    hotmesh.worker_progress(text, bigint, uuid, double precision, double precision, text),
+    hotmesh.worker_release(text, bigint, uuid),
+    hotmesh.worker_publish(text, text, jsonb),
+    hotmesh.worker_register_tool(text, text, jsonb),
+    hotmesh.worker_unregister_tool(text, text),
+    hotmesh.worker_heartbeat(text[], text, integer),
+    hotmesh.worker_goodbye(text),
+    hotmesh.worker_purge(),
+    hotmesh.worker_watchdog()
+TO hotmesh_worker;
+
+GRANT EXECUTE ON FUNCTION
+    hotmesh.caller_tools(),
+    hotmesh.caller_call(text, text, jsonb, integer, text),
+    hotmesh.caller_call_many(text[], text[], jsonb[], integer[]),
+    hotmesh.caller_result(uuid),
+    hotmesh.caller_results(uuid[]),
+    hotmesh.caller_cancel(uuid),
+    hotmesh.caller_purge(),
+    hotmesh.caller_stats(),
+    hotmesh.caller_watchdog()
+TO hotmesh_caller;
+
+-- Every scoped function waits for a lock 2 s at most: a row another session holds (a caller's own call it keeps
+-- locked, say) costs the waiting statement an error it can retry, never a hang. Set here, after every function
+-- is (re)defined, each time this file runs: CREATE OR REPLACE drops a function's SET clauses (the catalog test
+-- checks every function).
+DO $timeouts$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = 'hotmesh'::regnamespace AND p.proname ~ '^(worker|caller)_'
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET lock_timeout = %L', f.sig, '2s');
+    END LOOP;
+END
+$timeouts$;
