@@ -33,7 +33,7 @@ from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.errors import ConfigError, LoginRefused, QuotaExceeded
 from mcp_hotmesh.examples import toolset
-from tests.conftest import PgServer
+from tests.helpers import PgServer
 
 pytestmark = pytest.mark.anyio
 

@@ -31,7 +31,7 @@ from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh._worker import Worker
 from mcp_hotmesh.errors import DatabaseError, QuotaExceeded
 from mcp_hotmesh.examples import toolset
-from tests.conftest import Env, PgServer, drop_schema
+from tests.helpers import Env, PgServer, drop_schema
 
 pytestmark = pytest.mark.anyio
 
