@@ -114,7 +114,8 @@ async def _attached_worker(
 ) -> AsyncIterator[None]:
     from ._worker import Worker  # the worker runtime
 
-    async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema):
+    # the gateway's own retention loop purges these streams already (its caller role may)
+    async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema, purge_interval=0):
         yield
 
 

@@ -219,3 +219,22 @@ async def test_a_tool_nobody_serves_can_be_listed_and_removed(env: Env) -> None:
     assert json.loads((await _run("tools", "--json", *common)).stdout) == []
     done = await _run("tools", "remove", "old_tool", *common)
     assert done.returncode == 1 and "no registered tool named 'old_tool'" in done.stderr.decode()
+
+
+async def test_small_things_an_operator_types(env: Env) -> None:
+    from mcp_hotmesh import __version__, revoke
+
+    done = await _run("--version")
+    assert done.returncode == 0 and done.stdout.decode().strip() == f"mcp-hotmesh {__version__}"
+    done = await _run("status", "--log-level", "LOUD")
+    assert done.returncode == 2 and "invalid choice: 'LOUD'" in done.stderr.decode()
+    common = ["--dsn", env.server.admin_dsn, "--schema", env.schema]
+    done = await _run("settings", "retention=1d", "--json", *common)  # the unit, and the key without _ms
+    assert done.returncode == 0 and json.loads(done.stdout)["retention_ms"] == 86_400_000, done.stderr
+    for change, says in (("min_lease_ms=0", "min_lease_ms must be between 1"), ("max_attempts=0", "between 1")):
+        done = await _run("settings", change, *common)
+        assert done.returncode == 2 and says in done.stderr.decode(), done.stderr
+    role = await env.provision(["a", "b"], "worker")
+    await revoke(env.admin, role.role, schema=env.schema)
+    listed = {r["role"]: r for r in json.loads((await _run("roles", "--json", *common)).stdout)}
+    assert listed[role.role]["streams"] == [] and listed[role.role]["revoked_at"]
