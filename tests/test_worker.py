@@ -279,13 +279,21 @@ async def test_readonly_never_consumes_but_publishes_and_registers(env: Env) -> 
 async def test_workflow_names_share_one_consumer_and_dispatch(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     claimed: list[str] = []
     original = WorkerAPI.dequeue
+    original_batched = WorkerAPI.respond_and_dequeue
 
     async def spy(self: WorkerAPI, *args: Any) -> list[Claimed]:
         got = await original(self, *args)
         claimed.extend(m.workflow_name for m in got)
         return got
 
+    # a busy worker also claims while it answers (worker_respond_and_dequeue): count those too
+    async def spy_batched(self: WorkerAPI, *args: Any) -> tuple[dict[int, bool], list[Claimed]]:
+        answered, got = await original_batched(self, *args)
+        claimed.extend(m.workflow_name for m in got)
+        return answered, got
+
     monkeypatch.setattr(WorkerAPI, "dequeue", spy)
+    monkeypatch.setattr(WorkerAPI, "respond_and_dequeue", spy_batched)
     tools = ToolSet()
 
     @tools.tool(topic="math", workflow_name="add")
