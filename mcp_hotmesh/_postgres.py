@@ -135,15 +135,16 @@ def _connecting(dsn: str) -> Iterator[None]:
         raise ConfigError(f"{redact(dsn)!r} is not a PostgreSQL URL: use postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
     try:
         with translated():
-            yield
+            try:
+                yield
+            except asyncpg.ClientConfigurationError as exc:  # an InterfaceError too: caught before translated()
+                raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
     except ConnectionFailed as exc:
         cause = exc.__cause__
         if isinstance(cause, asyncpg.PostgresError):  # the server answered: a refused login, say
             raise
         detail = f" ({cause})" if isinstance(cause, OSError) and str(cause) else ""
         raise ConnectionFailed(f"could not reach PostgreSQL at {redact(dsn)}{detail}") from cause
-    except asyncpg.ClientConfigurationError as exc:  # an InterfaceError too: before translated() saw it
-        raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
 
 
 async def connect(dsn: str, *, connect_timeout: float = 10) -> asyncpg.Connection:

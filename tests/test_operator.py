@@ -92,6 +92,7 @@ async def test_serve_refuses_an_address_it_cannot_serve_in_one_line_before_start
 @pytest.mark.parametrize(("dsn", "says"), [
     ("notadsn", "is not a PostgreSQL URL"),
     ("postgresql://u:secret@127.0.0.1:1/db", "could not reach PostgreSQL at postgresql://u:***@127.0.0.1:1/db"),
+    ("postgresql://u:secret@127.0.0.1:1/db?sslmode=bogus", "invalid DSN 'postgresql://u:***@127.0.0.1:1/db?"),
 ])
 async def test_a_wrong_dsn_is_one_line_that_says_where(dsn: str, says: str) -> None:
     done = await _run("status", "--dsn", dsn)
