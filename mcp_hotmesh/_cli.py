@@ -221,9 +221,7 @@ async def cmd_roles(args: argparse.Namespace) -> int:
 
         rows.append((r.role, r.kind, ",".join(r.streams), "yes" if r.can_login else "no",
                      day(r.created_at) if r.managed else "(by hand)", day(r.rotated_at), day(r.revoked_at)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    sys.stdout.write(_format.table(rows))
     return 0
 
 
