@@ -1,7 +1,8 @@
 """Test fixtures: one real PostgreSQL per session, a fresh schema per test, roles logged in with passwords.
 
 The server is the embedded one, started in a temporary data directory on a free port, unless
-``HOTMESH_TEST_DSN`` names an existing server (a superuser's DSN). Either way roles log in over TCP with
+``HOTMESH_TEST_DSN`` names an existing server (a superuser's DSN): the package's pytest plugin starts it
+(``hotmesh_postgres``), as it does for a tool author's tests. Either way roles log in over TCP with
 scram-sha-256, so a wrong or rotated password is really refused.
 
 Only fixtures live here; the classes and functions the tests share are in ``tests/helpers.py``.
@@ -11,17 +12,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from mcp_hotmesh import _embedded as embedded
 from mcp_hotmesh._migrate import migrate
+from mcp_hotmesh.testing import Postgres
 from tests.helpers import Env, Hub, PgServer, drop_schema, http_server, hub_for
 
 
@@ -31,20 +29,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    dsn = os.environ.get("HOTMESH_TEST_DSN")
-    if dsn:
-        parts = urlsplit(dsn)
-        yield PgServer(dsn, parts.hostname or "127.0.0.1", parts.port or 5432, parts.path.lstrip("/") or "postgres")
-        return
-    root = Path(tempfile.mkdtemp(prefix="hotmesh-test-"))
-    root.chmod(0o755)
-    server = embedded.start(root / "data")
-    try:
-        yield PgServer(server.admin_dsn, "127.0.0.1", server.port, embedded.DATABASE, server)
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+def pg_server(hotmesh_postgres: Postgres) -> PgServer:
+    """The session's server, as the package's pytest plugin starts it for any tool author's tests."""
+    pg = hotmesh_postgres
+    return PgServer(pg.admin_dsn, pg.host, pg.port, pg.database)
 
 
 @pytest.fixture
