@@ -91,6 +91,11 @@ class Postgres:
     _server: embedded.EmbeddedServer | None = field(default=None, repr=False)
     _root: Path | None = field(default=None, repr=False)
 
+    @property
+    def base_dsn(self) -> str:
+        """The server's TCP address without a login, as a worker on another machine is given it."""
+        return f"postgresql://{self.host}:{self.port}/{self.database}"
+
     def role_dsn(self, role: str, password: str) -> str:
         """A TCP DSN for a role, as a worker on another machine would use."""
         return f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/{self.database}"
@@ -226,7 +231,7 @@ async def serving(postgres: Postgres, tools: ToolSet | str, *, mode: Mode = "aut
         credentials = WorkerCredentials(user=worker.role, password=SecretStr(worker.password))
         # the worker's stop waits for running handlers at most a second: a test's hung handler ends the test fast
         await stack.enter_async_context(Worker.from_toolset(
-            toolset, connection=postgres.role_dsn(worker.role, worker.password), credentials=credentials,
+            toolset, connection=postgres.base_dsn, credentials=credentials,
             schema=schema, retry=retry or QUICK_RETRY, shutdown_grace=1.0, purge_interval=0))
         caller_dsn = postgres.role_dsn(caller.role, caller.password)
         pool = await create_pool(caller_dsn, min_size=1, max_size=10)

@@ -52,7 +52,7 @@ async def test_a_transient_failure_is_retried(hotmesh_serve: ServeTools) -> None
 broken = ToolSet()
 
 
-@broken.tool(topic="inventory")
+@broken.tool(topic="inventory", name="reserve")
 async def reserve(sku: str) -> dict[str, str]:
     """Reserve one item of a product (always fails here: the warehouse is unreachable)."""
     raise ConnectionError(f"the warehouse did not answer for {sku}")
@@ -60,10 +60,10 @@ async def reserve(sku: str) -> dict[str, str]:
 
 async def test_a_tool_that_keeps_failing_is_dead_lettered(hotmesh_serve: ServeTools) -> None:
     served = await hotmesh_serve(broken)
-    result = await served.call_tool("inventory", {"sku": "A-1"})
+    result = await served.call_tool("reserve", {"sku": "A-1"})
     assert "the warehouse did not answer for A-1" in error_text(result)
     assert await served.dead_letters() == [
-        DeadLetter("inventory", {"sku": "A-1"}, "the warehouse did not answer for A-1", attempts=3)]
+        DeadLetter("reserve", {"sku": "A-1"}, "the warehouse did not answer for A-1", attempts=3)]
 
 
 @pytest.mark.anyio
