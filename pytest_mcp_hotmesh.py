@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from mcp_hotmesh.testing import Mode, Postgres, ServedTools, ServeTools
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that serves tools runs on asyncio only: anyio's plugin also parametrizes tests for trio when trio is
+    installed, and those are skipped, saying why."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("anyio_backend") if callspec is not None else None
+        if backend is None or "hotmesh_serve" not in getattr(item, "fixturenames", ()):
+            continue
+        name = backend if isinstance(backend, str) else backend[0]
+        if name != "asyncio":
+            item.add_marker(pytest.mark.skip(reason=f"mcp-hotmesh serves tools on asyncio (asyncpg), not {name}"))
+
+
 @pytest.fixture(scope="session")
 def hotmesh_postgres() -> Iterator[Postgres]:
     """The tests' PostgreSQL: the embedded one in a temporary directory, started once per session, or the server
@@ -47,8 +60,8 @@ async def hotmesh_serve(hotmesh_postgres: Postgres, anyio_backend: Any) -> Async
 
     Requesting ``anyio_backend`` makes anyio's pytest plugin run the test, with no marker."""
     backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
-    if backend != "asyncio":
-        pytest.fail(f"mcp-hotmesh runs on asyncio (asyncpg), not {backend}: set anyio_backend to 'asyncio'",
+    if backend != "asyncio":  # an anyio_backend fixture of the user's own
+        pytest.fail(f"mcp-hotmesh serves tools on asyncio (asyncpg), not {backend}: make anyio_backend 'asyncio'",
                     pytrace=False)
     from mcp_hotmesh.errors import HotMeshError
     from mcp_hotmesh.testing import Servers

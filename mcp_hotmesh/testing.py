@@ -40,7 +40,7 @@ from urllib.parse import quote, urlsplit
 
 import anyio
 import asyncpg
-from mcp import Client
+from mcp import Client, MCPError
 from mcp.types import CallToolResult
 from pydantic import SecretStr
 
@@ -195,12 +195,17 @@ class ServedTools:
     _admin_lock: anyio.Lock = field(default_factory=anyio.Lock, repr=False)
 
     async def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> CallToolResult:
-        """Call a tool as an agent does (``client.call_tool``), recording its progress in ``progress``."""
+        """Call a tool as an agent does (``client.call_tool``), recording its progress in ``progress``. What the
+        protocol refuses (an unknown tool) raises ``mcp.MCPError``, as it does for an agent."""
+        __tracebackhide__ = True
 
         async def record(progress: float, total: float | None, message: str | None) -> None:
             self.progress.append(Progress(progress, total, message))
 
-        return await self.client.call_tool(name, arguments, progress_callback=record)
+        try:
+            return await self.client.call_tool(name, arguments, progress_callback=record)
+        except MCPError as exc:  # the test's own mistake: shown at the test's line, not in the SDK's frames
+            raise exc.with_traceback(None) from None
 
     async def dead_letters(self) -> list[DeadLetter]:
         """The messages the worker gave up on (``mcp-hotmesh dlq``), oldest first."""

@@ -71,13 +71,24 @@ def test_the_readme_test_passes_in_a_users_project_and_a_failing_tool_says_why(t
     (tmp_path / "test_broken.py").write_text(
         files["test_greet.py"].replace("from greet import", "from broken import")
         .replace("def test_greet(", "def test_greet_broken(")
-        + '\n\nasync def test_tools_not_found(hotmesh_serve):\n    await hotmesh_serve("nosuch.py:toolset")\n')
+        + '\n\nasync def test_tools_not_found(hotmesh_serve):\n    await hotmesh_serve("nosuch.py:toolset")\n'
+        + '\n\nasync def test_a_tool_not_there(hotmesh_serve):\n'
+          '    served = await hotmesh_serve(toolset)\n'
+          '    await served.call_tool("greeet", {"name": "Ada"})\n')
+
+    (tmp_path / "test_backends.py").write_text(  # anyio's plugin adds trio when it is installed
+        "import pytest\n\nfrom greet import toolset\n\n\n"
+        '@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])\n'
+        "async def test_each_backend(hotmesh_serve, anyio_backend):\n"
+        "    await hotmesh_serve(toolset)\n")
 
     done = user_pytest(tmp_path, "-rA", "--durations=0")
     print(done.stdout[-3000:])  # the durations: `pytest -s -k users_project` shows how long each phase took
     assert done.returncode == 1, done.stdout + done.stderr
-    assert re.search(r"\b2 failed, 1 passed\b", done.stdout), done.stdout
+    assert re.search(r"\b3 failed, 2 passed, 1 skipped\b", done.stdout), done.stdout
     assert re.search(r"PASSED test_greet\.py::test_greet\b", done.stdout), done.stdout
+    assert "PASSED test_backends.py::test_each_backend[asyncio]" in done.stdout
+    assert "SKIPPED [1] test_backends.py:6: mcp-hotmesh serves tools on asyncio (asyncpg), not trio" in done.stdout
 
     # the handler's exception, as the README shows it: the user's assertion and the handler's message
     broken = failure_of(done.stdout, "test_greet_broken")
@@ -89,7 +100,10 @@ def test_the_readme_test_passes_in_a_users_project_and_a_failing_tool_says_why(t
     # ... and a tool set that cannot be loaded: one line, no traceback
     missing = failure_of(done.stdout, "test_tools_not_found")
     assert "mcp-hotmesh could not serve 'nosuch.py:toolset': no such file: nosuch.py" in missing
-    for report in (broken, missing):
+    # ... and a call to a tool that is not there: the protocol's error, at the test's line
+    unknown = failure_of(done.stdout, "test_a_tool_not_there")
+    assert 'await served.call_tool("greeet"' in unknown and "Unknown tool: 'greeet'" in unknown, unknown
+    for report in (broken, missing, unknown):
         for noise in ("Traceback", "During handling", "mcp_hotmesh/", "site-packages"):
             assert noise not in report, report
     assert "Traceback" not in done.stderr
