@@ -77,6 +77,7 @@ async def hotmesh_serve(hotmesh_postgres: Postgres, anyio_backend: Any) -> Async
             problem = str(exc)
         pytest.fail(f"mcp-hotmesh could not serve {tools!r}: {problem}", pytrace=False)
 
+    serve.__qualname__ = "hotmesh_serve"  # what a failed test's report shows for the argument
     try:
         yield serve
     finally:
