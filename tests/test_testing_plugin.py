@@ -63,7 +63,7 @@ def failure_of(output: str, test: str) -> str:
 @pytest.mark.slow
 def test_the_readme_test_passes_in_a_users_project_and_a_failing_tool_says_why(tmp_path: Path) -> None:
     files = readme_files()
-    assert sorted(files) == ["greet.py", "test_greet.py"]
+    assert sorted(files) == ["greet.py", "test_greet.py", "test_greet_alone.py"]
     assert len(files["test_greet.py"].strip().splitlines()) <= 10
     for name, body in files.items():
         (tmp_path / name).write_text(body)
@@ -85,8 +85,9 @@ def test_the_readme_test_passes_in_a_users_project_and_a_failing_tool_says_why(t
     done = user_pytest(tmp_path, "-rA", "--durations=0")
     print(done.stdout[-3000:])  # the durations: `pytest -s -k users_project` shows how long each phase took
     assert done.returncode == 1, done.stdout + done.stderr
-    assert re.search(r"\b3 failed, 2 passed, 1 skipped\b", done.stdout), done.stdout
+    assert re.search(r"\b3 failed, 3 passed, 1 skipped\b", done.stdout), done.stdout
     assert re.search(r"PASSED test_greet\.py::test_greet\b", done.stdout), done.stdout
+    assert re.search(r"PASSED test_greet_alone\.py::test_greet_alone\b", done.stdout), done.stdout
     assert "PASSED test_backends.py::test_each_backend[asyncio]" in done.stdout
     assert "SKIPPED [1] test_backends.py:6: mcp-hotmesh serves tools on asyncio (asyncpg), not trio" in done.stdout
 
