@@ -67,6 +67,11 @@ class ToolRecord:
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
     live_workers: int
+    title: str | None = None
+    annotations: dict[str, Any] | None = None
+    icons: list[Any] | None = None
+    meta: dict[str, Any] | None = None
+    timeout_ms: int | None = None  # the tool's own, capped by the admin's max_tool_timeout_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +250,13 @@ class WorkerAPI(_API):
             )
         )
 
+    async def register_definition(self, stream: str, workflow_name: str, tool: dict[str, Any]) -> str:
+        """``worker_register_definition``: 'unchanged', 'live' or 'pending' (it waits for an admin's approval)."""
+        value: str = await self._val(
+            f"SELECT {self._s}.worker_register_definition($1, $2, $3)", stream, workflow_name, tool, stream=stream
+        )
+        return value
+
     async def unregister_tool(self, stream: str, workflow_name: str) -> bool:
         return bool(
             await self._val(
@@ -276,9 +288,10 @@ class CallerAPI(_API):
                            r["oldest_ready_seconds"]) for r in rows]
 
     async def tools(self) -> list[ToolRecord]:
-        rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_tool_definitions()")
         return [ToolRecord(r["stream"], r["workflow_name"], r["name"], r["description"], r["input_schema"],
-                           r["output_schema"], r["live_workers"]) for r in rows]
+                           r["output_schema"], r["live_workers"], r["title"], r["annotations"], r["icons"],
+                           r["meta"], r["timeout_ms"]) for r in rows]
 
     async def call(
         self, stream: str, workflow_name: str, args: JSON, timeout_ms: int, idempotency_key: str | None = None

@@ -124,7 +124,8 @@ class Worker:
         **options: Any,
     ) -> Worker:
         """A worker for every tool of ``tools``: one ``WorkerConfig`` each (its topic, workflow name and
-        ``Tool.invoke`` as the callback); the options left out keep ``WorkerConfig``'s defaults. ``options``
+        ``Tool.invoke`` as the callback, the tool's own ``retry`` and ``retry_on`` over the worker's); the options
+        left out keep ``WorkerConfig``'s defaults. ``options``
         go to ``Worker`` (``schema``, ``concurrency``, ``poll_interval``, ...)."""
         if not tools.tools:
             raise ConfigError("the tool set has no tools to serve")
@@ -134,7 +135,8 @@ class Worker:
         try:
             configs = [
                 WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
-                             worker_credentials=credentials, readonly=readonly, **common)
+                             worker_credentials=credentials, readonly=readonly, retry_on=t.retry_on,
+                             **{**common, **({"retry": t.retry} if t.retry is not None else {})})
                 for t in tools.tools
             ]
         except pydantic.ValidationError as exc:  # one line, the option and what is wrong with it
@@ -187,7 +189,11 @@ class Worker:
                 group.api = WorkerAPI(pool, self.schema)
             for tool, group in self._registrations:
                 assert group.api is not None
-                await group.api.register_tool(tool.topic, tool.workflow_name, tool.registration())
+                state = await group.api.register_definition(tool.topic, tool.workflow_name, tool.registration())
+                if state == "pending":
+                    log.warning("tool %r (stream %r): this definition waits for an admin's approval; agents see the "
+                                "approved one, or no tool yet, until then (mcp-hotmesh tools approve %s)",
+                                tool.name, tool.topic, tool.name)
             slots = Slots(self.concurrency)
             for group in self._groups:
                 if not group.readonly:

@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses, server resta
 
 # The worker processes' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
-@toolset.tool(topic="fault.work")
+@toolset.tool(topic="fault.work", name="fault_work")
 async def work(n: int, ms: int = 100) -> dict[str, int]:
     """Work on n for ms milliseconds; returns n."""
     (MARKS / f"work-{n}-{os.getpid()}").touch()
@@ -59,14 +59,14 @@ async def work(n: int, ms: int = 100) -> dict[str, int]:
     return {"n": n}
 
 
-@toolset.tool(topic="fault.poison")
+@toolset.tool(topic="fault.poison", name="fault_poison")
 async def poison(n: int = 0) -> dict[str, int]:
     """Kills the worker process that runs it, every time."""
     (MARKS / f"poison-{os.getpid()}").touch()
     os._exit(17)
 
 
-@toolset.tool(topic="fault.echo")
+@toolset.tool(topic="fault.echo", name="fault_echo")
 async def echo(text: str) -> dict[str, str]:
     """Returns the text."""
     return {"text": text}
