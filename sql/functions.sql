@@ -731,7 +731,8 @@ END
 $$;
 
 -- Enqueue one call on an allowed stream; returns its call id. session_user owns it. Within the caller's quota on
--- the stream; the arguments are checked by _check_call. A repeated idempotency key returns the first call.
+-- the stream; the arguments are checked by _check_call. A repeated idempotency key returns the first call (the
+-- same stream, workflow and arguments; a key reused for another call is refused).
 CREATE OR REPLACE FUNCTION hotmesh.caller_call(
     stream text, workflow_name text, args jsonb, timeout_ms integer, idempotency_key text DEFAULT NULL)
 RETURNS uuid
@@ -753,7 +754,13 @@ BEGIN
     RETURNING call_id INTO v_call_id;
     IF v_call_id IS NULL THEN  -- the same idempotency key was used before: that call is this call
         SELECT m.call_id INTO v_call_id FROM hotmesh.messages m
-        WHERE m.owner = session_user AND m.idempotency_key = caller_call.idempotency_key;
+        WHERE m.owner = session_user AND m.idempotency_key = caller_call.idempotency_key
+          AND m.stream = caller_call.stream AND m.workflow_name = coalesce(caller_call.workflow_name, '')
+          AND m.args = caller_call.args;
+        IF v_call_id IS NULL THEN  -- never another call's answer for a key reused by mistake
+            RAISE EXCEPTION 'this idempotency key was already used for another call (another tool or other arguments)'
+                USING ERRCODE = 'HM002';
+        END IF;
         RETURN v_call_id;
     END IF;
     PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(caller_call.stream), '');
@@ -1398,8 +1405,8 @@ BEGIN
        OR EXISTS (SELECT 1 FROM hotmesh.tools t
                   WHERE lower(replace(t.name, '-', '_')) = v_folded
                     AND (t.stream, t.workflow_name) IS DISTINCT FROM (p_stream, p_workflow)) THEN
-        RAISE EXCEPTION 'the tool name % belongs to another stream or tool (names differing only by case or - and _ count as one)',
-            pg_catalog.quote_literal(left(p_name, 64)) USING ERRCODE = 'HM004';
+        RAISE EXCEPTION 'another stream already serves a tool with this name or holds it reserved, or another tool of this stream has it (names differing only by case or - and _ count as one)'
+            USING ERRCODE = 'HM004';
     END IF;
 END
 $$;
@@ -1498,7 +1505,8 @@ BEGIN
     RETURN QUERY
     SELECT t.stream, t.workflow_name, t.name, t.description, t.input_schema, t.output_schema,
            (SELECT count(*) FROM hotmesh.workers w WHERE w.stream = t.stream AND w.expires_at > now())::integer,
-           t.title, t.annotations, t.icons, t.meta, least(t.timeout_ms, v_cap)::integer
+           t.title, t.annotations, t.icons, t.meta,
+           CASE WHEN t.timeout_ms IS NOT NULL THEN least(t.timeout_ms, v_cap)::integer END  -- least() skips NULL
     FROM hotmesh.tools t
     WHERE v_admin OR t.stream = ANY (v_allowed)
     ORDER BY t.name;
