@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 from mcp import Client
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, RequestParamsMeta
 
 from mcp_hotmesh import ConfigError, InvalidInput, RetryPolicy, ToolContext, ToolError, ToolSet, load_toolset
 from mcp_hotmesh._caller import Engine
@@ -59,6 +59,7 @@ async def test_the_readme_tools_reach_an_agent_with_names_metadata_errors_and_ti
         row = await env.admin.fetchrow(
             f"""SELECT id, extract(epoch FROM deadline - created_at) AS allowed FROM "{env.schema}".messages
                 WHERE stream = 'order.process'""")
+        assert row is not None
         assert done.structured_content == {"order_id": f"o-{row['id']}", "total": 19.0}
         assert 119 <= row["allowed"] <= 121  # the tool's own timeout, not the gateway's 20 s
 
@@ -66,6 +67,7 @@ async def test_the_readme_tools_reach_an_agent_with_names_metadata_errors_and_ti
         assert refused.is_error and "unknown SKU 'toaster'; the products are: kettle, teapot" in text_of(refused)
         last = await env.admin.fetchrow(
             f"""SELECT state, attempt, is_error FROM "{env.schema}".messages ORDER BY id DESC LIMIT 1""")
+        assert last is not None
         assert (last["state"], last["attempt"], last["is_error"]) == ("done", 0, True)  # once, answered, not dead
         assert await dead_rows(env) == 0
         assert (await client.call_tool("list_products", {})).structured_content == {"kettle": 9.5, "teapot": 24.0}
@@ -187,8 +189,8 @@ async def test_an_idempotency_key_runs_the_handler_once_per_caller_role(env: Env
         await gate.wait()
         return {"charged": amount, "charge_number": len(charges)}
 
-    def keyed(key: Any) -> dict[str, Any]:
-        return {IDEMPOTENCY_KEY: key}
+    def keyed(key: Any) -> RequestParamsMeta:
+        return cast(RequestParamsMeta, {IDEMPOTENCY_KEY: key})
 
     async with hub_for(env, toolset=tools) as hub, Client(hub.gateway.server) as client:
         results: list[CallToolResult] = []
