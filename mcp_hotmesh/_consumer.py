@@ -419,10 +419,11 @@ class Consumer:
             config = running.config
             retried = config.retry_on is None or isinstance(value, config.retry_on)
             delay = config.retry.next_delay(msg.attempt) if retried else None
+            then = (f"retrying in {delay} ms" if delay is not None else "dead-lettered" if retried
+                    else "dead-lettered (not an exception its retry_on names)")
             log.warning("%s failed on message %d (attempt %d of %d): %s: %s; %s", self._what(msg), msg.id,
                         msg.attempt + 1, config.retry.maximum_attempts, type(value).__name__,
-                        _exception_text(value)[:300], f"retrying in {delay} ms" if delay is not None else
-                        "dead-lettered" if retried else "dead-lettered (not an exception its retry_on names)")
+                        " ".join(_exception_text(value).split())[:300], then)  # one line, whatever the text
             ok = True
             with anyio.move_on_after(ANSWER_TIMEOUT):
                 ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _exception_text(value), delay))

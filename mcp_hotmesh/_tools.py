@@ -12,7 +12,7 @@ given. A tool serves one topic (stream) and, optionally, one workflow name: seve
 each under its own workflow name, and one consumer per topic dispatches between them. ``title``,
 ``annotations``, ``icons``, ``meta`` and ``timeout`` are registered with the definition and sent in
 ``tools/list``; ``retry`` and ``retry_on`` say how the worker retries a handler that raised.
-The worker registers each tool (``worker_register_tool``) and validates the arguments again before the
+The worker registers each tool (``worker_register_definition``) and validates the arguments again before the
 handler runs: it never trusts the queue.
 """
 
@@ -135,10 +135,6 @@ class Tool:
                   "timeout_ms": None if self.timeout is None else max(1, round(self.timeout * 1000))}
         definition.update({k: v for k, v in extras.items() if v is not None})
         return definition
-
-    def retries(self, exc: BaseException) -> bool:
-        """Whether the worker retries an attempt that raised ``exc`` (else it is dead-lettered at once)."""
-        return self.retry_on is None or isinstance(exc, self.retry_on)
 
     def parse_arguments(self, args: JSON) -> BaseModel:
         """Validate arguments from the queue; ``ToolInputError`` says what is wrong, for the model to fix."""

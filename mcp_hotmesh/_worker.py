@@ -5,9 +5,10 @@
         await anyio.sleep_forever()
 
 On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
-tool (``worker_register_tool``), LISTENs on its topics' channels (one connection per DSN, re-established with
-backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim
-batches, dispatch by workflow name, extend leases, cancel, answer). A consumer claims when a NOTIFY says there
+tool (``worker_register_definition``: live, or waiting for an admin's approval), LISTENs on its topics'
+channels (one connection per DSN, re-established with backoff), sends a first heartbeat, and starts one
+``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim batches, dispatch by workflow name, extend leases,
+cancel, answer). A consumer claims when a NOTIFY says there
 is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
 (``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
 
