@@ -184,6 +184,8 @@ async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs:
         admin = await asyncpg.connect(server.admin_dsn)
         try:
             await migrate(admin, schema)
+            # the worker processes' definitions go live at once, as in the other tests (conftest)
+            await admin.execute(f'UPDATE "{schema}".settings SET value = 0 WHERE key = $1', "approve_tools")
             worker = await provision_role(admin, STREAMS, "worker", schema=schema)
             caller = await provision_role(admin, STREAMS, "caller", schema=schema)
         finally:
