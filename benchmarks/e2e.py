@@ -22,6 +22,7 @@ from typing import Any, cast
 import asyncpg
 from mcp import Client
 
+from mcp_hotmesh._approvals import approve_toolset
 from mcp_hotmesh._caller import Engine, Outcome
 from mcp_hotmesh._common import ProgressReport
 from mcp_hotmesh._config import WorkerCredentials
@@ -33,7 +34,7 @@ from mcp_hotmesh._streams import ToolRecord
 from mcp_hotmesh._worker import Worker
 
 from .db import Database
-from .tools import DRAIN_STREAM, SCALE_STREAM, STREAM, toolset
+from .tools import DRAIN_STREAM, SCALE_STREAM, STREAM, drain_toolset, toolset
 
 SCHEMA = "hmbench"
 TOOLS_FILE = Path(__file__).with_name("tools.py")
@@ -53,6 +54,8 @@ async def prepare(db: Database) -> Roles:
         streams = [STREAM, DRAIN_STREAM, SCALE_STREAM]
         caller = await provision_role(admin, streams, "caller", schema=SCHEMA)
         worker = await provision_role(admin, streams, "worker", schema=SCHEMA)
+        for tools in (toolset, drain_toolset):  # the admin runs these tools itself, as serve does
+            await approve_toolset(admin, SCHEMA, tools)
     finally:
         await admin.close()
     return Roles(caller, worker)
@@ -156,7 +159,7 @@ class _StubEngine:
         return [self.record]
 
     async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
-                   time_limit: float | None = None) -> Outcome:
+                   time_limit: float | None = None, idempotency_key: str | None = None) -> Outcome:
         return Outcome("ok", result={})
 
 

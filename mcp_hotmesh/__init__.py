@@ -19,6 +19,7 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _cli                  the ``mcp-hotmesh`` command; _format: what it prints
                    _migrate, _roles      the admin's part: the schema, scoped roles
                    _admin                status, the dead-letter queue, settings (admin queries)
+                   _approvals            tool definitions an admin approves, tool names a stream owns
                    _housekeeping         retention and the watchdog, run by every gateway and worker
                    _embedded             the private PostgreSQL used when no DSN is given
                    _config, _logs, _metrics, _batching

@@ -7,7 +7,7 @@ Each runs over the admin's connection and calls the admin-only helpers of ``sql/
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -60,6 +60,7 @@ class Status:
     dead_retention_seconds: float | None  # None: dead calls are kept until purged by hand
     last_purge: datetime | None
     roles: list[RoleStatus]
+    pending_tools: list[str] = field(default_factory=list)  # tools whose definitions wait for an admin's approval
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class Status:
             "time": self.time.isoformat(),
             "streams": [asdict(s) for s in self.streams],
             "roles": [asdict(r) for r in self.roles],
+            "pending_tools": self.pending_tools,
             "totals": {key: sum(getattr(s, key) for s in self.streams)
                        for key in ("ready", "in_flight", "stalled", "retrying", "dead", "done", "live_workers")},
             "retention": {
@@ -87,6 +89,7 @@ async def status(conn: asyncpg.Connection, schema: str) -> Status:
             "('retention_ms', 'dead_retention_ms', 'purge_lock')")}
         now = await conn.fetchval("SELECT now()")
         role_rows = await conn.fetch(f'SELECT * FROM "{s}"._ops_roles()')
+        pending = [r["name"] for r in await conn.fetch(f'SELECT name FROM "{s}".tool_pending ORDER BY name')]
     streams = [
         StreamStatus(
             stream=r["stream"], tools=list(r["tools"]), ready=r["ready"], in_flight=r["in_flight"],
@@ -105,6 +108,7 @@ async def status(conn: asyncpg.Connection, schema: str) -> Status:
         roles=[RoleStatus(r["role_name"], r["kind"], r["can_login"], r["connection_limit"], r["sessions"],
                           _rounded(r["oldest_transaction_seconds"]), r["queued"], r["queued_bytes"])
                for r in role_rows],
+        pending_tools=pending,
     )
 
 
@@ -256,6 +260,7 @@ SMALLEST = {
     "max_error_chars": 1, "max_timeout_ms": 1, "max_attempts": 1, "max_worker_ttl_ms": 1000, "purge_batch": 1,
     "max_schema_depth": 1, "max_schema_nodes": 1, "max_description_chars": 1, "max_tools_per_stream": 1,
     "max_consumers_per_stream": 1, "max_json_depth": 1, "watchdog_idle_ms": 100, "watchdog_transaction_ms": 100,
+    "max_tool_timeout_ms": 1,
 }
 """The least value of a setting that still leaves the system working (0 would refuse every call, lease, ...)."""
 
@@ -278,47 +283,3 @@ async def change_settings(conn: asyncpg.Connection, schema: str, changes: dict[s
             for key, value in changes.items():
                 await conn.execute(f'UPDATE "{s}".settings SET value = $2 WHERE key = $1', key, value)
     return await settings(conn, s)
-
-
-# ----------------------------------------------------------------------------------------------- tools
-
-@dataclass(frozen=True)
-class RegisteredTool:
-    """A registration in the tools table, as ``mcp-hotmesh tools`` shows it (the JSON keys are these names)."""
-
-    name: str
-    stream: str
-    workflow_name: str
-    registered_by: str
-    live_workers: int
-    updated_at: datetime
-
-    def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "updated_at": self.updated_at.isoformat()}
-
-
-async def tools(conn: asyncpg.Connection, schema: str) -> list[RegisteredTool]:
-    """Every registered tool, served or not (admin connection)."""
-    s = check_schema(schema)
-    with translated():
-        rows = await conn.fetch(
-            f"""SELECT t.name, t.stream, t.workflow_name, t.registered_by, t.updated_at,
-                       (SELECT count(*) FROM "{s}".workers w WHERE w.stream = t.stream AND w.expires_at > now())
-                           AS live
-                FROM "{s}".tools t ORDER BY t.name""")
-    return [RegisteredTool(r["name"], r["stream"], r["workflow_name"], r["registered_by"], r["live"],
-                           r["updated_at"]) for r in rows]
-
-
-async def remove_tool(conn: asyncpg.Connection, schema: str, name: str) -> RegisteredTool:
-    """Take a registration out of the catalog (a tool nobody serves any more); gateways stop listing it at once.
-    A worker that still serves it registers it again when it starts."""
-    s = check_schema(schema)
-    with translated():
-        found = [t for t in await tools(conn, s) if t.name == name]
-        if not found:
-            raise NotFound(f"no registered tool named {name!r}")
-        async with conn.transaction():
-            await conn.execute(f'DELETE FROM "{s}".tools WHERE name = $1', name)
-            await conn.execute("SELECT pg_notify($1, '')", f"{s}_tools")
-    return found[0]

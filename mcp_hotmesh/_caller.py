@@ -447,24 +447,33 @@ class Engine:
 
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
-        time_limit: float | None = None,
+        time_limit: float | None = None, idempotency_key: str | None = None,
     ) -> Outcome:
-        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database."""
+        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database. The time limit is
+        ``time_limit``, else the tool's own timeout (capped by the admin), else the engine's. With an
+        ``idempotency_key`` (scoped to this caller role) a repeated call is the first one: its answer, or, while
+        it runs, a wait for it."""
+        if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
+            return Outcome("invalid_arguments", error="The idempotency key must be a string of 1 to 200 characters.")
         checked = await self.check(name, arguments)
         if isinstance(checked, Outcome):
             return checked
         entry, args = checked
-        limit = self.timeout if time_limit is None else time_limit
         record = entry.record
+        limit = time_limit if time_limit is not None else (
+            record.timeout_ms / 1000 if record.timeout_ms else self.timeout)
+        call = (record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
         try:
-            call_id = await self._enqueues.submit(
-                (record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
-            )
+            call_id = await (self._enqueues.submit(call) if idempotency_key is None
+                             else self.api.call(*call, idempotency_key))
         except HotMeshError as exc:
             return Outcome.refused(exc)
+        first = self._waiters.get(call_id)
+        if first is not None:  # the same key's first call waits in this gateway: share its answer
+            return await self._wait_for_first(name, first, limit)
         waiter = self._waiters[call_id] = _Waiter(report)
-        if call_id in self._early:  # its NOTIFY came before we got here
-            del self._early[call_id]
+        if call_id in self._early or idempotency_key is not None:  # its NOTIFY came, or it may have ended long ago
+            self._early.pop(call_id, None)
             self._look_at(call_id)
         try:
             return await self._wait(name, call_id, waiter, limit)
@@ -474,6 +483,16 @@ class Engine:
             raise
         finally:
             self._waiters.pop(call_id, None)
+
+    async def _wait_for_first(self, name: str, first: _Waiter, limit: float) -> Outcome:
+        """A repeated call waiting for the first call of its idempotency key, which another request waits for."""
+        with anyio.move_on_after(limit):
+            await first.done.wait()
+        if first.result is not None:
+            return self._outcome(first.result)
+        if first.error is not None:
+            return Outcome.refused(first.error)
+        return Outcome("timeout", error=f"Tool {name!r} did not finish within {limit:g} seconds.")
 
     async def _send_calls(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID | BaseException]:
         """One batch of enqueues. A refused batch is sent again call by call, so each call gets its own answer."""

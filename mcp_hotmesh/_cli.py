@@ -21,6 +21,7 @@ import anyio
 import asyncpg
 
 from . import __version__, _admin, _format
+from . import _approvals as approvals
 from . import _embedded as embedded
 from . import _logs as logs
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema
@@ -185,26 +186,48 @@ async def cmd_limits(args: argparse.Namespace) -> int:
 
 
 async def cmd_tools(args: argparse.Namespace) -> int:
-    """The tool catalog: every registration, and who serves it; remove one nobody serves."""
+    """The tool catalog: every definition, live or waiting for approval; show, approve or remove one."""
     schema = check_schema(args.schema)
+    command = args.tools_command
+    if command in ("show", "approve", "remove") and not args.name and not (command == "approve" and args.all):
+        raise ConfigError(f"say which tool: mcp-hotmesh tools {command} NAME")
     async with admin_connection(args) as conn:
         await migrate(conn, schema)
-        if args.tools_command == "remove":
-            if not args.name:
-                raise ConfigError("say which tool to remove: mcp-hotmesh tools remove NAME")
-            removed = await _admin.remove_tool(conn, schema, args.name)
-            log.info("removed tool %s (stream %s)%s", removed.name, removed.stream,
-                     f"; {removed.live_workers} live worker(s) serve its stream and will register it again"
-                     if removed.live_workers else "")
+        if command == "approve":
+            approved = (await approvals.approve_all(conn, schema) if args.all and not args.name
+                        else [await approvals.approve(conn, schema, args.name, args.stream)])
+            for tool in approved:
+                log.info("approved tool %s (stream %s): agents see %s now", tool.name, tool.stream,
+                         ", ".join(tool.changes) if tool.state == "changed" else "it")
+            if not approved:
+                log.info("no tool definition waits for approval")
             return 0
-        listed = await _admin.tools(conn, schema)
+        if command == "remove":
+            removed = await approvals.remove(conn, schema, args.name, args.stream, release=args.release)
+            if removed is not None:
+                log.info("removed tool %s (stream %s)%s", removed.name, removed.stream,
+                         f"; {removed.live_workers} live worker(s) serve its stream and will register it again"
+                         if removed.live_workers else "")
+            log.info("the name %s is %s", args.name, "released: any stream may register it" if args.release
+                     else "still reserved to its stream (--release frees it)")
+            return 0
+        if command == "show":
+            shown = await approvals.find(conn, schema, args.name, args.stream)
+            _print_json(shown.as_json(full=True))
+            return 0
+        listed = await approvals.definitions(conn, schema)
     if args.json:
         _print_json([t.as_json() for t in listed])
     else:
-        rows = [("TOOL", "STREAM", "WORKFLOW", "REGISTERED BY", "WORKERS", "UPDATED")] + [
-            (t.name, t.stream, t.workflow_name or "-", t.registered_by, str(t.live_workers),
-             f"{t.updated_at:%Y-%m-%d %H:%M}") for t in listed]
+        rows = [("TOOL", "STREAM", "WORKFLOW", "STATE", "REGISTERED BY", "WORKERS", "UPDATED")] + [
+            (t.name, t.stream, t.workflow_name or "-", t.state + (f" ({', '.join(t.changes)})" if t.changes and
+             t.state == "changed" else ""), t.registered_by, str(t.live_workers), f"{t.updated_at:%Y-%m-%d %H:%M}")
+            for t in listed]
         sys.stdout.write(_format.table(rows) if listed else "no tools registered\n")
+        waiting = [t.name for t in listed if t.pending is not None]
+        if waiting:
+            sys.stdout.write(f"! {len(waiting)} definition(s) wait for approval: mcp-hotmesh tools show NAME, "
+                             "then mcp-hotmesh tools approve NAME\n")
     return 0
 
 
@@ -581,11 +604,16 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--log-level", type=str.upper, choices=logs.LEVELS, default="INFO", help=argparse.SUPPRESS)
     _log_format(p)
 
-    p = add("tools", cmd_tools, "List the registered tools (stream, who registered them, live workers), or remove "
-            "one that nobody serves any more (tools remove NAME).")
+    p = add("tools", cmd_tools, "The tool definitions: list them (live, or waiting for an admin's approval), show one "
+            "(the approved and the waiting definition, as JSON), approve one (agents see it from then on), or "
+            "remove one that nobody serves any more (its name stays reserved to its stream unless --release).")
     _common(p)
-    p.add_argument("tools_command", nargs="?", choices=["list", "remove"], default="list")
-    p.add_argument("name", nargs="?", help="with remove: the tool's name")
+    p.add_argument("tools_command", nargs="?", choices=["list", "show", "approve", "remove"], default="list")
+    p.add_argument("name", nargs="?", help="with show, approve, remove: the tool's name")
+    p.add_argument("--stream", help="the tool's stream, when tools of several streams have the name")
+    p.add_argument("--all", action="store_true", help="with approve: every definition that waits")
+    p.add_argument("--release", action="store_true",
+                   help="with remove: free the name too, so that any stream may register it")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")

@@ -192,6 +192,8 @@ class WorkerConfig(BaseModel):
                            caller. A message that kills its worker three times is poison; it should not take
                            down every worker in turn
     ``retry``              ``RetryPolicy()``: 3 attempts, 500 ms, x2, at most 5 s (see ``RetryPolicy``)
+    ``retry_on``           ``None``: every exception but ``ToolError`` is retried by ``retry``. A tuple of
+                           exception classes: only those are; any other is dead-lettered at once
     ``task_queue``         ``None``. Components of one process that name the same task queue and connect
                            with the same DSN share one connection pool; with none, each topic has its own
     ``worker_credentials`` ``None``. A scoped role's ``user`` and ``password``, replacing those in
@@ -215,6 +217,7 @@ class WorkerConfig(BaseModel):
     reclaim_delay: int = Field(default=10_000, ge=1, le=3_600_000)
     reclaim_count: int = Field(default=3, ge=0, le=1000)
     retry: RetryPolicy = RetryPolicy()
+    retry_on: tuple[type[BaseException], ...] | None = None
     task_queue: str | None = Field(default=None, min_length=1, max_length=200)
     worker_credentials: WorkerCredentials | None = None
     workflow_name: str = Field(default="", max_length=200)

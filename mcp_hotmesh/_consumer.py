@@ -17,8 +17,10 @@ the handler raised ``ToolError``, or    ``worker_respond({"error": message}, is_
 the arguments or the result were       or the tool's mistake, told at once; retrying cannot help
 refused (its subclasses)
 the handler raised anything else       ``worker_fail(message, retry_in_ms=<RetryPolicy delay>)``, and once
-                                       the attempts are used up ``worker_fail(message, None)``: dead-lettered,
-                                       the caller gets the exception's message (never a traceback)
+                                       the attempts are used up (or at once, for an exception the tool's
+                                       ``retry_on`` leaves out) ``worker_fail(message, None)``: dead-lettered,
+                                       the caller gets the exception's message (never a traceback). One
+                                       WARNING line per failed attempt; the traceback at DEBUG
 the caller cancelled, or the deadline  the handler is cancelled, then ``worker_fail(..., None)``
 passed while it ran
 the lease was lost                     the handler is cancelled and nothing is written: another worker owns it
@@ -293,7 +295,7 @@ class Consumer:
 
         ctx = ToolContext(
             attempt=msg.attempt, deadline=msg.deadline, progress=progress,
-            workflow_name=msg.workflow_name, topic=self.topic,
+            workflow_name=msg.workflow_name, topic=self.topic, call_id=str(msg.id),
         )
         running = self._running[msg.lease] = _Running(msg, config, ctx, self._next_check(msg))
         if running.due < self._keeper_until:
@@ -322,10 +324,11 @@ class Consumer:
             with running.scope:  # the lease keeper cancels it (running.stop)
                 try:
                     outcome = ("ok", await running.config.callback(running.msg.args, running.ctx))
-                except ToolError as exc:
+                except ToolError as exc:  # the call cannot succeed as made: the agent is told, nobody alerted
+                    log.info("%s refused message %d: %s", self._what(running.msg), running.msg.id, exc)
                     outcome = ("refused", str(exc))
                 except Exception as exc:
-                    log.warning("tool on %r raised", self.topic, exc_info=True)
+                    log.debug("%s raised on message %d", self._what(running.msg), running.msg.id, exc_info=True)
                     outcome = ("raised", exc)
         except anyio.get_cancelled_exc_class():
             # The worker itself was cancelled, not stopped gracefully: give the message back anyway.
@@ -333,6 +336,9 @@ class Consumer:
                 await _quietly(self.api.release(self.topic, running.msg.id, running.msg.lease))
             raise
         return outcome
+
+    def _what(self, msg: Claimed) -> str:
+        return f"tool on {self.topic!r}" + (f" ({msg.workflow_name!r})" if msg.workflow_name else "")
 
     # ---------------------------------------------------------------------------------------- leases
 
@@ -410,7 +416,14 @@ class Consumer:
         elif kind == "refused":
             ok = await self._answers.submit((running, Answer(msg.id, msg.lease, {"error": value}, True)))
         else:
-            delay = running.config.retry.next_delay(msg.attempt)
+            config = running.config
+            retried = config.retry_on is None or isinstance(value, config.retry_on)
+            delay = config.retry.next_delay(msg.attempt) if retried else None
+            then = (f"retrying in {delay} ms" if delay is not None else "dead-lettered" if retried
+                    else "dead-lettered (not an exception its retry_on names)")
+            log.warning("%s failed on message %d (attempt %d of %d): %s: %s; %s", self._what(msg), msg.id,
+                        msg.attempt + 1, config.retry.maximum_attempts, type(value).__name__,
+                        " ".join(_exception_text(value).split())[:300], then)  # one line, whatever the text
             ok = True
             with anyio.move_on_after(ANSWER_TIMEOUT):
                 ok = await _persist(lambda: api.fail(stream, msg.id, msg.lease, _exception_text(value), delay))

@@ -92,6 +92,9 @@ def format_status(st: Status) -> str:
                          "(reclaimed at the next claim)")
         if s.dead:
             notes.append(f"{s.stream}: {s.dead} dead message(s): mcp-hotmesh dlq list --stream {s.stream}")
+    if st.pending_tools:
+        notes.append(f"{len(st.pending_tools)} tool definition(s) wait for approval ({', '.join(st.pending_tools)}): "
+                     "mcp-hotmesh tools list, then tools show NAME and tools approve NAME")
     out += "".join(f"! {n}\n" for n in notes)
     return out
 

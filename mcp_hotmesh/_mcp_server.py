@@ -30,16 +30,19 @@ from mcp.types import (
     INVALID_PARAMS,
     CallToolRequestParams,
     CallToolResult,
+    Icon,
     ListToolsResult,
     PaginatedRequestParams,
     TextContent,
     Tool,
+    ToolAnnotations,
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
 from ._caller import Engine
+from ._common import clip
 from ._metrics import UNKNOWN, GatewayMetrics, classify
-from ._streams import QueueStats
+from ._streams import QueueStats, ToolRecord
 from .errors import HotMeshError, UnknownTool
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,30 @@ class _HotMeshServer(Server[Any]):
         return super().create_initialization_options(
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
         )
+
+
+IDEMPOTENCY_KEY = "io.github.mcp-hotmesh/idempotency-key"
+"""The key in a ``tools/call`` request's ``_meta`` whose value (a string of 1 to 200 characters) makes a repeated
+call, by the same caller role, return the first call's answer instead of running again."""
+
+
+def listed(r: ToolRecord) -> Tool:
+    """A tool as ``tools/list`` sends it. Its metadata was checked at registration; a row that got in anyway
+    without passing the SDK's types is listed without it (one log line), never failing the list."""
+    tool = Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
+    if r.title is None and r.annotations is None and r.icons is None and r.meta is None:
+        return tool
+    try:
+        return tool.model_copy(update={
+            "title": r.title,
+            "annotations": ToolAnnotations.model_validate(r.annotations) if r.annotations is not None else None,
+            "icons": [Icon.model_validate(i) for i in r.icons] if r.icons is not None else None,
+            "meta": dict(r.meta) if r.meta is not None else None,
+        })
+    except Exception as exc:  # hostile input must cost its own metadata, nothing more
+        log.warning("tool %r is listed without its title, annotations, icons and meta: %s", clip(r.name, 80),
+                    clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 200))
+        return tool
 
 
 def _pretty_json(value: Any) -> str:
@@ -128,10 +155,7 @@ class McpGateway:
         """The tools whose registered definitions passed the engine's checks (a verdict cached per definition when
         the catalog was refreshed: nothing is checked here)."""
         self._remember(ctx)
-        tools = [
-            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
-            for r in self.engine.listable()
-        ]
+        tools = [listed(r) for r in self.engine.listable()]
         return ListToolsResult(tools=tools)
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
@@ -146,7 +170,9 @@ class McpGateway:
         started = time.monotonic()
         label = "error"
         try:
-            outcome = await self.engine.call(params.name, params.arguments, report=report)
+            raw = (params.meta or {}).get(IDEMPOTENCY_KEY)
+            key = raw if raw is None or isinstance(raw, str) else ""  # "": refused by the engine, with why
+            outcome = await self.engine.call(params.name, params.arguments, report=report, idempotency_key=key)
             label = classify(outcome)
         except UnknownTool as exc:
             label = "unknown_tool"

@@ -30,6 +30,7 @@ import anyio
 import asyncpg
 from pydantic import SecretStr
 
+from . import _approvals as approvals
 from . import _embedded as embedded
 from ._caller import Engine
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
@@ -176,6 +177,9 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
                 caller_dsn = connection_dsn(base, caller_login)
                 if not args.no_worker:
                     worker = await ensure_role(admin, f"{schema}_w_gateway{suffix}", streams, "worker", schema=schema)
+                    # The admin runs this tool set's code itself: its definitions are approved as they are
+                    # (a worker elsewhere that registers another definition still waits for `tools approve`).
+                    await approvals.approve_toolset(admin, schema, toolset)
                     worker_credentials = WorkerCredentials(user=worker.role, password=SecretStr(worker.password))
                     worker_dsn = connection_dsn(base, worker_credentials)
                 log.info("serving as caller role %s%s", caller.role,

@@ -17,6 +17,7 @@ import asyncpg
 from ._common import JSON
 from ._config import check_schema
 from ._postgres import translated
+from .errors import DatabaseError
 
 
 def worker_channel(schema: str, stream: str) -> str:
@@ -67,6 +68,11 @@ class ToolRecord:
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
     live_workers: int
+    title: str | None = None
+    annotations: dict[str, Any] | None = None
+    icons: list[Any] | None = None
+    meta: dict[str, Any] | None = None
+    timeout_ms: int | None = None  # the tool's own, capped by the admin's max_tool_timeout_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,14 @@ def _claimed(stream: str, r: asyncpg.Record) -> Claimed:
 def _call_result(r: asyncpg.Record) -> CallResult:
     return CallResult(r["state"], r["result"], r["is_error"], r["error"], r["attempt"], r["progress"],
                       r["progress_total"], r["progress_message"], r["deadline"])
+
+
+METADATA = ("title", "annotations", "icons", "meta", "timeout_ms")
+
+
+def _undefined_function(exc: DatabaseError) -> bool:
+    """Whether the database has no such function: a schema of an earlier version that is not migrated yet."""
+    return isinstance(exc.__cause__, asyncpg.UndefinedFunctionError)
 
 
 class _API:
@@ -245,6 +259,19 @@ class WorkerAPI(_API):
             )
         )
 
+    async def register_definition(self, stream: str, workflow_name: str, tool: dict[str, Any]) -> str:
+        """``worker_register_definition``: 'unchanged', 'live' or 'pending' (it waits for an admin's approval)."""
+        try:
+            value: str = await self._val(
+                f"SELECT {self._s}.worker_register_definition($1, $2, $3)", stream, workflow_name, tool, stream=stream
+            )
+        except DatabaseError as exc:
+            if not _undefined_function(exc):
+                raise
+            # a schema an earlier version made, not migrated yet (a rolling upgrade): the first form
+            return "live" if await self.register_tool(stream, workflow_name, tool) else "unchanged"
+        return value
+
     async def unregister_tool(self, stream: str, workflow_name: str) -> bool:
         return bool(
             await self._val(
@@ -276,9 +303,15 @@ class CallerAPI(_API):
                            r["oldest_ready_seconds"]) for r in rows]
 
     async def tools(self) -> list[ToolRecord]:
-        rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
+        try:
+            rows = await self._rows(f"SELECT * FROM {self._s}.caller_tool_definitions()")
+        except DatabaseError as exc:
+            if not _undefined_function(exc):
+                raise
+            # a schema an earlier version made, not migrated yet (a rolling upgrade): no metadata there
+            rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
         return [ToolRecord(r["stream"], r["workflow_name"], r["name"], r["description"], r["input_schema"],
-                           r["output_schema"], r["live_workers"]) for r in rows]
+                           r["output_schema"], r["live_workers"], *(r.get(k) for k in METADATA)) for r in rows]
 
     async def call(
         self, stream: str, workflow_name: str, args: JSON, timeout_ms: int, idempotency_key: str | None = None

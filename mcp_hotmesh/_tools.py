@@ -2,14 +2,17 @@
 
     toolset = ToolSet()
 
-    @toolset.tool(topic="order.process")
+    @toolset.tool(topic="order.process", annotations={"destructiveHint": False}, timeout=120)
     async def place_order(sku: str, quantity: int = 1, ctx: ToolContext | None = None) -> Receipt:
         \"\"\"Place an order for a product. Returns the receipt; fails if the SKU is unknown.\"\"\"
 
 The parameters give the input JSON Schema, the return annotation the output schema, the docstring the
-description the model reads. A tool serves one topic (stream) and, optionally, one workflow name: several
-tools can share a topic, each under its own workflow name, and one consumer per topic dispatches between them.
-The worker registers each tool (``worker_register_tool``) and validates the arguments again before the
+description the model reads. The tool's name is the function's name and its topic the tool's name unless
+given. A tool serves one topic (stream) and, optionally, one workflow name: several tools can share a topic,
+each under its own workflow name, and one consumer per topic dispatches between them. ``title``,
+``annotations``, ``icons``, ``meta`` and ``timeout`` are registered with the definition and sent in
+``tools/list``; ``retry`` and ``retry_on`` say how the worker retries a handler that raised.
+The worker registers each tool (``worker_register_definition``) and validates the arguments again before the
 handler runs: it never trusts the queue.
 """
 
@@ -28,7 +31,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
 from ._common import JSON, ProgressReport
-from ._config import TOOL_NAME_PATTERN, check_stream
+from ._config import TOOL_NAME_PATTERN, RetryPolicy, check_stream
 from ._postgres import UnreadableJSON
 from .errors import ConfigError, ToolInputError, ToolOutputError
 
@@ -36,8 +39,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class ToolContext:
-    """What a running handler may use: progress reports, the deadline, whether it was cancelled.
+    """What a running handler may use: progress reports, the deadline, whether it was cancelled, and which call
+    and attempt this is.
 
+    ``call_id`` names the call, the same on every attempt and after a reclaim (a worker that died mid-call):
+    give it to a payment service or any API as the idempotency key of the side effect, so a call that runs
+    twice has its effect once. ``attempt`` is 0 on the first run and counts the attempts that raised before.
     Cancellation itself arrives as an anyio cancellation at the handler's next ``await``; ``cancelled`` is for
     handlers that want to look.
     """
@@ -50,8 +57,10 @@ class ToolContext:
         progress: ProgressReport | None = None,
         workflow_name: str = "",
         topic: str = "",
+        call_id: str = "",
     ) -> None:
         self.attempt = attempt
+        self.call_id = call_id
         self.deadline = deadline
         self.workflow_name = workflow_name
         self.topic = topic
@@ -82,6 +91,13 @@ class Tool:
     wraps_output: bool  # a non-object result travels as {"result": value}
     context_param: str | None
     single_model_param: str | None = None
+    title: str | None = None
+    annotations: dict[str, Any] | None = None  # readOnlyHint, destructiveHint, idempotentHint, openWorldHint
+    icons: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] | None = None
+    timeout: float | None = None  # seconds; the gateway's --timeout when None
+    retry: RetryPolicy | None = None  # the worker's policy when None
+    retry_on: tuple[type[BaseException], ...] | None = None  # None: every exception but ToolError is retried
     _input_adapter: TypeAdapter[Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,13 +124,17 @@ class Tool:
         return schema
 
     def registration(self) -> dict[str, Any]:
-        """What ``worker_register_tool`` stores for this tool."""
-        return {
+        """What ``worker_register_tool`` stores for this tool (and an admin approves)."""
+        definition: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "input_schema": self.input_schema,
             "output_schema": self.output_schema,
         }
+        extras = {"title": self.title, "annotations": self.annotations, "icons": self.icons, "meta": self.meta,
+                  "timeout_ms": None if self.timeout is None else max(1, round(self.timeout * 1000))}
+        definition.update({k: v for k, v in extras.items() if v is not None})
+        return definition
 
     def parse_arguments(self, args: JSON) -> BaseModel:
         """Validate arguments from the queue; ``ToolInputError`` says what is wrong, for the model to fix."""
@@ -182,6 +202,44 @@ def _is_object_type(tp: Any) -> bool:
     return bool(is_typeddict(tp))
 
 
+ANNOTATION_HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
+
+
+def _as_json_object(value: Any, what: str) -> dict[str, Any]:
+    """A dict, or an MCP SDK model (``ToolAnnotations``, ``Icon``) as its JSON (by alias, unset fields left out)."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a dict or an mcp.types model, not {type(value).__name__}")
+    return value
+
+
+def _annotations(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    hints = _as_json_object(value, "annotations")
+    for key, hint in hints.items():
+        if key == "title":
+            if not isinstance(hint, str):
+                raise ConfigError("annotations: title must be a string")
+        elif key not in ANNOTATION_HINTS:
+            raise ConfigError(f"annotations: unknown hint {key!r}; the hints are {', '.join(ANNOTATION_HINTS)}")
+        elif not isinstance(hint, bool):
+            raise ConfigError(f"annotations: {key} must be true or false")
+    return hints
+
+
+def _icons(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    icons = [_as_json_object(icon, "an icon") for icon in value]
+    for icon in icons:
+        src = icon.get("src")
+        if not isinstance(src, str) or not src.startswith(("https://", "data:image/")):
+            raise ConfigError("an icon's src must be an https: URL or a data:image/ URI")
+    return icons
+
+
 def make_tool(
     fn: Callable[..., Any],
     *,
@@ -189,13 +247,25 @@ def make_tool(
     name: str | None = None,
     description: str | None = None,
     workflow_name: str = "",
+    title: str | None = None,
+    annotations: Any = None,
+    icons: Any = None,
+    meta: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    retry: RetryPolicy | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
 ) -> Tool:
-    """Build a ``Tool`` from a typed function."""
-    topic = check_stream(topic or fn.__name__)
-    default_name = f"{topic}_{workflow_name}" if workflow_name else topic
-    name = name or _sanitize(default_name)
+    """Build a ``Tool`` from a typed function: named after it and on the topic of its name unless told."""
+    name = name or fn.__name__
     if not TOOL_NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"tool name {name!r} must match ^[A-Za-z0-9_-]{{1,64}}$")
+    topic = check_stream(topic or name)
+    if timeout is not None and not 0 < timeout <= 86_400:
+        raise ConfigError(f"tool {name!r}: timeout must be more than 0 and at most 86400 seconds")
+    if meta is not None and not isinstance(meta, dict):
+        raise ConfigError(f"tool {name!r}: meta must be a dict")
+    if retry_on is not None and not all(isinstance(c, type) and issubclass(c, BaseException) for c in retry_on):
+        raise ConfigError(f"tool {name!r}: retry_on must be a tuple of exception classes")
     description = (description or inspect.getdoc(fn) or "").strip()
     if not description:
         raise ConfigError(f"tool {name!r} needs a description: write a docstring for the model that will call it")
@@ -236,6 +306,13 @@ def make_tool(
         wraps_output=wraps,
         context_param=context_param,
         single_model_param=single_model,
+        title=title,
+        annotations=_annotations(annotations),
+        icons=_icons(icons),
+        meta=meta,
+        timeout=timeout,
+        retry=retry,
+        retry_on=None if retry_on is None else tuple(retry_on),
     )
 
 
@@ -272,6 +349,13 @@ class ToolSet:
         name: str | None = None,
         description: str | None = None,
         workflow_name: str = "",
+        title: str | None = None,
+        annotations: Any = None,
+        icons: Any = None,
+        meta: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> Callable[[_F], _F]: ...
 
     def tool(
@@ -283,11 +367,29 @@ class ToolSet:
         name: str | None = None,
         description: str | None = None,
         workflow_name: str = "",
+        title: str | None = None,
+        annotations: Any = None,
+        icons: Any = None,
+        meta: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
     ) -> _F | Callable[[_F], _F]:
-        """Decorator: ``@toolset.tool`` or ``@toolset.tool(topic=..., workflow_name=...)``."""
+        """Decorator: ``@toolset.tool`` or ``@toolset.tool(name=..., topic=..., title=..., annotations=...)``.
+
+        ``name`` defaults to the function's name, ``topic`` to the name, the description to the docstring.
+        ``title`` is the name a person reads; ``annotations`` the hints hosts use for permission prompts
+        (``readOnlyHint``, ``destructiveHint``, ``idempotentHint``, ``openWorldHint``: a dict or
+        ``mcp.types.ToolAnnotations``); ``icons`` a list of dicts or ``mcp.types.Icon`` (``https:`` or
+        ``data:image/`` sources); ``meta`` the tool's ``_meta``; ``timeout`` the seconds a call may take (the
+        gateway's ``--timeout`` otherwise, capped by the admin's ``max_tool_timeout_ms``). ``retry`` replaces the
+        worker's ``RetryPolicy`` for this tool; with ``retry_on``, only those exceptions are retried and any other
+        is dead-lettered at once. ``ToolError`` is never retried."""
 
         def register(f: _F) -> _F:
-            self.add(make_tool(f, topic=topic, name=name, description=description, workflow_name=workflow_name))
+            self.add(make_tool(f, topic=topic, name=name, description=description, workflow_name=workflow_name,
+                               title=title, annotations=annotations, icons=icons, meta=meta, timeout=timeout,
+                               retry=retry, retry_on=retry_on))
             return f
 
         return register(fn) if fn is not None else register

@@ -5,9 +5,10 @@
         await anyio.sleep_forever()
 
 On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
-tool (``worker_register_tool``), LISTENs on its topics' channels (one connection per DSN, re-established with
-backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim
-batches, dispatch by workflow name, extend leases, cancel, answer). A consumer claims when a NOTIFY says there
+tool (``worker_register_definition``: live, or waiting for an admin's approval), LISTENs on its topics'
+channels (one connection per DSN, re-established with backoff), sends a first heartbeat, and starts one
+``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim batches, dispatch by workflow name, extend leases,
+cancel, answer). A consumer claims when a NOTIFY says there
 is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
 (``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
 
@@ -124,7 +125,8 @@ class Worker:
         **options: Any,
     ) -> Worker:
         """A worker for every tool of ``tools``: one ``WorkerConfig`` each (its topic, workflow name and
-        ``Tool.invoke`` as the callback); the options left out keep ``WorkerConfig``'s defaults. ``options``
+        ``Tool.invoke`` as the callback, the tool's own ``retry`` and ``retry_on`` over the worker's); the options
+        left out keep ``WorkerConfig``'s defaults. ``options``
         go to ``Worker`` (``schema``, ``concurrency``, ``poll_interval``, ...)."""
         if not tools.tools:
             raise ConfigError("the tool set has no tools to serve")
@@ -134,7 +136,8 @@ class Worker:
         try:
             configs = [
                 WorkerConfig(topic=t.topic, workflow_name=t.workflow_name, callback=t.invoke, connection=connection,
-                             worker_credentials=credentials, readonly=readonly, **common)
+                             worker_credentials=credentials, readonly=readonly, retry_on=t.retry_on,
+                             **{**common, **({"retry": t.retry} if t.retry is not None else {})})
                 for t in tools.tools
             ]
         except pydantic.ValidationError as exc:  # one line, the option and what is wrong with it
@@ -187,7 +190,11 @@ class Worker:
                 group.api = WorkerAPI(pool, self.schema)
             for tool, group in self._registrations:
                 assert group.api is not None
-                await group.api.register_tool(tool.topic, tool.workflow_name, tool.registration())
+                state = await group.api.register_definition(tool.topic, tool.workflow_name, tool.registration())
+                if state == "pending":
+                    log.warning("tool %r (stream %r): this definition waits for an admin's approval; agents see the "
+                                "approved one, or no tool yet, until then (mcp-hotmesh tools approve %s)",
+                                tool.name, tool.topic, tool.name)
             slots = Slots(self.concurrency)
             for group in self._groups:
                 if not group.readonly:

@@ -81,13 +81,13 @@ class Sum(BaseModel):
     result: float
 
 
-@toolset.tool(topic="math", workflow_name="add")
+@toolset.tool(topic="math", workflow_name="add", name="math_add")
 async def add(a: float, b: float) -> Sum:
     """Add two numbers and return the sum (as ``result``)."""
     return Sum(result=a + b)
 
 
-@toolset.tool(topic="math", workflow_name="multiply")
+@toolset.tool(topic="math", workflow_name="multiply", name="math_multiply")
 async def multiply(a: float, b: float) -> Sum:
     """Multiply two numbers and return the product (as ``result``)."""
     return Sum(result=a * b)

@@ -609,50 +609,16 @@ BEGIN
 END
 $$;
 
--- Upsert the tool served on (stream, workflow_name): {"name", "description", "input_schema", "output_schema"},
--- checked as untrusted input (_check_tool). A tool name belongs to one stream: one that differs from another
--- stream's only by case or by - and _ is refused too; a stream has at most max_tools_per_stream tools.
+-- The first form of worker_register_definition (below), for workers of earlier versions: the same checks and
+-- approvals; true when the registration changed anything (went live, or now waits for an admin).
 CREATE OR REPLACE FUNCTION hotmesh.worker_register_tool(stream text, workflow_name text, tool jsonb)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
-DECLARE
-    v_name text;
-    v_workflow text := coalesce(worker_register_tool.workflow_name, '');
 BEGIN
     PERFORM hotmesh._authorize(worker_register_tool.stream);
-    PERFORM hotmesh._check_tool(worker_register_tool.tool);
-    v_name := tool ->> 'name';
-    IF length(v_workflow) > 200 THEN
-        RAISE EXCEPTION 'workflow name longer than 200 characters' USING ERRCODE = 'HM002';
-    END IF;
-    IF EXISTS (SELECT 1 FROM hotmesh.tools t
-               WHERE lower(replace(t.name, '-', '_')) = lower(replace(v_name, '-', '_'))
-                 AND (t.stream, t.workflow_name) IS DISTINCT FROM (worker_register_tool.stream, v_workflow)) THEN
-        RAISE EXCEPTION 'another stream already serves a tool with this name, or one differing from it only by case or - and _'
-            USING ERRCODE = 'HM004';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM hotmesh.tools t
-                   WHERE t.stream = worker_register_tool.stream AND t.workflow_name = v_workflow)
-       AND (SELECT count(*) FROM hotmesh.tools t WHERE t.stream = worker_register_tool.stream)
-           >= hotmesh._setting('max_tools_per_stream') THEN
-        RAISE EXCEPTION 'this stream already has % tools, the most one stream may register',
-            hotmesh._setting('max_tools_per_stream') USING ERRCODE = 'HM004';
-    END IF;
-    INSERT INTO hotmesh.tools AS t (stream, workflow_name, name, description, input_schema, output_schema,
-                                    registered_by)
-    VALUES (worker_register_tool.stream, v_workflow, v_name, tool ->> 'description', tool -> 'input_schema',
-            nullif(tool -> 'output_schema', 'null'::jsonb), session_user)
-    ON CONFLICT (stream, workflow_name) DO UPDATE SET
-        name = excluded.name, description = excluded.description, input_schema = excluded.input_schema,
-        output_schema = excluded.output_schema, registered_by = excluded.registered_by, updated_at = now()
-    WHERE (t.name, t.description, t.input_schema, t.output_schema)
-          IS DISTINCT FROM (excluded.name, excluded.description, excluded.input_schema, excluded.output_schema);
-    IF FOUND THEN
-        PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
-    END IF;
-    RETURN FOUND;
+    RETURN hotmesh.worker_register_definition(worker_register_tool.stream, worker_register_tool.workflow_name,
+                                              worker_register_tool.tool) <> 'unchanged';
 END
 $$;
 
@@ -765,7 +731,8 @@ END
 $$;
 
 -- Enqueue one call on an allowed stream; returns its call id. session_user owns it. Within the caller's quota on
--- the stream; the arguments are checked by _check_call. A repeated idempotency key returns the first call.
+-- the stream; the arguments are checked by _check_call. A repeated idempotency key returns the first call (the
+-- same stream, workflow and arguments; a key reused for another call is refused).
 CREATE OR REPLACE FUNCTION hotmesh.caller_call(
     stream text, workflow_name text, args jsonb, timeout_ms integer, idempotency_key text DEFAULT NULL)
 RETURNS uuid
@@ -787,7 +754,13 @@ BEGIN
     RETURNING call_id INTO v_call_id;
     IF v_call_id IS NULL THEN  -- the same idempotency key was used before: that call is this call
         SELECT m.call_id INTO v_call_id FROM hotmesh.messages m
-        WHERE m.owner = session_user AND m.idempotency_key = caller_call.idempotency_key;
+        WHERE m.owner = session_user AND m.idempotency_key = caller_call.idempotency_key
+          AND m.stream = caller_call.stream AND m.workflow_name = coalesce(caller_call.workflow_name, '')
+          AND m.args = caller_call.args;
+        IF v_call_id IS NULL THEN  -- never another call's answer for a key reused by mistake
+            RAISE EXCEPTION 'this idempotency key was already used for another call (another tool or other arguments)'
+                USING ERRCODE = 'HM002';
+        END IF;
         RETURN v_call_id;
     END IF;
     PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(caller_call.stream), '');
@@ -1332,3 +1305,247 @@ BEGIN
     END LOOP;
 END
 $timeouts$;
+
+-- ------------------------------------------------------------------------------------------- tool definitions
+-- What agents see is what an admin approved (tables in 005_tool_definitions.sql). A worker registers a definition
+-- with worker_register_definition: the approved one again changes nothing; another one waits in tool_pending
+-- for `mcp-hotmesh tools approve` while agents keep the approved one, unless the admin's setting approve_tools
+-- is 0 (then it is live at once, as before approvals existed). A tool name belongs to one stream (tool_names):
+-- a registration of a name another stream owns is refused at once, pending or not.
+
+-- The metadata of a registration (title, annotations, icons, meta, timeout_ms), checked as untrusted input
+-- after _check_tool (which bounds the size, depth and values of the whole registration).
+CREATE OR REPLACE FUNCTION hotmesh._check_tool_metadata(p_tool jsonb) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    v := p_tool -> 'title';
+    IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' AND (jsonb_typeof(v) <> 'string' OR length(v #>> '{}') > 200) THEN
+        RAISE EXCEPTION 'tool title must be a string of at most 200 characters' USING ERRCODE = 'HM004';
+    END IF;
+    v := p_tool -> 'annotations';
+    IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
+        IF jsonb_typeof(v) <> 'object'
+           OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_each(v) e
+                      WHERE NOT (e.key IN ('readOnlyHint', 'destructiveHint', 'idempotentHint', 'openWorldHint')
+                                 AND jsonb_typeof(e.value) = 'boolean')
+                        AND NOT (e.key = 'title' AND jsonb_typeof(e.value) = 'string'
+                                 AND length(e.value #>> '{}') <= 200)) THEN
+            RAISE EXCEPTION 'tool annotations must be an object of readOnlyHint, destructiveHint, idempotentHint, openWorldHint (true or false) and title'
+                USING ERRCODE = 'HM004';
+        END IF;
+    END IF;
+    v := p_tool -> 'icons';
+    IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' THEN
+        IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) > 8
+           OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(v) i(icon)
+                      WHERE jsonb_typeof(i.icon) <> 'object'
+                         OR jsonb_typeof(i.icon -> 'src') IS DISTINCT FROM 'string'
+                         OR NOT (pg_catalog.starts_with(i.icon ->> 'src', 'https://')
+                                 OR pg_catalog.starts_with(i.icon ->> 'src', 'data:image/'))
+                         OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_object_keys(i.icon) k(key)
+                                    WHERE k.key NOT IN ('src', 'mimeType', 'sizes', 'theme'))
+                         OR (i.icon ? 'mimeType' AND (jsonb_typeof(i.icon -> 'mimeType') <> 'string'
+                                                      OR length(i.icon ->> 'mimeType') > 100))
+                         OR (i.icon ? 'theme' AND i.icon -> 'theme' NOT IN ('"light"', '"dark"'))
+                         OR (i.icon ? 'sizes' AND (jsonb_typeof(i.icon -> 'sizes') <> 'array'
+                             OR jsonb_array_length(i.icon -> 'sizes') > 8
+                             OR EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(i.icon -> 'sizes') s(size)
+                                        WHERE jsonb_typeof(s.size) <> 'string' OR length(s.size #>> '{}') > 20)))) THEN
+            RAISE EXCEPTION 'tool icons must be at most 8 objects {src, mimeType, sizes, theme}, each src an https: URL or a data:image/ URI'
+                USING ERRCODE = 'HM004';
+        END IF;
+    END IF;
+    v := p_tool -> 'meta';
+    IF v IS NOT NULL AND jsonb_typeof(v) <> 'null' AND jsonb_typeof(v) <> 'object' THEN
+        RAISE EXCEPTION 'tool meta must be a JSON object' USING ERRCODE = 'HM004';
+    END IF;
+    v := p_tool -> 'timeout_ms';
+    IF v IS NOT NULL AND jsonb_typeof(v) <> 'null'
+       AND (jsonb_typeof(v) <> 'number' OR (v #>> '{}') !~ '^[0-9]{1,10}$'
+            OR (v #>> '{}')::bigint NOT BETWEEN 1 AND hotmesh._setting('max_timeout_ms')) THEN
+        RAISE EXCEPTION 'tool timeout_ms must be a whole number of milliseconds from 1 to %',
+            hotmesh._setting('max_timeout_ms') USING ERRCODE = 'HM004';
+    END IF;
+END
+$$;
+
+-- A registration in the one form definitions are compared and stored in: the keys agents see, nulls left out.
+CREATE OR REPLACE FUNCTION hotmesh._tool_definition(p_tool jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+        'name', p_tool -> 'name', 'description', p_tool -> 'description', 'input_schema', p_tool -> 'input_schema',
+        'output_schema', nullif(p_tool -> 'output_schema', 'null'::jsonb), 'title', nullif(p_tool -> 'title', 'null'::jsonb),
+        'annotations', nullif(p_tool -> 'annotations', 'null'::jsonb), 'icons', nullif(p_tool -> 'icons', 'null'::jsonb),
+        'meta', nullif(p_tool -> 'meta', 'null'::jsonb), 'timeout_ms', nullif(p_tool -> 'timeout_ms', 'null'::jsonb)))
+$$;
+
+-- The approved definition of (stream, workflow_name), in _tool_definition's form; NULL when there is none.
+CREATE OR REPLACE FUNCTION hotmesh._tool_approved(p_stream text, p_workflow text) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT hotmesh._tool_definition(pg_catalog.jsonb_build_object(
+        'name', t.name, 'description', t.description, 'input_schema', t.input_schema, 'output_schema', t.output_schema,
+        'title', t.title, 'annotations', t.annotations, 'icons', t.icons, 'meta', t.meta, 'timeout_ms', t.timeout_ms))
+    FROM hotmesh.tools t WHERE t.stream = p_stream AND t.workflow_name = p_workflow
+$$;
+
+-- Refuses a name that belongs to another stream (reserved, or served by another tool), or that another tool of the
+-- same stream serves: folded, so that case and - against _ tell no names apart.
+CREATE OR REPLACE FUNCTION hotmesh._check_tool_name(p_stream text, p_workflow text, p_name text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_folded text := lower(replace(p_name, '-', '_'));
+BEGIN
+    IF EXISTS (SELECT 1 FROM hotmesh.tool_names n WHERE n.folded = v_folded AND n.stream <> p_stream)
+       OR EXISTS (SELECT 1 FROM hotmesh.tools t
+                  WHERE lower(replace(t.name, '-', '_')) = v_folded
+                    AND (t.stream, t.workflow_name) IS DISTINCT FROM (p_stream, p_workflow)) THEN
+        RAISE EXCEPTION 'another stream already serves a tool with this name or holds it reserved, or another tool of this stream has it (names differing only by case or - and _ count as one)'
+            USING ERRCODE = 'HM004';
+    END IF;
+END
+$$;
+
+-- Make p_definition (checked, in _tool_definition's form) the live definition of (stream, workflow): its name
+-- then belongs to the stream. p_approved_by: the admin who approved it, NULL when approval is off.
+CREATE OR REPLACE FUNCTION hotmesh._tool_go_live(p_stream text, p_workflow text, p_definition jsonb,
+                                                 p_registered_by name, p_approved_by name) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text := p_definition ->> 'name';
+BEGIN
+    PERFORM hotmesh._check_tool_name(p_stream, p_workflow, v_name);
+    INSERT INTO hotmesh.tool_names (folded, name, stream) VALUES (lower(replace(v_name, '-', '_')), v_name, p_stream)
+    ON CONFLICT (folded) DO NOTHING;
+    INSERT INTO hotmesh.tools AS t (stream, workflow_name, name, description, input_schema, output_schema,
+                                    registered_by, title, annotations, icons, meta, timeout_ms, approved_by, approved_at)
+    VALUES (p_stream, p_workflow, v_name, p_definition ->> 'description', p_definition -> 'input_schema',
+            p_definition -> 'output_schema', p_registered_by, p_definition ->> 'title', p_definition -> 'annotations',
+            p_definition -> 'icons', p_definition -> 'meta', (p_definition ->> 'timeout_ms')::integer, p_approved_by,
+            CASE WHEN p_approved_by IS NOT NULL THEN now() END)
+    ON CONFLICT (stream, workflow_name) DO UPDATE SET
+        name = excluded.name, description = excluded.description, input_schema = excluded.input_schema,
+        output_schema = excluded.output_schema, registered_by = excluded.registered_by, title = excluded.title,
+        annotations = excluded.annotations, icons = excluded.icons, meta = excluded.meta,
+        timeout_ms = excluded.timeout_ms, approved_by = excluded.approved_by, approved_at = excluded.approved_at,
+        updated_at = now();
+    DELETE FROM hotmesh.tool_pending p WHERE p.stream = p_stream AND p.workflow_name = p_workflow;
+    PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
+END
+$$;
+
+-- Register the tool served on (stream, workflow_name): {"name", "description", "input_schema", "output_schema",
+-- and optionally "title", "annotations", "icons", "meta", "timeout_ms"}, checked as untrusted input. Returns
+-- 'unchanged' (the live definition), 'live' (approval is off: agents see it now) or 'pending' (it waits for an
+-- admin; agents keep the approved definition, or see no tool yet).
+CREATE OR REPLACE FUNCTION hotmesh.worker_register_definition(stream text, workflow_name text, tool jsonb)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_stream text := worker_register_definition.stream;
+    v_workflow text := coalesce(worker_register_definition.workflow_name, '');
+    v_definition jsonb;
+BEGIN
+    PERFORM hotmesh._authorize(v_stream);
+    PERFORM hotmesh._check_tool(worker_register_definition.tool);
+    PERFORM hotmesh._check_tool_metadata(worker_register_definition.tool);
+    IF length(v_workflow) > 200 THEN
+        RAISE EXCEPTION 'workflow name longer than 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+    v_definition := hotmesh._tool_definition(worker_register_definition.tool);
+    PERFORM hotmesh._check_tool_name(v_stream, v_workflow, v_definition ->> 'name');
+    IF v_definition = hotmesh._tool_approved(v_stream, v_workflow) THEN
+        DELETE FROM hotmesh.tool_pending p WHERE p.stream = v_stream AND p.workflow_name = v_workflow;
+        RETURN 'unchanged';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM hotmesh.tools t WHERE t.stream = v_stream AND t.workflow_name = v_workflow)
+       AND NOT EXISTS (SELECT 1 FROM hotmesh.tool_pending p WHERE p.stream = v_stream AND p.workflow_name = v_workflow)
+       AND (SELECT count(*) FROM (SELECT t.workflow_name FROM hotmesh.tools t WHERE t.stream = v_stream
+                                  UNION SELECT p.workflow_name FROM hotmesh.tool_pending p WHERE p.stream = v_stream) s)
+           >= hotmesh._setting('max_tools_per_stream') THEN
+        RAISE EXCEPTION 'this stream already has % tools, the most one stream may register',
+            hotmesh._setting('max_tools_per_stream') USING ERRCODE = 'HM004';
+    END IF;
+    IF hotmesh._setting('approve_tools') = 0 THEN
+        PERFORM hotmesh._tool_go_live(v_stream, v_workflow, v_definition, session_user, NULL);
+        RETURN 'live';
+    END IF;
+    INSERT INTO hotmesh.tool_pending AS p (stream, workflow_name, name, definition, registered_by)
+    VALUES (v_stream, v_workflow, v_definition ->> 'name', v_definition, session_user)
+    ON CONFLICT (stream, workflow_name) DO UPDATE SET
+        name = excluded.name, definition = excluded.definition, registered_by = excluded.registered_by,
+        registered_at = now()
+    WHERE p.definition IS DISTINCT FROM excluded.definition;
+    RETURN 'pending';
+END
+$$;
+
+-- The approved tools on the caller's allowed streams with their metadata (caller_tools' columns and more), with
+-- how many live workers serve each; a tool's timeout capped by max_tool_timeout_ms.
+CREATE OR REPLACE FUNCTION hotmesh.caller_tool_definitions()
+RETURNS TABLE (stream text, workflow_name text, name text, description text, input_schema jsonb,
+               output_schema jsonb, live_workers integer, title text, annotations jsonb, icons jsonb, meta jsonb,
+               timeout_ms integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+    v_allowed text[] := hotmesh._allowed_streams();
+    v_cap bigint := hotmesh._setting('max_tool_timeout_ms');
+BEGIN
+    RETURN QUERY
+    SELECT t.stream, t.workflow_name, t.name, t.description, t.input_schema, t.output_schema,
+           (SELECT count(*) FROM hotmesh.workers w WHERE w.stream = t.stream AND w.expires_at > now())::integer,
+           t.title, t.annotations, t.icons, t.meta,
+           CASE WHEN t.timeout_ms IS NOT NULL THEN least(t.timeout_ms, v_cap)::integer END  -- least() skips NULL
+    FROM hotmesh.tools t
+    WHERE v_admin OR t.stream = ANY (v_allowed)
+    ORDER BY t.name;
+END
+$$;
+
+-- Admin: approve what waits for (stream, workflow_name); returns the approved definition. An admin's own
+-- definition (serve approves the tool set it was started with) goes the same way with p_definition given.
+CREATE OR REPLACE FUNCTION hotmesh._tool_approve(p_stream text, p_workflow text, p_definition jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_definition jsonb;
+    v_by name;
+BEGIN
+    IF p_definition IS NOT NULL THEN
+        PERFORM hotmesh._check_tool(p_definition);
+        PERFORM hotmesh._check_tool_metadata(p_definition);
+        v_definition := hotmesh._tool_definition(p_definition);
+        v_by := session_user;
+        IF v_definition = hotmesh._tool_approved(p_stream, p_workflow) THEN
+            RETURN v_definition;
+        END IF;
+    ELSE
+        SELECT p.definition, p.registered_by INTO v_definition, v_by FROM hotmesh.tool_pending p
+        WHERE p.stream = p_stream AND p.workflow_name = p_workflow FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'no definition waits for approval on stream % (workflow %)', p_stream, p_workflow
+                USING ERRCODE = 'HM005';
+        END IF;
+    END IF;
+    PERFORM hotmesh._tool_go_live(p_stream, p_workflow, v_definition, v_by, session_user);
+    RETURN v_definition;
+END
+$$;
+
+REVOKE ALL ON FUNCTION hotmesh._check_tool_metadata(jsonb), hotmesh._tool_definition(jsonb),
+    hotmesh._tool_approved(text, text), hotmesh._check_tool_name(text, text, text),
+    hotmesh._tool_go_live(text, text, jsonb, name, name), hotmesh._tool_approve(text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hotmesh.worker_register_definition(text, text, jsonb) TO hotmesh_worker;
+GRANT EXECUTE ON FUNCTION hotmesh.caller_tool_definitions() TO hotmesh_caller;

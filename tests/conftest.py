@@ -42,6 +42,9 @@ async def env(pg_server: PgServer) -> AsyncIterator[Env]:
     await migrate(admin, schema)
     # Tests use short leases so reclaim can be seen quickly.
     await admin.execute(f'UPDATE "{schema}".settings SET value = 50 WHERE key = $1', "min_lease_ms")
+    # Workers' tool definitions go live at once, as in development: the approval of definitions has tests of its
+    # own (test_tool_definitions.py), which turn it back on.
+    await admin.execute(f'UPDATE "{schema}".settings SET value = 0 WHERE key = $1', "approve_tools")
     env = Env(pg_server, schema, admin)
     try:
         yield env

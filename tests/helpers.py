@@ -234,13 +234,13 @@ block_cancellations = {"count": 0}
 """How many times ``test_block`` was cancelled (in this process)."""
 
 
-@GATEWAY_TOOLS.tool(topic="test.fail")
+@GATEWAY_TOOLS.tool(topic="test.fail", name="test_fail")
 async def fail(reason: str) -> dict[str, str]:
     """Always fails with the given reason."""
     raise ValueError(reason)
 
 
-@GATEWAY_TOOLS.tool(topic="test.block")
+@GATEWAY_TOOLS.tool(topic="test.block", name="test_block")
 async def block(ctx: ToolContext | None = None) -> dict[str, str]:
     """Blocks until cancelled."""
     try:

@@ -260,7 +260,7 @@ async def test_a_cancel_notify_for_a_stopped_handler_leaves_the_lease_keeper_wai
     tools = ToolSet()
     started = anyio.Event()
 
-    @tools.tool(topic="slowlost")
+    @tools.tool(topic="slowlost", name="slowlost")
     async def stubborn() -> dict[str, Any]:
         """Ignores cancellation for a while."""
         started.set()

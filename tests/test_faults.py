@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # subprocesses, server resta
 
 # The worker processes' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
-@toolset.tool(topic="fault.work")
+@toolset.tool(topic="fault.work", name="fault_work")
 async def work(n: int, ms: int = 100) -> dict[str, int]:
     """Work on n for ms milliseconds; returns n."""
     (MARKS / f"work-{n}-{os.getpid()}").touch()
@@ -59,14 +59,14 @@ async def work(n: int, ms: int = 100) -> dict[str, int]:
     return {"n": n}
 
 
-@toolset.tool(topic="fault.poison")
+@toolset.tool(topic="fault.poison", name="fault_poison")
 async def poison(n: int = 0) -> dict[str, int]:
     """Kills the worker process that runs it, every time."""
     (MARKS / f"poison-{os.getpid()}").touch()
     os._exit(17)
 
 
-@toolset.tool(topic="fault.echo")
+@toolset.tool(topic="fault.echo", name="fault_echo")
 async def echo(text: str) -> dict[str, str]:
     """Returns the text."""
     return {"text": text}
@@ -184,6 +184,8 @@ async def test_postgres_restart_in_the_middle_of_the_load(tmp_path: Path, procs:
         admin = await asyncpg.connect(server.admin_dsn)
         try:
             await migrate(admin, schema)
+            # the worker processes' definitions go live at once, as in the other tests (conftest)
+            await admin.execute(f'UPDATE "{schema}".settings SET value = 0 WHERE key = $1', "approve_tools")
             worker = await provision_role(admin, STREAMS, "worker", schema=schema)
             caller = await provision_role(admin, STREAMS, "caller", schema=schema)
         finally:

@@ -51,49 +51,49 @@ def nested(depth: int, leaf: Any = "x") -> Any:
     return value
 
 
-@tools.tool(topic="hostile.anything")
+@tools.tool(topic="hostile.anything", name="hostile_anything")
 async def anything(data: Any = None) -> dict[str, Any]:
     """Return whatever it was given, as {"data": ...}."""
     return {"data": data}
 
 
-@tools.tool(topic=OUT, workflow_name="not_json")
+@tools.tool(topic=OUT, workflow_name="not_json", name="hostile_out_not_json")
 async def not_json() -> Any:
     """Returns something that is not JSON."""
     return {"when": object()}
 
 
-@tools.tool(topic=OUT, workflow_name="wrong_shape")
+@tools.tool(topic=OUT, workflow_name="wrong_shape", name="hostile_out_wrong_shape")
 async def wrong_shape() -> Sum:
     """Returns something that breaks its declared output schema."""
     return {"result": "seven"}  # type: ignore[return-value]  # on purpose: what the test is about
 
 
-@tools.tool(topic=OUT, workflow_name="nul")
+@tools.tool(topic=OUT, workflow_name="nul", name="hostile_out_nul")
 async def nul() -> dict[str, str]:
     """Returns a string with a NUL character, which PostgreSQL's jsonb refuses."""
     return {"text": "a\u0000b"}
 
 
-@tools.tool(topic=OUT, workflow_name="surrogate")
+@tools.tool(topic=OUT, workflow_name="surrogate", name="hostile_out_surrogate")
 async def surrogate() -> dict[str, str]:
     """Returns a string with a lone surrogate, which is no UTF-8."""
     return {"text": "a\ud800b"}
 
 
-@tools.tool(topic=OUT, workflow_name="nan")
+@tools.tool(topic=OUT, workflow_name="nan", name="hostile_out_nan")
 async def nan() -> dict[str, float]:
     """Returns NaN, which JSON has no word for."""
     return {"x": float("nan")}
 
 
-@tools.tool(topic=OUT, workflow_name="huge")
+@tools.tool(topic=OUT, workflow_name="huge", name="hostile_out_huge")
 async def huge() -> dict[str, str]:
     """Returns more than the database's payload limit."""
     return {"text": "x" * 200_000}
 
 
-@tools.tool(topic=OUT, workflow_name="deep")
+@tools.tool(topic=OUT, workflow_name="deep", name="hostile_out_deep")
 async def deep() -> dict[str, Any]:
     """Returns a value nested far deeper than any JSON parser here reads."""
     return {"value": nested(5000)}

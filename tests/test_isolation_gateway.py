@@ -52,13 +52,13 @@ class Point(BaseModel):
 tools = ToolSet(list(example_tools.tools))
 
 
-@tools.tool(topic="iso.shape")
+@tools.tool(topic="iso.shape", name="iso_shape")
 async def shape(name: str, points: list[Point]) -> dict[str, Any]:
     """Count the points of a named shape (its schema has $defs and #/$defs/... references, as pydantic makes)."""
     return {"name": name, "points": len(points)}
 
 
-@tools.tool(topic="iso.codes")
+@tools.tool(topic="iso.codes", name="iso_codes")
 async def codes(code: Annotated[str, Field(pattern=r"^[A-Z]{3}-\d+$")],
                 tags: tuple[Annotated[str, Field(pattern="^[a-z]+$")], ...] = ()) -> dict[str, Any]:
     """Return a product code and its tags (its schema has pydantic's pattern constraints)."""

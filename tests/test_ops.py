@@ -81,7 +81,7 @@ async def test_status_counts_every_state(env: Env) -> None:
     assert a.calls_per_second == round(2 / 60, 3)  # one done, one dead in the last minute
     assert (b.stream, b.tools, b.ready, b.live_workers, b.dead) == ("ops.b", [], 1, 0, 0)
     data = st.as_json()
-    assert set(data) == {"schema", "time", "streams", "totals", "retention", "roles"}
+    assert set(data) == {"schema", "time", "streams", "totals", "retention", "roles", "pending_tools"}
     # per role: the caller's two calls waiting (one ready, one retrying later), none of the worker's
     assert sorted((r["kind"], r["queued"]) for r in data["roles"]) == [("caller", 2), ("worker", 0)]
     assert set(data["streams"][0]) == {"stream", "tools", "ready", "in_flight", "stalled", "retrying", "dead", "done",

@@ -39,7 +39,8 @@ from tests.helpers import Env, drop_schema
 
 pytestmark = pytest.mark.anyio
 
-TABLES = ("messages", "tools", "workers", "roles", "settings", "migrations", "definitions")
+TABLES = ("messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "tool_pending",
+          "tool_names")
 DENIED = asyncpg.InsufficientPrivilegeError  # SQLSTATE 42501
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -221,7 +222,8 @@ async def all_worker_attacks_refused(conn: asyncpg.Connection, s: str, stream: s
 
 def table_attacks(s: str) -> list[str]:
     a_column = {"messages": "stream", "tools": "name", "workers": "consumer", "roles": "kind",
-                "settings": "value", "migrations": "name", "definitions": "checksum"}
+                "settings": "value", "migrations": "name", "definitions": "checksum", "tool_pending": "definition",
+                "tool_names": "stream"}
     attacks = []
     for table in TABLES:
         t = f"{s}.{table}"

@@ -36,7 +36,7 @@ def adder(runs: list[int] | None = None, *, wrong_result: bool = False) -> ToolS
     ``wrong_result`` it answers what breaks its own output schema."""
     tools = ToolSet()
 
-    @tools.tool(topic="calc")
+    @tools.tool(topic="calc", name="calc")
     async def add(a: int, b: int) -> Sum:
         """Add two integers."""
         if runs is not None:
@@ -56,7 +56,7 @@ def noting_its_runs(
     runs: list[int] = []
     tools = ToolSet()
 
-    @tools.tool(topic=topic)
+    @tools.tool(topic=topic, name=topic)
     async def job() -> dict[str, Any]:
         """Notes its run."""
         runs.append(len(runs))
@@ -296,12 +296,12 @@ async def test_workflow_names_share_one_consumer_and_dispatch(env: Env, monkeypa
     monkeypatch.setattr(WorkerAPI, "respond_and_dequeue", spy_batched)
     tools = ToolSet()
 
-    @tools.tool(topic="math", workflow_name="add")
+    @tools.tool(topic="math", workflow_name="add", name="math_add")
     async def add(a: int, b: int) -> int:
         """Add."""
         return a + b
 
-    @tools.tool(topic="math", workflow_name="mul")
+    @tools.tool(topic="math", workflow_name="mul", name="math_mul")
     async def mul(a: int, b: int) -> int:
         """Multiply."""
         return a * b

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # worker subprocesses
 
 # The workers' tool module, after helpers.TOOLS_PREAMBLE (toolset, MARKS).
 TOOLS = '''
-@toolset.tool(topic="proc.work")
+@toolset.tool(topic="proc.work", name="proc_work")
 async def work(n: int) -> dict[str, int]:
     """Do some work on n."""
     (MARKS / f"started-{n}-{os.getpid()}").touch()

@@ -42,7 +42,7 @@ class WordCount(BaseModel):
     top: list[str] = Field(description="the most frequent words, most frequent first")
 
 
-@toolset.tool(topic="text.stats", name="word_count")  # on the stream "text.stats"; without name=, "text_stats"
+@toolset.tool(topic="text.stats")  # on the stream "text.stats", named after the function: word_count
 async def word_count(
     text: Annotated[str, Field(min_length=1, max_length=100_000, description="the text to analyse")],
     top: Annotated[int, Field(ge=0, le=50, description="how many of the most frequent words to return")] = 5,
