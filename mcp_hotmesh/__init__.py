@@ -12,6 +12,9 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _worker, _consumer    the worker side: a Worker runs one Consumer per topic, which     │
                                          claims, runs the handler and answers (worker_respond)  ◀─────────┘
                    _tools                tools as typed Python functions (ToolSet, ToolContext)
+                   _content              rich results (Text, Image, Audio, Resource, ResourceLink, ToolResult)
+                   _questions            a handler's questions to the client (ctx.elicit, ctx.sample), worker side
+                   _question_line, _asking   ... and gateway side: read, check, ask the client, answer
                    _schemas              registered tool definitions as untrusted data: bounds, no retrieval
 
     startup and operations:
@@ -29,8 +32,10 @@ from __future__ import annotations
 import importlib.metadata
 
 from ._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
+from ._content import Audio, Image, Resource, ResourceLink, Text, ToolResult
 from ._migrate import migrate
 from ._postgres import connect
+from ._questions import Elicited, Sampled
 from ._roles import (
     ProvisionedRole,
     RoleInfo,
@@ -47,6 +52,7 @@ from ._tools import Tool, ToolContext, ToolSet, load_toolset
 from ._worker import Worker, run_worker
 from .errors import (
     Busy,
+    CannotAsk,
     ConfigError,
     Conflict,
     ConnectionFailed,
@@ -74,14 +80,18 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare che
     __version__ = "0+unknown"
 
 __all__ = [
+    "Audio",
     "Busy",
+    "CannotAsk",
     "ConfigError",
     "Conflict",
     "ConnectionFailed",
     "ConnectionOptions",
     "DatabaseError",
+    "Elicited",
     "EmbeddedServerError",
     "HotMeshError",
+    "Image",
     "InvalidInput",
     "LeaseLost",
     "LoginRefused",
@@ -90,15 +100,20 @@ __all__ = [
     "PermissionDenied",
     "ProvisionedRole",
     "QuotaExceeded",
+    "Resource",
+    "ResourceLink",
     "RetryPolicy",
     "RoleInfo",
     "RoleLimits",
+    "Sampled",
     "ServerTooOld",
+    "Text",
     "Tool",
     "ToolContext",
     "ToolError",
     "ToolInputError",
     "ToolOutputError",
+    "ToolResult",
     "ToolSet",
     "TransportError",
     "UnknownTool",

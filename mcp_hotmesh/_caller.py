@@ -38,6 +38,7 @@ from ._batching import Batcher
 from ._common import JSON, ProgressReport, clip
 from ._listener import Listener
 from ._postgres import JsonText
+from ._question_line import Asker, QuestionLine
 from ._retry import Backoff
 from ._streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 from .errors import (
@@ -147,6 +148,7 @@ class _Waiter:
     result: CallResult | None = None
     error: HotMeshError | None = None
     last_progress: float | None = None
+    questions: QuestionLine | None = None  # the handler's questions to the agent's client
 
 
 def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
@@ -276,18 +278,27 @@ class Engine:
             self._dirty.set()
             return
         kind, _, ident = payload.partition(":")
-        if kind not in ("r", "p"):
+        if kind not in ("r", "p", "q"):
             return
         try:
             call_id = UUID(ident)
         except ValueError:
             return
         if call_id in self._waiters:
+            if kind == "q":  # a handler asks the client a question
+                self._ask(call_id)
+                return
             self._look_at(call_id)
         else:
             self._early[call_id] = None
             if len(self._early) > EARLY_NOTIFICATIONS:
                 del self._early[next(iter(self._early))]
+
+    def _ask(self, call_id: UUID) -> None:
+        """Serve the pending question of a waiting call, if there is one (``QuestionLine``)."""
+        waiter = self._waiters.get(call_id)
+        if waiter is not None and waiter.questions is not None and self._tg is not None:
+            waiter.questions.look(self._tg)
 
     def _look_at(self, call_id: UUID) -> None:
         self._to_read[call_id] = None
@@ -447,9 +458,10 @@ class Engine:
 
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
-        time_limit: float | None = None,
+        time_limit: float | None = None, asker: Asker | None = None,
     ) -> Outcome:
-        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database."""
+        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database. ``asker`` asks the
+        agent's client the handler's questions (``_questions``); without one they are answered "unavailable"."""
         checked = await self.check(name, arguments)
         if isinstance(checked, Outcome):
             return checked
@@ -463,9 +475,11 @@ class Engine:
         except HotMeshError as exc:
             return Outcome.refused(exc)
         waiter = self._waiters[call_id] = _Waiter(report)
+        waiter.questions = QuestionLine(self.api, call_id, asker, time.monotonic() + limit)
         if call_id in self._early:  # its NOTIFY came before we got here
             del self._early[call_id]
             self._look_at(call_id)
+            self._ask(call_id)
         try:
             return await self._wait(name, call_id, waiter, limit)
         except anyio.get_cancelled_exc_class():
@@ -474,6 +488,7 @@ class Engine:
             raise
         finally:
             self._waiters.pop(call_id, None)
+            waiter.questions.close()  # a question still open with the client is withdrawn
 
     async def _send_calls(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID | BaseException]:
         """One batch of enqueues. A refused batch is sent again call by call, so each call gets its own answer."""
@@ -570,6 +585,7 @@ class Engine:
             if waiter.error is not None:
                 return Outcome.refused(waiter.error)
             self._look_at(call_id)  # nothing heard for a while: look anyway
+            self._ask(call_id)  # and for a question whose NOTIFY was lost
 
     async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
         state = await self._cancel(call_id)

@@ -37,7 +37,9 @@ from mcp.types import (
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
+from ._asking import asker_for
 from ._caller import Engine
+from ._content import call_result
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats
 from .errors import HotMeshError, UnknownTool
@@ -146,7 +148,7 @@ class McpGateway:
         started = time.monotonic()
         label = "error"
         try:
-            outcome = await self.engine.call(params.name, params.arguments, report=report)
+            outcome = await self.engine.call(params.name, params.arguments, report=report, asker=asker_for(ctx))
             label = classify(outcome)
         except UnknownTool as exc:
             label = "unknown_tool"
@@ -161,12 +163,7 @@ class McpGateway:
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
-        try:
-            text = _pretty_json(outcome.result)
-        except (TypeError, ValueError, RecursionError):  # an answer written by hand that Python cannot read back
-            return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
-                                "service returned a malformed answer.")
-        return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+        return call_result(outcome.result)  # plain or rich, checked as the worker role's hostile input
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""
