@@ -10,13 +10,14 @@ handler never waits in vain and this never raises.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import anyio
 import pydantic
 from mcp import MCPError
 from mcp.server import ServerRequestContext
-from mcp.shared.exceptions import NoBackChannelError
+from mcp.shared.exceptions import MCPDeprecationWarning, NoBackChannelError
 from mcp.types import (
     ClientCapabilities,
     ElicitationCapability,
@@ -78,9 +79,11 @@ async def _sample(ctx: ServerRequestContext[Any, Any], request: dict[str, JSON])
         return unavailable(NO_SAMPLING)
     messages = [SamplingMessage(role=m["role"], content=TextContent(text=m["content"]["text"]))
                 for m in request["messages"]]
-    result = await ctx.session.create_message(
-        messages, max_tokens=request["maxTokens"], system_prompt=request.get("systemPrompt"),
-        temperature=request.get("temperature"), related_request_id=ctx.request_id)
+    with warnings.catch_warnings():  # deprecated in the 2026 era, where it is never sent (no back channel there)
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        result = await ctx.session.create_message(
+            messages, max_tokens=request["maxTokens"], system_prompt=request.get("systemPrompt"),
+            temperature=request.get("temperature"), related_request_id=ctx.request_id)
     content = result.content
     block = content[0] if isinstance(content, list) and content else content
     return {"action": "accept", "model": result.model, "stopReason": result.stop_reason,

@@ -94,7 +94,11 @@ class QuestionLine:
             return
         else:
             assert isinstance(question.request, dict)
-            answer = await self.asker(question.kind, question.request, seconds)
+            try:
+                answer = await self.asker(question.kind, question.request, seconds)
+            except Exception:  # a bug must cost this question, never the engine's other calls
+                log.exception("call %s: asking the client failed", self.call_id)
+                answer = unavailable("The gateway failed to ask the client.")
         try:
             await self.api.answer(self.call_id, question.seq, answer)
         except (PayloadTooLarge, InvalidInput):

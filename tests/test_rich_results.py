@@ -15,7 +15,7 @@ from mcp.types import AudioContent, EmbeddedResource, ImageContent, ResourceLink
 from pydantic import BaseModel
 
 from examples.conformance import tools as conformance
-from mcp_hotmesh import Audio, Image, Resource, Text, ToolResult, ToolSet
+from mcp_hotmesh import Image, Resource, Text, ToolResult, ToolSet
 from mcp_hotmesh import ResourceLink as Link
 from mcp_hotmesh._content import CONTENT_KEY, STRUCTURED_KEY
 from tests.helpers import Env, Hub, hub_for, text_of, wait_for

@@ -14,7 +14,8 @@ from __future__ import annotations
 import base64
 import io
 import wave
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mcp_hotmesh import Audio, Image, Resource, Text, ToolContext, ToolError, ToolSet
 
 toolset = ToolSet()
+_F = TypeVar("_F", bound=Callable[..., Any])
 TOPIC = "conformance"
 
 RED_PIXEL_PNG = base64.b64decode(
@@ -39,7 +41,8 @@ def _silence_wav() -> bytes:
     return out.getvalue()
 
 
-def _tool(name: str) -> Any:
+def _tool(name: str) -> Callable[[_F], _F]:
+    """Register a tool under the name the suite calls, on the one topic, with its name as the workflow name."""
     return toolset.tool(name=name, topic=TOPIC, workflow_name=name)
 
 
@@ -151,7 +154,7 @@ async def elicitation_enums(ctx: ToolContext) -> Text:
     return Text(f"Elicitation completed: action={answer.action}, content={answer.content}")
 
 
-class address(BaseModel):  # noqa: N801  # the suite looks for $defs.address, and pydantic names defs by class
+class address(BaseModel):  # the suite looks for $defs.address, and pydantic names defs by class
     street: str
     city: str
 
