@@ -172,6 +172,10 @@ def token_proxy(upstream: int, token: str) -> Iterator[int]:
         thread.join(10)
 
 
+def _said(check: dict[str, Any]) -> str:
+    return str(check.get("errorMessage") or (check.get("details") or {}).get("message") or check.get("status"))
+
+
 def run_scenario(node: Path, entry: Path, url: str, name: str, out: Path) -> tuple[str, int, int, str]:
     """One scenario: (status, checks passed, checks, what failed)."""
     target = out / name
@@ -188,8 +192,7 @@ def run_scenario(node: Path, entry: Path, url: str, name: str, out: Path) -> tup
     # a scenario with neither a success nor a failure only warned (a tool it recommends is not there, say)
     status = "FAIL" if failed else "PASS" if passed else "WARN"
     noted = failed or [c for c in checks if c.get("status") not in ("SUCCESS",)]
-    why = "; ".join(f"{c.get('id')}: {c.get('errorMessage') or (c.get('details') or {}).get('message') or c.get('status')}"
-                    for c in noted)
+    why = "; ".join(f"{c.get('id')}: {_said(c)}" for c in noted)
     return status, len(passed), len(checks), why[:300]
 
 
