@@ -12,6 +12,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.client.context import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CreateMessageRequestParams, CreateMessageResult, ElicitRequestParams, ElicitResult, TextContent
 from pydantic import BaseModel
 
@@ -21,7 +22,7 @@ from mcp_hotmesh._asking import NO_ELICITATION
 from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from mcp_hotmesh.errors import InvalidInput, LeaseLost, PayloadTooLarge, PermissionDenied
-from tests.helpers import Env, Hub, hub_for, text_of, wait_for
+from tests.helpers import TOKEN, Env, Hub, http_client, http_server, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -106,6 +107,19 @@ async def test_an_answer_reaches_the_handler(hub: Hub) -> None:
     assert await hub.unfinished() == 0
     row = await hub.env.admin.fetchrow(f'SELECT seq, response FROM "{hub.env.schema}".requests')
     assert row is not None and row["seq"] == 2  # one row per call: the latest question
+
+
+async def test_an_answer_over_streamable_http(hub: Hub) -> None:
+    """Over HTTP the question rides the tool call's own response stream (as the conformance suite's client
+    expects, which opens no other)."""
+    callback = answering(ElicitResult(action="accept", content={"username": "ada", "email": "ada@example.com"}))
+    async with http_server(hub.gateway) as url, http_client(TOKEN) as http, Client(
+            streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy",
+            elicitation_callback=callback) as client:
+        with anyio.fail_after(30):
+            result = await client.call_tool("test_elicitation", {"message": "Who are you?"})
+    assert text_of(result).startswith("User response: action=accept, content=")
+    assert "'username': 'ada'" in text_of(result) and "'email': 'ada@example.com'" in text_of(result)
 
 
 async def test_a_pydantic_model_as_the_schema(hub: Hub) -> None:
