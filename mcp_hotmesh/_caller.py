@@ -262,6 +262,7 @@ class Engine:
         self._tg.start_soon(self._reader)
         self._tg.start_soon(self._refresher)
         self._tg.start_soon(self._ticker)
+        self._tg.start_soon(self._question_scanner)
         with anyio.move_on_after(10):
             await self.listener.connected.wait()
         if not self.listener.connected.is_set():
@@ -337,6 +338,21 @@ class Engine:
             if time.monotonic() - last_refresh >= self.refresh_interval:
                 last_refresh = time.monotonic()
                 self._dirty.set()  # live-worker counts age without a NOTIFY
+
+    async def _question_scanner(self) -> None:
+        """The safety net for a lost ``q:`` NOTIFY: every ``recheck_interval``, one statement finds the waiting calls
+        whose handler asks a question."""
+        while True:
+            await anyio.sleep(self.recheck_interval)
+            waiting = list(self._waiters)
+            for start in range(0, len(waiting), READ_BATCH):
+                try:
+                    asking = await self.api.requests(waiting[start:start + READ_BATCH])
+                except HotMeshError as exc:
+                    log.debug("looking for questions: %s", exc)
+                    break
+                for call_id in asking:
+                    self._ask(call_id)
 
     # ------------------------------------------------------------------------------------------ catalog
     async def refresh(self, *, notify: bool = True) -> bool:
@@ -585,7 +601,6 @@ class Engine:
             if waiter.error is not None:
                 return Outcome.refused(waiter.error)
             self._look_at(call_id)  # nothing heard for a while: look anyway
-            self._ask(call_id)  # and for a question whose NOTIFY was lost
 
     async def _timed_out(self, name: str, call_id: UUID, limit: float) -> Outcome:
         state = await self._cancel(call_id)

@@ -260,8 +260,8 @@ def _no_line() -> CannotAsk:
 
 async def elicit(questions: Questions | None, message: str, schema: dict[str, Any] | type[BaseModel]) -> Elicited:
     model = schema if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-    requested: dict[str, Any] = schema if not isinstance(schema, type) else {
-        k: v for k, v in schema.model_json_schema().items() if k != "title"}
+    requested: dict[str, Any] = schema if not isinstance(schema, type) else {  # a model's own title, and its
+        k: v for k, v in schema.model_json_schema().items() if k not in ("title", "additionalProperties")}  # extra
     problem = schema_problem(requested) or (None if _text(message, MAX_MESSAGE_CHARS)
                                             else f"the message is longer than {MAX_MESSAGE_CHARS} characters")
     if problem is not None:  # the handler's own mistake: said before anything is sent

@@ -342,6 +342,11 @@ class CallerAPI(_API):
         return Question(call_id, rows[0]["seq"], rows[0]["kind"], rows[0]["request"], rows[0]["deadline"]) if rows \
             else None
 
+    async def requests(self, call_ids: list[UUID]) -> list[UUID]:
+        """Which of several of this role's running calls have a pending question (``caller_requests``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_requests($1)", call_ids)
+        return [r["call_id"] for r in rows]
+
     async def answer(self, call_id: UUID, seq: int, response: JSON) -> bool:
         """Answer question ``seq`` of one of this role's running calls (``caller_answer``)."""
         return bool(await self._val(f"SELECT {self._s}.caller_answer($1, $2, $3)", call_id, seq, response))

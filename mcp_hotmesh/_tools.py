@@ -164,7 +164,10 @@ class Tool:
         return self.dump_result(value)
 
     def dump_result(self, value: Any) -> JSON:
-        rich = _content.encode(value)  # text, images, audio, resources (see _content)
+        try:
+            rich = _content.encode(value)  # text, images, audio, resources (see _content)
+        except (TypeError, ValueError) as exc:  # structured content beside them that is no JSON
+            raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
         if rich is not None:
             return rich
         try:

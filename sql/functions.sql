@@ -1438,6 +1438,27 @@ BEGIN
 END
 $$;
 
+-- Which of several of the caller's own running calls have a pending question, in one statement: the gateway's
+-- slow look for a NOTIFY it missed. Calls of other roles, and unknown ids, are left out.
+CREATE OR REPLACE FUNCTION hotmesh.caller_requests(call_ids uuid[])
+RETURNS TABLE (call_id uuid, seq integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+BEGIN
+    IF coalesce(cardinality(caller_requests.call_ids), 0) > hotmesh._setting('max_batch') THEN
+        RAISE EXCEPTION 'at most max_batch call ids' USING ERRCODE = 'HM002';
+    END IF;
+    RETURN QUERY
+    SELECT r.call_id, r.seq
+    FROM hotmesh.requests r JOIN hotmesh.messages m ON m.call_id = r.call_id
+    WHERE r.call_id = ANY (caller_requests.call_ids) AND r.response IS NULL AND m.state = 'reserved'
+      AND r.lease = m.lease AND (m.owner = session_user OR v_admin);
+END
+$$;
+
 -- Answer question seq of one of the caller's own running calls; the worker is told (e:<message id> on the
 -- stream's channel). False, and nothing written, when that question is not pending (answered, replaced, the call
 -- ended) or the call is another role's.
@@ -1472,6 +1493,7 @@ REVOKE ALL ON FUNCTION
     hotmesh.worker_request(text, bigint, uuid, text, jsonb),
     hotmesh.worker_request_answer(text, bigint, uuid, integer),
     hotmesh.caller_request(uuid),
+    hotmesh.caller_requests(uuid[]),
     hotmesh.caller_answer(uuid, integer, jsonb)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
@@ -1480,10 +1502,12 @@ GRANT EXECUTE ON FUNCTION
 TO hotmesh_worker;
 GRANT EXECUTE ON FUNCTION
     hotmesh.caller_request(uuid),
+    hotmesh.caller_requests(uuid[]),
     hotmesh.caller_answer(uuid, integer, jsonb)
 TO hotmesh_caller;
 -- as every scoped function (the loop above ran before these were defined)
 ALTER FUNCTION hotmesh.worker_request(text, bigint, uuid, text, jsonb) SET lock_timeout = '2s';
 ALTER FUNCTION hotmesh.worker_request_answer(text, bigint, uuid, integer) SET lock_timeout = '2s';
 ALTER FUNCTION hotmesh.caller_request(uuid) SET lock_timeout = '2s';
+ALTER FUNCTION hotmesh.caller_requests(uuid[]) SET lock_timeout = '2s';
 ALTER FUNCTION hotmesh.caller_answer(uuid, integer, jsonb) SET lock_timeout = '2s';

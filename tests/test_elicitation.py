@@ -5,6 +5,7 @@ the gateway.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -270,6 +271,8 @@ async def test_only_the_calls_owner_reads_and_answers_its_question(env: Env) -> 
     assert await worker.request_answer("ask.d", msg.id, msg.lease, 1) is None  # unaffected
     with pytest.raises(PayloadTooLarge):
         await caller.answer(call_id, 1, {"action": "accept", "content": {"x": "y" * 70_000}})
+    assert await stranger.requests([call_id]) == []
+    assert await caller.requests([call_id]) == [call_id]
     mine = await caller.request(call_id)
     assert mine is not None and mine.request == {"message": "secret?"} and mine.kind == "elicit"
     assert await caller.answer(call_id, 2, {"action": "decline"}) is False  # not the pending question
@@ -342,3 +345,46 @@ async def test_the_gateway_refuses_hostile_questions_and_the_client_never_sees_t
             assert await worker.respond("hostile.ask", msg.id, msg.lease, {"ok": True})
         assert outcome[0].kind == "ok"
     assert asked == []
+
+
+async def test_a_question_whose_notify_was_lost_is_found_on_the_timer(env: Env) -> None:
+    """The question is written without its NOTIFY (as if the gateway's LISTEN connection had dropped it): the
+    gateway's slow look finds it, asks, and the worker gets the answer."""
+    async with hub_for(env, toolset=TOOLS, extra_streams=["hostile.lost"], recheck_interval=0.5) as hub:
+        _, worker = await env.worker(["hostile.lost"])
+        await worker.register_tool("hostile.lost", "", {"name": "lost_notify", "description": "d",
+                                                        "input_schema": {"type": "object"}})
+        await worker.heartbeat(["hostile.lost"], "w", 60_000)
+
+        async def known() -> bool:
+            await hub.engine.refresh()
+            return any(r.name == "lost_notify" and r.live_workers for r in hub.engine.tools())
+
+        await wait_for(known)
+        asked: list[Any] = []
+
+        async def asker(kind: str, request: dict[str, Any], seconds: float) -> dict[str, Any]:
+            asked.append(request)
+            return {"action": "accept", "content": {"size": "S"}}
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: hub.engine.call("lost_notify", {}, asker=asker, time_limit=30))
+            claimed: list[Any] = []
+            with anyio.fail_after(15):
+                while not claimed:
+                    claimed = await worker.dequeue("hostile.lost", "w", 1, 60_000)
+                    await anyio.sleep(0.01)
+            msg = claimed[0]
+            question = {"message": "Which size?", "requestedSchema": SIZE}
+            await env.admin.execute(
+                f'INSERT INTO "{env.schema}".requests (call_id, lease, kind, request) '
+                f'SELECT call_id, lease, $2, $3::jsonb FROM "{env.schema}".messages WHERE id = $1', msg.id, "elicit",
+                json.dumps(question))
+            answer = None
+            with anyio.fail_after(15):
+                while answer is None:
+                    answer = await worker.request_answer("hostile.lost", msg.id, msg.lease, 1)
+                    await anyio.sleep(0.05)
+            assert answer == {"action": "accept", "content": {"size": "S"}}
+            assert asked == [question]
+            assert await worker.respond("hostile.lost", msg.id, msg.lease, {"ok": True})
