@@ -29,10 +29,11 @@ names start with ``_`` are internal and may change). The code map, and the path 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from typing import TYPE_CHECKING, Any
 
 from ._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
-from ._content import Audio, Image, Resource, ResourceLink, Text, ToolResult
 from ._migrate import migrate
 from ._postgres import connect
 from ._questions import Elicited, Sampled
@@ -73,6 +74,19 @@ from .errors import (
     TransportError,
     UnknownTool,
 )
+
+if TYPE_CHECKING:
+    from ._content import Audio, Image, Resource, ResourceLink, Text, ToolResult
+
+_LAZY = {"Audio", "Image", "Resource", "ResourceLink", "Text", "ToolResult"}
+"""The content helpers (``_content``): loaded on first use, as they load the SDK's types (over a second)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("._content", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:
     __version__ = importlib.metadata.version("mcp-hotmesh")

@@ -41,9 +41,8 @@ from mcp.types import (
 from mcp.types import ResourceLink as _SdkResourceLink
 from pydantic import BaseModel, ConfigDict
 
-from ._common import JSON, clip
+from ._common import CONTENT_KEY, JSON, clip
 
-CONTENT_KEY = "$mcp_content"
 STRUCTURED_KEY = "$mcp_structured"
 MAX_BLOCKS = 100
 """Content blocks in one result."""

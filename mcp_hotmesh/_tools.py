@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,8 +28,8 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
-from . import _content, _questions
-from ._common import JSON, ProgressReport
+from . import _questions
+from ._common import CONTENT_KEY, JSON, ProgressReport
 from ._config import TOOL_NAME_PATTERN, check_stream
 from ._postgres import UnreadableJSON
 from ._questions import Elicited, Questions, Sampled
@@ -164,12 +165,15 @@ class Tool:
         return self.dump_result(value)
 
     def dump_result(self, value: Any) -> JSON:
-        try:
-            rich = _content.encode(value)  # text, images, audio, resources (see _content)
-        except (TypeError, ValueError) as exc:  # structured content beside them that is no JSON
-            raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
-        if rich is not None:
-            return rich
+        if "mcp_types" in sys.modules:  # content blocks are the SDK's types: without them loaded, there are none
+            from . import _content
+
+            try:
+                rich = _content.encode(value)  # text, images, audio, resources
+            except (TypeError, ValueError) as exc:  # structured content beside them that is no JSON
+                raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
+            if rich is not None:
+                return rich
         try:
             if self.output_adapter is not None:
                 value = self.output_adapter.validate_python(value)
@@ -180,12 +184,22 @@ class Tool:
             raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
         if self.wraps_output or not isinstance(dumped, dict):
             return {"result": dumped}
-        return _content.escape(dumped)
+        if CONTENT_KEY in dumped:  # a plain result that holds the key of rich ones
+            from . import _content
+
+            return _content.escape(dumped)
+        return dumped
 
 
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _returns_content(annotation: Any) -> bool:
+    from . import _content
+
+    return _content.is_content_annotation(annotation)
 
 
 def _is_context(annotation: Any) -> bool:
@@ -247,7 +261,7 @@ def make_tool(
             f"{_sanitize(name)}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields
         )
     returns = hints.get("return", Any)
-    no_schema = returns in (Any, None, type(None)) or _content.is_content_annotation(returns)
+    no_schema = returns in (Any, None, type(None)) or ("mcp_types" in sys.modules and _returns_content(returns))
     output_adapter = None if no_schema else TypeAdapter(returns)
     wraps = output_adapter is not None and not _is_object_type(returns)
     return Tool(

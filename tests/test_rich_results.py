@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from examples.conformance import tools as conformance
 from mcp_hotmesh import Image, Resource, Text, ToolResult, ToolSet
 from mcp_hotmesh import ResourceLink as Link
-from mcp_hotmesh._content import CONTENT_KEY, STRUCTURED_KEY
+from mcp_hotmesh._common import CONTENT_KEY
+from mcp_hotmesh._content import STRUCTURED_KEY
 from tests.helpers import Env, Hub, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -204,3 +205,15 @@ async def test_a_result_past_the_size_limit_is_refused_by_the_database(hub: Hub)
         with anyio.fail_after(15):
             result = await client.call_tool("rich_huge", {})
     assert result.is_error and "result larger than 10000 bytes" in text_of(result)
+
+
+def test_a_worker_without_content_never_loads_the_sdks_types() -> None:
+    """Loading the SDK's types takes over a second: a worker process (the CLI's, the example tools) does not, and
+    the helpers load them on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mcp_hotmesh, mcp_hotmesh._cli, mcp_hotmesh._worker, mcp_hotmesh.examples; "
+            "print('mcp_types' in sys.modules); from mcp_hotmesh import Image; print('mcp_types' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.split() == ["False", "True"]
