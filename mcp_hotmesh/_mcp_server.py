@@ -15,7 +15,6 @@ The database side (the catalog, argument checks, calls and their answers) is the
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import time
 from typing import Any
@@ -72,10 +71,6 @@ class _HotMeshServer(Server[Any]):
         return super().create_initialization_options(
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
         )
-
-
-def _pretty_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=2)
 
 
 def error_result(message: str) -> CallToolResult:
