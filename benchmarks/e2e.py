@@ -159,7 +159,8 @@ class _StubEngine:
         return [self.record]
 
     async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
-                   time_limit: float | None = None, idempotency_key: str | None = None) -> Outcome:
+                   time_limit: float | None = None, idempotency_key: str | None = None,
+                   asker: Any = None) -> Outcome:
         return Outcome("ok", result={})
 
 

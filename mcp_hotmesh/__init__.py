@@ -12,6 +12,9 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _worker, _consumer    the worker side: a Worker runs one Consumer per topic, which     │
                                          claims, runs the handler and answers (worker_respond)  ◀─────────┘
                    _tools                tools as typed Python functions (ToolSet, ToolContext)
+                   _content              rich results (Text, Image, Audio, Resource, ResourceLink, ToolResult)
+                   _questions            a handler's questions to the client (ctx.elicit, ctx.sample), worker side
+                   _question_line, _asking   ... and gateway side: read, check, ask the client, answer
                    _schemas              registered tool definitions as untrusted data: bounds, no retrieval
 
     startup and operations:
@@ -27,11 +30,14 @@ names start with ``_`` are internal and may change). The code map, and the path 
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from typing import TYPE_CHECKING, Any
 
 from ._config import ConnectionOptions, RetryPolicy, WorkerConfig, WorkerCredentials
 from ._migrate import migrate
 from ._postgres import connect
+from ._questions import Elicited, Sampled
 from ._roles import (
     ProvisionedRole,
     RoleInfo,
@@ -48,6 +54,7 @@ from ._tools import Tool, ToolContext, ToolSet, load_toolset
 from ._worker import Worker, run_worker
 from .errors import (
     Busy,
+    CannotAsk,
     ConfigError,
     Conflict,
     ConnectionFailed,
@@ -69,20 +76,37 @@ from .errors import (
     UnknownTool,
 )
 
+if TYPE_CHECKING:
+    from ._content import Audio, Image, Resource, ResourceLink, Text, ToolResult
+
+_LAZY = {"Audio", "Image", "Resource", "ResourceLink", "Text", "ToolResult"}
+"""The content helpers (``_content``): loaded on first use, as they load the SDK's types (over a second)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("._content", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 try:
     __version__ = importlib.metadata.version("mcp-hotmesh")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare checkout, not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "Audio",
     "Busy",
+    "CannotAsk",
     "ConfigError",
     "Conflict",
     "ConnectionFailed",
     "ConnectionOptions",
     "DatabaseError",
+    "Elicited",
     "EmbeddedServerError",
     "HotMeshError",
+    "Image",
     "InvalidInput",
     "LeaseLost",
     "LoginRefused",
@@ -91,15 +115,20 @@ __all__ = [
     "PermissionDenied",
     "ProvisionedRole",
     "QuotaExceeded",
+    "Resource",
+    "ResourceLink",
     "RetryPolicy",
     "RoleInfo",
     "RoleLimits",
+    "Sampled",
     "ServerTooOld",
+    "Text",
     "Tool",
     "ToolContext",
     "ToolError",
     "ToolInputError",
     "ToolOutputError",
+    "ToolResult",
     "ToolSet",
     "TransportError",
     "UnknownTool",

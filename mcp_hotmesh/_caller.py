@@ -38,6 +38,7 @@ from ._batching import Batcher
 from ._common import JSON, ProgressReport, clip
 from ._listener import Listener
 from ._postgres import JsonText
+from ._question_line import Asker, QuestionLine
 from ._retry import Backoff
 from ._streams import CallerAPI, CallResult, ToolRecord, caller_channel, tools_channel
 from .errors import (
@@ -147,6 +148,7 @@ class _Waiter:
     result: CallResult | None = None
     error: HotMeshError | None = None
     last_progress: float | None = None
+    questions: QuestionLine | None = None  # the handler's questions to the agent's client
 
 
 def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
@@ -260,6 +262,7 @@ class Engine:
         self._tg.start_soon(self._reader)
         self._tg.start_soon(self._refresher)
         self._tg.start_soon(self._ticker)
+        self._tg.start_soon(self._question_scanner)
         with anyio.move_on_after(10):
             await self.listener.connected.wait()
         if not self.listener.connected.is_set():
@@ -276,18 +279,27 @@ class Engine:
             self._dirty.set()
             return
         kind, _, ident = payload.partition(":")
-        if kind not in ("r", "p"):
+        if kind not in ("r", "p", "q"):
             return
         try:
             call_id = UUID(ident)
         except ValueError:
             return
         if call_id in self._waiters:
+            if kind == "q":  # a handler asks the client a question
+                self._ask(call_id)
+                return
             self._look_at(call_id)
         else:
             self._early[call_id] = None
             if len(self._early) > EARLY_NOTIFICATIONS:
                 del self._early[next(iter(self._early))]
+
+    def _ask(self, call_id: UUID) -> None:
+        """Serve the pending question of a waiting call, if there is one (``QuestionLine``)."""
+        waiter = self._waiters.get(call_id)
+        if waiter is not None and waiter.questions is not None and self._tg is not None:
+            waiter.questions.look(self._tg)
 
     def _look_at(self, call_id: UUID) -> None:
         self._to_read[call_id] = None
@@ -326,6 +338,21 @@ class Engine:
             if time.monotonic() - last_refresh >= self.refresh_interval:
                 last_refresh = time.monotonic()
                 self._dirty.set()  # live-worker counts age without a NOTIFY
+
+    async def _question_scanner(self) -> None:
+        """The safety net for a lost ``q:`` NOTIFY: every ``recheck_interval``, one statement finds the waiting calls
+        whose handler asks a question."""
+        while True:
+            await anyio.sleep(self.recheck_interval)
+            waiting = list(self._waiters)
+            for start in range(0, len(waiting), READ_BATCH):
+                try:
+                    asking = await self.api.requests(waiting[start:start + READ_BATCH])
+                except HotMeshError as exc:
+                    log.debug("looking for questions: %s", exc)
+                    break
+                for call_id in asking:
+                    self._ask(call_id)
 
     # ------------------------------------------------------------------------------------------ catalog
     async def refresh(self, *, notify: bool = True) -> bool:
@@ -447,12 +474,13 @@ class Engine:
 
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
-        time_limit: float | None = None, idempotency_key: str | None = None,
+        time_limit: float | None = None, idempotency_key: str | None = None, asker: Asker | None = None,
     ) -> Outcome:
         """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database. The time limit is
         ``time_limit``, else the tool's own timeout (capped by the admin), else the engine's. With an
         ``idempotency_key`` (scoped to this caller role) a repeated call is the first one: its answer, or, while
-        it runs, a wait for it."""
+        it runs, a wait for it. ``asker`` asks the agent's client the handler's questions (``_questions``);
+        without one they are answered "unavailable"."""
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
             return Outcome("invalid_arguments", error="The idempotency key must be a string of 1 to 200 characters.")
         checked = await self.check(name, arguments)
@@ -472,9 +500,11 @@ class Engine:
         if first is not None:  # the same key's first call waits in this gateway: share its answer
             return await self._wait_for_first(name, first, limit)
         waiter = self._waiters[call_id] = _Waiter(report)
+        waiter.questions = QuestionLine(self.api, call_id, asker, time.monotonic() + limit)
         if call_id in self._early or idempotency_key is not None:  # its NOTIFY came, or it may have ended long ago
             self._early.pop(call_id, None)
             self._look_at(call_id)
+            self._ask(call_id)
         try:
             return await self._wait(name, call_id, waiter, limit)
         except anyio.get_cancelled_exc_class():
@@ -483,6 +513,7 @@ class Engine:
             raise
         finally:
             self._waiters.pop(call_id, None)
+            waiter.questions.close()  # a question still open with the client is withdrawn
 
     async def _wait_for_first(self, name: str, first: _Waiter, limit: float) -> Outcome:
         """A repeated call waiting for the first call of its idempotency key, which another request waits for."""

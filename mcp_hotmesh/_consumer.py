@@ -44,6 +44,7 @@ import anyio.abc
 
 from ._batching import Batcher
 from ._config import WorkerConfig
+from ._questions import Questions
 from ._retry import Backoff, retry_transient
 from ._streams import Answer, Claimed, WorkerAPI
 from ._tools import ToolContext
@@ -91,6 +92,7 @@ class _Running:
     check_now: bool = False  # look at the lease at once (a c:<id> NOTIFY came)
     reason: str | None = None  # why the handler was stopped: "cancelled", "lost" or "shutdown"
     slot_passed: bool = False  # its slot went to the claim of the statement that answered it
+    questions: Questions | None = None  # its line to the caller (ctx.elicit, ctx.sample)
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
@@ -170,6 +172,11 @@ class Consumer:
                 if payload == f"c:{running.msg.id}":
                     running.check_now = True
                     self._keeper_wake.set()
+            return
+        if payload.startswith("e:"):  # the caller answered a question (ctx.elicit, ctx.sample)
+            for running in list(self._running.values()):
+                if payload == f"e:{running.msg.id}" and running.questions is not None:
+                    running.questions.wake()
             return
         self.wake()
 
@@ -293,11 +300,12 @@ class Consumer:
             except HotMeshError as exc:  # progress is a courtesy: never fail the handler for it
                 log.debug("progress for message %d not recorded: %s", msg.id, exc)
 
+        questions = Questions(self.api, self.topic, msg.id, msg.lease)
         ctx = ToolContext(
             attempt=msg.attempt, deadline=msg.deadline, progress=progress,
-            workflow_name=msg.workflow_name, topic=self.topic, call_id=str(msg.id),
+            workflow_name=msg.workflow_name, topic=self.topic, call_id=str(msg.id), questions=questions,
         )
-        running = self._running[msg.lease] = _Running(msg, config, ctx, self._next_check(msg))
+        running = self._running[msg.lease] = _Running(msg, config, ctx, self._next_check(msg), questions=questions)
         if running.due < self._keeper_until:
             self._keeper_wake.set()
         try:

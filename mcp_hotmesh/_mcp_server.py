@@ -15,7 +15,6 @@ The database side (the catalog, argument checks, calls and their answers) is the
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import time
 from typing import Any
@@ -39,8 +38,10 @@ from mcp.types import (
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
+from ._asking import asker_for
 from ._caller import Engine
 from ._common import clip
+from ._content import call_result
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats, ToolRecord
 from .errors import HotMeshError, UnknownTool
@@ -97,10 +98,6 @@ def listed(r: ToolRecord) -> Tool:
         log.warning("tool %r is listed without its title, annotations, icons and meta: %s", clip(r.name, 80),
                     clip(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 200))
         return tool
-
-
-def _pretty_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=2)
 
 
 def error_result(message: str) -> CallToolResult:
@@ -172,7 +169,8 @@ class McpGateway:
         try:
             raw = (params.meta or {}).get(IDEMPOTENCY_KEY)
             key = raw if raw is None or isinstance(raw, str) else ""  # "": refused by the engine, with why
-            outcome = await self.engine.call(params.name, params.arguments, report=report, idempotency_key=key)
+            outcome = await self.engine.call(params.name, params.arguments, report=report, idempotency_key=key,
+                                             asker=asker_for(ctx))
             label = classify(outcome)
         except UnknownTool as exc:
             label = "unknown_tool"
@@ -187,12 +185,7 @@ class McpGateway:
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
-        try:
-            text = _pretty_json(outcome.result)
-        except (TypeError, ValueError, RecursionError):  # an answer written by hand that Python cannot read back
-            return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
-                                "service returned a malformed answer.")
-        return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+        return call_result(outcome.result)  # plain or rich, checked as the worker role's hostile input
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""

@@ -76,6 +76,17 @@ class ToolRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Question:
+    """A running handler's question to the calling client (``caller_request``): untrusted until checked."""
+
+    call_id: UUID
+    seq: int
+    kind: str  # "elicit" or "sample"
+    request: JSON
+    deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class EndedSession:
     """A session the watchdog ended (``<kind>_watchdog()``)."""
 
@@ -290,6 +301,19 @@ class WorkerAPI(_API):
         value: int = await self._val(f"SELECT {self._s}.worker_goodbye($1)", consumer)
         return value
 
+    async def request(self, stream: str, id: int, lease: UUID, kind: str, request: JSON) -> int | None:
+        """Ask the call's client a question (``worker_request``); its number, or None when the lease was lost."""
+        value: int | None = await self._val(
+            f"SELECT {self._s}.worker_request($1, $2, $3, $4, $5)", stream, id, lease, kind, request, stream=stream
+        )
+        return value
+
+    async def request_answer(self, stream: str, id: int, lease: UUID, seq: int) -> JSON:
+        """The answer to question ``seq`` (``worker_request_answer``); None while it is pending."""
+        return await self._val(
+            f"SELECT {self._s}.worker_request_answer($1, $2, $3, $4)", stream, id, lease, seq, stream=stream
+        )
+
 
 class CallerAPI(_API):
     """The caller_* functions, as a caller role (a gateway) calls them."""
@@ -344,3 +368,18 @@ class CallerAPI(_API):
     async def cancel(self, call_id: UUID) -> str:
         value: str = await self._val(f"SELECT {self._s}.caller_cancel($1)", call_id)
         return value
+
+    async def request(self, call_id: UUID) -> Question | None:
+        """The pending question of one of this role's running calls (``caller_request``), if there is one."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_request($1)", call_id)
+        return Question(call_id, rows[0]["seq"], rows[0]["kind"], rows[0]["request"], rows[0]["deadline"]) if rows \
+            else None
+
+    async def requests(self, call_ids: list[UUID]) -> list[UUID]:
+        """Which of several of this role's running calls have a pending question (``caller_requests``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_requests($1)", call_ids)
+        return [r["call_id"] for r in rows]
+
+    async def answer(self, call_id: UUID, seq: int, response: JSON) -> bool:
+        """Answer question ``seq`` of one of this role's running calls (``caller_answer``)."""
+        return bool(await self._val(f"SELECT {self._s}.caller_answer($1, $2, $3)", call_id, seq, response))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,9 +31,11 @@ import pydantic
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
-from ._common import JSON, ProgressReport
+from . import _questions
+from ._common import CONTENT_KEY, JSON, ProgressReport
 from ._config import TOOL_NAME_PATTERN, RetryPolicy, check_stream
 from ._postgres import UnreadableJSON
+from ._questions import Elicited, Questions, Sampled
 from .errors import ConfigError, ToolInputError, ToolOutputError
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -58,6 +61,7 @@ class ToolContext:
         workflow_name: str = "",
         topic: str = "",
         call_id: str = "",
+        questions: Questions | None = None,
     ) -> None:
         self.attempt = attempt
         self.call_id = call_id
@@ -66,11 +70,26 @@ class ToolContext:
         self.topic = topic
         self.cancelled = anyio.Event()
         self._progress = progress
+        self._questions = questions
 
     async def report_progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         """Tell the caller how far along the call is (``progress`` only grows). Forwarded to the agent."""
         if self._progress is not None:
             await self._progress(progress, total, message)
+
+    async def elicit(self, message: str, schema: dict[str, Any] | type[BaseModel]) -> Elicited:
+        """Ask the user of the calling client to fill in a form: ``schema`` is a flat object of string, number,
+        integer, boolean or multiple-choice fields (a JSON Schema, or a pydantic model of such fields). Returns
+        the answer (``accept`` with its content, ``decline`` or ``cancel``); waits within the call's deadline.
+        Raises ``CannotAsk`` when the client cannot answer (uncaught, the agent is told why)."""
+        return await _questions.elicit(self._questions, message, schema)
+
+    async def sample(self, prompt: str | list[dict[str, Any]], *, max_tokens: int = 1000,
+                     system_prompt: str | None = None, temperature: float | None = None) -> Sampled:
+        """Ask the calling client's model for a completion of ``prompt`` (text, or MCP sampling messages of
+        text). Raises ``CannotAsk`` when the client cannot (or will not) sample."""
+        return await _questions.sample(self._questions, prompt, max_tokens=max_tokens,
+                                       system_prompt=system_prompt, temperature=temperature)
 
 
 def _sanitize(name: str) -> str:
@@ -166,6 +185,15 @@ class Tool:
         return self.dump_result(value)
 
     def dump_result(self, value: Any) -> JSON:
+        if "mcp_types" in sys.modules:  # content blocks are the SDK's types: without them loaded, there are none
+            from . import _content
+
+            try:
+                rich = _content.encode(value)  # text, images, audio, resources
+            except (TypeError, ValueError) as exc:  # structured content beside them that is no JSON
+                raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
+            if rich is not None:
+                return rich
         try:
             if self.output_adapter is not None:
                 value = self.output_adapter.validate_python(value)
@@ -176,12 +204,22 @@ class Tool:
             raise ToolOutputError(f"tool {self.name!r} returned an invalid result: {_short(exc)}") from None
         if self.wraps_output or not isinstance(dumped, dict):
             return {"result": dumped}
+        if CONTENT_KEY in dumped:  # a plain result that holds the key of rich ones
+            from . import _content
+
+            return _content.escape(dumped)
         return dumped
 
 
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _returns_content(annotation: Any) -> bool:
+    from . import _content
+
+    return _content.is_content_annotation(annotation)
 
 
 def _is_context(annotation: Any) -> bool:
@@ -293,7 +331,8 @@ def make_tool(
             f"{_sanitize(name)}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields
         )
     returns = hints.get("return", Any)
-    output_adapter = None if returns in (Any, None, type(None)) else TypeAdapter(returns)
+    no_schema = returns in (Any, None, type(None)) or ("mcp_types" in sys.modules and _returns_content(returns))
+    output_adapter = None if no_schema else TypeAdapter(returns)
     wraps = output_adapter is not None and not _is_object_type(returns)
     return Tool(
         fn=fn,

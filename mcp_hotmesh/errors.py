@@ -10,7 +10,8 @@ Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``
     ├── UnknownTool            no tool by that name is available to this gateway
     ├── ToolError              a tool refused the call: the agent sees the message; not retried, not dead-lettered
     │   ├── ToolInputError     the arguments do not match the tool's input schema
-    │   └── ToolOutputError    the tool returned something that is not JSON or not of its output schema
+    │   ├── ToolOutputError    the tool returned something that is not JSON or not of its output schema
+    │   └── CannotAsk          the calling client cannot answer a handler's question (no elicitation, sampling)
     ├── DatabaseError          the database refused or failed in a way not listed below
     │   ├── ConnectionFailed   the server cannot be reached
     │   │   └── LoginRefused   it refused the login: wrong password, or a revoked role
@@ -73,6 +74,11 @@ class ToolInputError(ToolError):
 
 class ToolOutputError(ToolError):
     """The tool returned something that is not JSON or does not match its output schema."""
+
+
+class CannotAsk(ToolError):
+    """The calling client cannot answer this question: it does not support elicitation (or sampling), or it
+    failed to answer. Uncaught in a handler, the agent is told so as the tool's error result."""
 
 
 class DatabaseError(HotMeshError):

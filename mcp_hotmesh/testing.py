@@ -46,6 +46,7 @@ from pydantic import SecretStr
 
 from . import _embedded as embedded
 from ._admin import DlqFilter, dlq_list
+from ._approvals import approve_toolset
 from ._caller import Engine
 from ._common import JSON
 from ._config import RetryPolicy, WorkerCredentials
@@ -233,6 +234,7 @@ async def serving(postgres: Postgres, tools: ToolSet | str, *, mode: Mode = "aut
         await migrate(admin, schema)
         worker = await provision_role(admin, streams, "worker", schema=schema)
         caller = await provision_role(admin, streams, "caller", schema=schema)
+        await approve_toolset(admin, schema, toolset)  # as `serve` does for the tool set it runs itself
         credentials = WorkerCredentials(user=worker.role, password=SecretStr(worker.password))
         # the worker's stop waits for running handlers at most a second: a test's hung handler ends the test fast
         await stack.enter_async_context(Worker.from_toolset(

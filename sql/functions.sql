@@ -1549,3 +1549,182 @@ REVOKE ALL ON FUNCTION hotmesh._check_tool_metadata(jsonb), hotmesh._tool_defini
     hotmesh._tool_go_live(text, text, jsonb, name, name), hotmesh._tool_approve(text, text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION hotmesh.worker_register_definition(text, text, jsonb) TO hotmesh_worker;
 GRANT EXECUTE ON FUNCTION hotmesh.caller_tool_definitions() TO hotmesh_caller;
+
+-- ---------------------------------------------------------------------------------- questions to the caller
+-- A running handler asks the calling client a question: an elicitation (a form for the user) or a sampling
+-- request (a completion from the client's model). The table is 006's `requests`: one row per call, the latest
+-- question. The worker posts it while it holds the lease (worker_request) and reads the answer
+-- (worker_request_answer); the gateway of the call's owner reads it (caller_request) and answers
+-- (caller_answer). A question and its answer are hostile input to whoever reads them: bounded by
+-- max_request_bytes and 16 levels here; what each kind may hold is checked by the gateway and by the worker.
+
+-- The question or answer p_value: a JSON object no larger than max_request_bytes and no deeper than 16 levels.
+CREATE OR REPLACE FUNCTION hotmesh._check_request(p_value jsonb, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_value IS NULL OR jsonb_typeof(p_value) <> 'object' THEN
+        RAISE EXCEPTION '% must be a JSON object', p_what USING ERRCODE = 'HM002';
+    END IF;
+    IF octet_length(p_value::text) > coalesce(hotmesh._setting('max_request_bytes'), 65536) THEN
+        RAISE EXCEPTION '% larger than % bytes', p_what, coalesce(hotmesh._setting('max_request_bytes'), 65536)
+            USING ERRCODE = 'HM003';
+    END IF;
+    IF hotmesh._deeper_than(p_value, 16) THEN
+        RAISE EXCEPTION '% nested deeper than 16 levels', p_what USING ERRCODE = 'HM003';
+    END IF;
+END
+$$;
+
+-- Post a question on a held message's call: only while the lease is held (NULL, and nothing written, once it was
+-- lost), and only when no earlier question of the call waits for its answer (one pending question per call).
+-- Returns the question's number; the caller is told (q:<call id>).
+CREATE OR REPLACE FUNCTION hotmesh.worker_request(stream text, id bigint, lease uuid, kind text, request jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    m record;
+    v_seq integer;
+BEGIN
+    PERFORM hotmesh._authorize(worker_request.stream);
+    IF worker_request.kind IS NULL OR worker_request.kind NOT IN ('elicit', 'sample') THEN
+        RAISE EXCEPTION 'a question is of kind elicit or sample' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._check_request(worker_request.request, 'question');
+    SELECT msg.call_id, msg.owner INTO m FROM hotmesh.messages msg
+    WHERE msg.id = worker_request.id AND msg.stream = worker_request.stream
+      AND msg.state = 'reserved' AND msg.lease = worker_request.lease;
+    IF NOT FOUND THEN
+        RETURN NULL;  -- the lease is lost
+    END IF;
+    IF m.call_id IS NULL THEN
+        RAISE EXCEPTION 'this message has no caller to ask (it was published, not called)' USING ERRCODE = 'HM002';
+    END IF;
+    INSERT INTO hotmesh.requests AS r (call_id, lease, kind, request)
+    VALUES (m.call_id, worker_request.lease, worker_request.kind, worker_request.request)
+    ON CONFLICT (call_id) DO UPDATE SET
+        seq = r.seq + 1, lease = excluded.lease, kind = excluded.kind, request = excluded.request, response = NULL,
+        asked_at = now(), answered_at = NULL
+    WHERE r.response IS NOT NULL OR r.lease <> excluded.lease
+    RETURNING r.seq INTO v_seq;
+    IF v_seq IS NULL THEN
+        RAISE EXCEPTION 'a question of this call is still waiting for its answer' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._notify_caller(m.owner, m.call_id, 'q');
+    RETURN v_seq;
+END
+$$;
+
+-- The answer to question seq of a held message's call: NULL while it is pending; HM001 once the lease is lost.
+CREATE OR REPLACE FUNCTION hotmesh.worker_request_answer(stream text, id bigint, lease uuid, seq integer)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_call uuid;
+    v_response jsonb;
+BEGIN
+    PERFORM hotmesh._authorize(worker_request_answer.stream);
+    SELECT msg.call_id INTO v_call FROM hotmesh.messages msg
+    WHERE msg.id = worker_request_answer.id AND msg.stream = worker_request_answer.stream
+      AND msg.state = 'reserved' AND msg.lease = worker_request_answer.lease;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'lease lost' USING ERRCODE = 'HM001';
+    END IF;
+    SELECT r.response INTO v_response FROM hotmesh.requests r
+    WHERE r.call_id = v_call AND r.seq = worker_request_answer.seq AND r.lease = worker_request_answer.lease;
+    RETURN v_response;
+END
+$$;
+
+-- The pending question of one of the caller's own running calls (no row: none, or not the caller's call).
+CREATE OR REPLACE FUNCTION hotmesh.caller_request(call_id uuid)
+RETURNS TABLE (seq integer, kind text, request jsonb, deadline timestamptz)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT r.seq, r.kind, r.request, m.deadline
+    FROM hotmesh.requests r JOIN hotmesh.messages m ON m.call_id = r.call_id
+    WHERE r.call_id = caller_request.call_id AND r.response IS NULL AND m.state = 'reserved' AND r.lease = m.lease
+      AND (m.owner = session_user OR hotmesh._is_admin());
+END
+$$;
+
+-- Which of several of the caller's own running calls have a pending question, in one statement: the gateway's
+-- slow look for a NOTIFY it missed. Calls of other roles, and unknown ids, are left out.
+CREATE OR REPLACE FUNCTION hotmesh.caller_requests(call_ids uuid[])
+RETURNS TABLE (call_id uuid, seq integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_admin boolean := hotmesh._is_admin();
+BEGIN
+    IF coalesce(cardinality(caller_requests.call_ids), 0) > hotmesh._setting('max_batch') THEN
+        RAISE EXCEPTION 'at most max_batch call ids' USING ERRCODE = 'HM002';
+    END IF;
+    RETURN QUERY
+    SELECT r.call_id, r.seq
+    FROM hotmesh.requests r JOIN hotmesh.messages m ON m.call_id = r.call_id
+    WHERE r.call_id = ANY (caller_requests.call_ids) AND r.response IS NULL AND m.state = 'reserved'
+      AND r.lease = m.lease AND (m.owner = session_user OR v_admin);
+END
+$$;
+
+-- Answer question seq of one of the caller's own running calls; the worker is told (e:<message id> on the
+-- stream's channel). False, and nothing written, when that question is not pending (answered, replaced, the call
+-- ended) or the call is another role's.
+CREATE OR REPLACE FUNCTION hotmesh.caller_answer(call_id uuid, seq integer, response jsonb)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    m record;
+BEGIN
+    PERFORM hotmesh._check_request(caller_answer.response, 'answer');
+    SELECT msg.id, msg.stream, msg.lease INTO m FROM hotmesh.messages msg
+    WHERE msg.call_id = caller_answer.call_id AND msg.state = 'reserved'
+      AND (msg.owner = session_user OR hotmesh._is_admin());
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    UPDATE hotmesh.requests r SET response = caller_answer.response, answered_at = now()
+    WHERE r.call_id = caller_answer.call_id AND r.seq = caller_answer.seq AND r.response IS NULL
+      AND r.lease = m.lease;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(m.stream), 'e:' || m.id::text);
+    RETURN true;
+END
+$$;
+
+REVOKE ALL ON FUNCTION
+    hotmesh._check_request(jsonb, text),
+    hotmesh.worker_request(text, bigint, uuid, text, jsonb),
+    hotmesh.worker_request_answer(text, bigint, uuid, integer),
+    hotmesh.caller_request(uuid),
+    hotmesh.caller_requests(uuid[]),
+    hotmesh.caller_answer(uuid, integer, jsonb)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    hotmesh.worker_request(text, bigint, uuid, text, jsonb),
+    hotmesh.worker_request_answer(text, bigint, uuid, integer)
+TO hotmesh_worker;
+GRANT EXECUTE ON FUNCTION
+    hotmesh.caller_request(uuid),
+    hotmesh.caller_requests(uuid[]),
+    hotmesh.caller_answer(uuid, integer, jsonb)
+TO hotmesh_caller;
+-- as every scoped function (the loop above ran before these were defined)
+ALTER FUNCTION hotmesh.worker_request(text, bigint, uuid, text, jsonb) SET lock_timeout = '2s';
+ALTER FUNCTION hotmesh.worker_request_answer(text, bigint, uuid, integer) SET lock_timeout = '2s';
+ALTER FUNCTION hotmesh.caller_request(uuid) SET lock_timeout = '2s';
+ALTER FUNCTION hotmesh.caller_requests(uuid[]) SET lock_timeout = '2s';
+ALTER FUNCTION hotmesh.caller_answer(uuid, integer, jsonb) SET lock_timeout = '2s';

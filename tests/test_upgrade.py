@@ -33,6 +33,9 @@ from mcp_hotmesh.errors import DatabaseError, QuotaExceeded
 from mcp_hotmesh.examples import toolset
 from tests.helpers import Env, PgServer, drop_schema
 
+SINCE_003 = [m.version for m in migrations() if m.version >= 3]
+"""The migrations a schema of 001 and 002 (as the released versions left it) still needs."""
+
 pytestmark = pytest.mark.anyio
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -127,7 +130,7 @@ async def test_a_landed_schema_ends_with_the_catalog_of_a_fresh_install(admin: a
             assert {"S.caller_call_many(text[],text[],jsonb[],integer[])", "S.caller_results(uuid[])"} <= missing
         assert not await is_migrated(admin, old)
 
-        assert await migrate(admin, old) == [m.version for m in migrations() if m.version > 2]
+        assert await migrate(admin, old) == SINCE_003
 
         assert await is_migrated(admin, old)
         after = await catalog(admin, old)
@@ -197,7 +200,7 @@ async def test_calls_flow_before_during_and_after_an_upgrade(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_calling)
-            assert await migrate(admin, schema) == [m.version for m in migrations() if m.version > 2]
+            assert await migrate(admin, schema) == SINCE_003
             migrated.set()
 
         await echo("after")

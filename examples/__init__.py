@@ -1,0 +1,1 @@
+"""Examples of mcp-hotmesh tool sets (not part of the package)."""

@@ -1,0 +1,1 @@
+"""The tools the MCP conformance suite calls (``tools.py``), served through the queue."""
