@@ -92,6 +92,7 @@ class Outcome:
     kind: OutcomeKind
     result: dict[str, JSON] | None = None
     error: str | None = None
+    call_id: UUID | None = None  # the call in the database (None: refused before it was queued)
 
     @classmethod
     def refused(cls, exc: HotMeshError) -> Outcome:
@@ -220,6 +221,7 @@ class Engine:
         refresh_interval: float = 30.0,
     ) -> None:
         self.api = CallerAPI(pool, schema)
+        self.dsn = listen_dsn
         self.schema = schema
         self.role = role
         self.timeout = timeout
@@ -467,7 +469,9 @@ class Engine:
             del self._early[call_id]
             self._look_at(call_id)
         try:
-            return await self._wait(name, call_id, waiter, limit)
+            outcome = await self._wait(name, call_id, waiter, limit)
+            outcome.call_id = call_id
+            return outcome
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._cancel(call_id)

@@ -37,7 +37,7 @@ from mcp.types import (
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
-from ._caller import Engine
+from ._caller import Engine, Outcome
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats
 from .errors import HotMeshError, UnknownTool
@@ -145,6 +145,7 @@ class McpGateway:
 
         started = time.monotonic()
         label = "error"
+        outcome: Outcome | None = None
         try:
             outcome = await self.engine.call(params.name, params.arguments, report=report)
             label = classify(outcome)
@@ -159,6 +160,7 @@ class McpGateway:
             elapsed = time.monotonic() - started
             self.metrics.observe(tool, label, elapsed)
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
+            self.after_call(params, tool, label, elapsed, outcome)
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         try:
@@ -167,6 +169,11 @@ class McpGateway:
             return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
                                 "service returned a malformed answer.")
         return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+
+    def after_call(self, params: CallToolRequestParams, tool: str, label: str, seconds: float,
+                   outcome: Outcome | None) -> None:
+        """A call ended (``tool``: its catalog name or ``(unknown)``; ``label``: its outcome kind). The gateway that
+        serves identities (``_identity_gateway``) writes its audit record here."""
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""

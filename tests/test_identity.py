@@ -1,0 +1,354 @@
+"""Identities over HTTP: admin-issued tokens and OAuth JWTs (signed by a key this test makes, its JWKS served by
+a local HTTP server), each identity acting as its own caller role; the audit trail; quotas."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import asyncpg
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import INVALID_PARAMS
+
+from mcp_hotmesh import _audit
+from mcp_hotmesh._http import run_http
+from mcp_hotmesh._identity import add_token, parse_config, revoke_token
+from mcp_hotmesh._identity_gateway import IdentityGateway
+from mcp_hotmesh._roles import ProvisionedRole
+from mcp_hotmesh.errors import NotFound
+from tests.helpers import Env, Hub, free_port, http_client, hub_for, text_of, wait_for
+
+pytestmark = pytest.mark.anyio
+
+ISSUER = "https://issuer.test"
+ANALYST_TOOLS = {"echo", "test_block"}  # the analysts' role: streams echo and test.block
+BODY = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+
+
+# ---------------------------------------------------------------------------------------- the issuer
+class Issuer:
+    """An OAuth issuer's signing key and its JWKS, served over HTTP (counting fetches)."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = "key-1"
+        self.fetches = 0
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                issuer.fetches += 1
+                jwk = json.loads(RSAAlgorithm.to_jwk(issuer.key.public_key()))
+                body = json.dumps({"keys": [{**jwk, "kid": issuer.kid, "use": "sig", "alg": "RS256"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.jwks_url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Issuer]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def token(self, audience: str, *, key: Any = None, kid: str | None = None, algorithm: str = "RS256",
+              **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": ISSUER, "aud": audience, "sub": "alice@example.com", "iat": now, "exp": now + 300, **claims}
+        return jwt.encode(body, key if key is not None else self.key, algorithm=algorithm,
+                          headers={"kid": kid or self.kid})
+
+
+# ------------------------------------------------------------------------------------------ the team
+@dataclass
+class Team:
+    env: Env
+    hub: Hub
+    gateway: IdentityGateway
+    url: str
+    issuer: Issuer
+    analysts: ProvisionedRole
+    ops: ProvisionedRole
+
+    @property
+    def resource(self) -> str:
+        return f"{self.url}/mcp"
+
+    def jwt(self, **claims: Any) -> str:
+        return self.issuer.token(self.resource, **claims)
+
+    async def token(self, name: str, role: ProvisionedRole) -> str:
+        return await add_token(self.env.admin, name, role.role, schema=self.env.schema)
+
+
+@contextlib.asynccontextmanager
+async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None) -> AsyncIterator[Team]:
+    """A worker, a gateway serving identities on HTTP, two caller roles (analysts: echo and test_block; ops: every
+    tool), and an issuer whose ``groups`` claim ``analysts`` or scope ``tools:ops`` map to them."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with Issuer().serving() as issuer:
+        async with hub_for(env) as hub:
+            analysts = await env.provision(["echo", "test.block"], "caller")
+            ops = await env.provision(sorted({r.stream for r in hub.engine.tools()}), "caller")
+            config = parse_config({
+                "logins": {analysts.role: {"password": analysts.password}, ops.role: {"password": ops.password}},
+                "oauth": {"issuer": ISSUER, "resource": f"{url}/mcp", "jwks_url": issuer.jwks_url,
+                          "algorithms": ["RS256"],
+                          "roles": [{"claim": "groups", "value": "analysts", "role": analysts.role},
+                                    {"claim": "scope", "value": "tools:ops", "role": ops.role}]},
+                "quotas": quotas or [],
+            })
+            async with anyio.create_task_group() as tg:
+                gateway: IdentityGateway = await tg.start(IdentityGateway(hub.engine, config).run)
+                stop, started, done = anyio.Event(), anyio.Event(), anyio.Event()
+
+                async def serve() -> None:
+                    await run_http(gateway, host="127.0.0.1", port=port, token=None, stop=stop, started=started)
+                    done.set()
+
+                tg.start_soon(serve)
+                with anyio.fail_after(10):
+                    await started.wait()
+                yield Team(env, hub, gateway, url, issuer, analysts, ops)
+                stop.set()
+                with anyio.move_on_after(10):
+                    await done.wait()
+                tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def connected(team: Team, token: str) -> AsyncIterator[Client]:
+    """The MCP SDK's client with ``Authorization: Bearer <token>``."""
+    async with http_client(token) as http, Client(streamable_http_client(team.resource, http_client=http),
+                                                  read_timeout_seconds=60) as client:
+        yield client
+
+
+@pytest.fixture
+async def team(env: Env) -> AsyncIterator[Team]:
+    async with team_for(env) as team:
+        yield team
+
+
+async def tool_names(client: Client) -> set[str]:
+    return {t.name for t in (await client.list_tools()).tools}
+
+
+# ----------------------------------------------------------------------------------------------- tests
+async def test_each_identity_sees_and_calls_only_its_roles_tools(team: Team) -> None:
+    every_tool = {r.name for r in team.hub.engine.tools()}
+    async with connected(team, team.jwt(groups=["analysts"])) as alice:  # a JWT mapped by its groups claim
+        assert await tool_names(alice) == ANALYST_TOOLS
+        echoed = await alice.call_tool("echo", {"text": "hi"})
+        assert echoed.structured_content == {"text": "hi", "length": 2}
+        with pytest.raises(MCPError) as exc:  # ops' tool: the database does not list it for her role
+            await alice.call_tool("math_add", {"a": 1, "b": 2})
+        assert exc.value.code == INVALID_PARAMS
+    async with connected(team, await team.token("bob", team.ops)) as bob:  # an admin-issued token
+        assert await tool_names(bob) == every_tool != ANALYST_TOOLS
+        assert (await bob.call_tool("math_add", {"a": 1, "b": 2})).structured_content == {"result": 3.0}
+    async with connected(team, team.jwt(sub="carol", scope="openid tools:ops")) as carol:  # mapped by scope
+        assert await tool_names(carol) == every_tool
+    # each identity's calls were made as its own caller role
+    owners = {r["owner"] for r in await team.env.admin.fetch(f'SELECT owner FROM "{team.env.schema}".messages')}
+    assert owners == {team.analysts.role, team.ops.role}
+
+
+@pytest.mark.parametrize("case", ["wrong audience", "expired", "wrong issuer", "alg none", "unknown key",
+                                  "key not the issuer's", "no role", "not a token"])
+async def test_bad_tokens_get_401_with_the_challenge(team: Team, case: str) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = int(time.time())
+    token = {
+        "wrong audience": lambda: team.issuer.token("https://another.example/mcp", groups=["analysts"]),
+        "expired": lambda: team.jwt(groups=["analysts"], iat=now - 7200, exp=now - 3600),
+        "wrong issuer": lambda: team.jwt(groups=["analysts"], iss="https://evil.example"),
+        "alg none": lambda: jwt.encode({"iss": ISSUER, "aud": team.resource, "sub": "mallory", "exp": now + 300,
+                                        "groups": ["analysts"]}, "", algorithm="none", headers={"kid": "key-1"}),
+        "unknown key": lambda: team.issuer.token(team.resource, key=other, kid="key-2", groups=["analysts"]),
+        "key not the issuer's": lambda: team.issuer.token(team.resource, key=other, groups=["analysts"]),
+        "no role": lambda: team.jwt(groups=["visitors"]),
+        "not a token": lambda: "hm_" + "x" * 43,
+    }[case]()
+    async with http_client(token) as http:
+        response = await http.post(team.resource, json=BODY)
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
+    metadata_url = f"{team.url}/.well-known/oauth-protected-resource/mcp"
+    assert f'resource_metadata="{metadata_url}"' in challenge
+    async with http_client(None) as http:  # RFC 9728: where to get a token
+        metadata = (await http.get(metadata_url)).json()
+    assert metadata["resource"] == team.resource and metadata["authorization_servers"] == [ISSUER]
+
+
+async def test_unknown_key_ids_refetch_the_key_set_at_most_now_and_then(team: Team) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    async with http_client(team.jwt(groups=["analysts"])) as http:
+        assert (await http.post(team.resource, json=BODY)).status_code != 401
+    fetched = team.issuer.fetches
+    for i in range(5):  # made-up key ids: the first may fetch again, the rest wait out the interval
+        async with http_client(team.issuer.token(team.resource, key=other, kid=f"made-up-{i}")) as http:
+            assert (await http.post(team.resource, json=BODY)).status_code == 401
+    assert team.issuer.fetches <= fetched + 1
+
+
+async def test_identities_cannot_read_or_cancel_each_others_calls(team: Team) -> None:
+    bob_token = await team.token("bob", team.ops)
+    async with connected(team, team.jwt(groups=["analysts"])) as alice, connected(team, bob_token) as bob:
+        assert await tool_names(bob) != await tool_names(alice)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(alice.call_tool, "test_block", {})
+
+            async def alice_waiting() -> bool:
+                return bool(await team.env.admin.fetchval(
+                    f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
+                    "AND state NOT IN ('done', 'dead')", team.analysts.role))
+
+            await wait_for(alice_waiting, 20)
+            call_id = await team.env.admin.fetchval(
+                f'SELECT call_id FROM "{team.env.schema}".messages WHERE owner = $1 AND call_id IS NOT NULL '
+                "ORDER BY id DESC LIMIT 1", team.analysts.role)
+            bobs = team.gateway.engines.engine_of(team.ops.role)
+            assert bobs is not None  # bob's engine: logged in as his role, as his requests are served
+            with pytest.raises(NotFound):
+                await bobs.api.result(call_id)
+            with pytest.raises(NotFound):
+                await bobs.api.cancel(call_id)
+            assert (await team.env.call_row(call_id))["state"] not in ("done", "dead")  # hers runs on
+            alices = team.gateway.engines.engine_of(team.analysts.role)
+            assert alices is not None and not (await alices.api.result(call_id)).finished
+            tg.cancel_scope.cancel()  # alice gives up: her own cancellation reaches the database
+
+        async def cancelled() -> bool:
+            return (await team.env.call_row(call_id))["state"] in ("done", "dead")
+
+        await wait_for(cancelled, 20)
+        await team.hub.still_serving(bob)
+
+
+async def test_a_revoked_token_is_refused_at_once(team: Team) -> None:
+    token = await team.token("dave", team.analysts)
+    async with connected(team, token) as dave:
+        assert await tool_names(dave) == ANALYST_TOOLS
+        await revoke_token(team.env.admin, "dave", schema=team.env.schema)
+        with pytest.raises(Exception):  # noqa: B017 - the next request is refused (401)
+            await dave.list_tools()
+    async with http_client(token) as http:
+        assert (await http.post(team.resource, json=BODY)).status_code == 401
+    # issued again: a new token, the old one stays refused
+    again = await team.token("dave", team.analysts)
+    async with connected(team, again) as dave:
+        assert await tool_names(dave) == ANALYST_TOOLS
+    async with http_client(token) as http:
+        assert (await http.post(team.resource, json=BODY)).status_code == 401
+
+
+async def test_the_audit_line_and_the_audit_query_agree(team: Team, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mcp_hotmesh.audit")
+    bob_token = await team.token("bob", team.ops)
+    async with connected(team, team.jwt(groups=["analysts"])) as alice, connected(team, bob_token) as bob:
+        assert not (await alice.call_tool("echo", {"text": "secret words"})).is_error
+        assert (await alice.call_tool("echo", {"text": 5})).is_error  # invalid arguments
+        assert (await bob.call_tool("test_fail", {"reason": "broken"})).is_error
+        assert not (await bob.call_tool("math_add", {"a": 1, "b": 2})).is_error
+    lines = [r for r in caplog.records if r.name == "mcp_hotmesh.audit" and getattr(r, "audit", False)]
+    assert len(lines) == 4
+
+    def fact(d: dict[str, Any]) -> tuple[Any, ...]:
+        return (d["identity"], d["role"], d["tool"], d["call_id"], d["outcome"], d["args_bytes"])
+
+    logged = sorted((fact(vars(r)) for r in lines), key=repr)
+    assert {f[4] for f in logged} == {"ok", "invalid_arguments", "error"}
+    assert ("alice@example.com", team.analysts.role, "echo") in {f[:3] for f in logged}
+
+    async def written() -> bool:
+        return len(await _audit.query(team.env.admin, schema=team.env.schema)) == 4
+
+    await wait_for(written, 10)
+    stored = sorted((fact(r.as_json()) for r in await _audit.query(team.env.admin, schema=team.env.schema)),
+                    key=repr)
+    assert stored == logged
+    only_bob = await _audit.query(team.env.admin, schema=team.env.schema, identity="bob", tool="math_add")
+    assert [(r.identity, r.tool, r.outcome) for r in only_bob] == [("bob", "math_add", "ok")]
+    # argument values are not recorded (only sizes), in the line or the table
+    assert "secret words" not in caplog.text
+    assert not await team.env.admin.fetchval(
+        f'SELECT count(*) FROM "{team.env.schema}".audit WHERE arguments IS NOT NULL')
+
+
+async def test_an_audit_row_names_the_role_that_wrote_it(team: Team) -> None:
+    """A caller role writing audit rows itself cannot attribute them to another role."""
+    async with team.env.session(team.analysts) as conn:
+        forged = json.dumps([{"identity": "bob", "role": team.ops.role, "role_name": team.ops.role, "tool": "add",
+                              "outcome": "ok", "duration_ms": 1, "args_bytes": 1, "result_bytes": 1}])
+        await conn.fetchval(f'SELECT "{team.env.schema}".caller_audit($1::jsonb)', forged)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch(f'SELECT * FROM "{team.env.schema}".audit')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch(f'SELECT * FROM "{team.env.schema}".tokens')
+    rows = await _audit.query(team.env.admin, schema=team.env.schema, identity="bob")
+    assert [r.role for r in rows] == [team.analysts.role]
+
+
+async def test_quotas_refuse_the_exceeding_call_and_let_the_next_window_through(env: Env) -> None:
+    quotas = [{"identity": "alice*", "tool": "echo", "rate": 1, "burst": 2},
+              {"identity": "*", "tool": "test_block", "concurrent": 1}]
+    async with team_for(env, quotas=quotas) as team, connected(team, team.jwt(groups=["analysts"])) as alice:
+        assert not (await alice.call_tool("echo", {"text": "1"})).is_error
+        assert not (await alice.call_tool("echo", {"text": "2"})).is_error
+        refused = await alice.call_tool("echo", {"text": "3"})
+        assert refused.is_error and "Quota reached" in text_of(refused) and "per second" in text_of(refused)
+        await anyio.sleep(1.5)  # the bucket refills one call per second
+        assert not (await alice.call_tool("echo", {"text": "4"})).is_error
+
+        async with anyio.create_task_group() as tg:  # concurrency: one test_block at a time
+            tg.start_soon(alice.call_tool, "test_block", {})
+
+            async def one_running() -> bool:
+                return sum(team.gateway.quotas._active.values()) == 1
+
+            await wait_for(one_running, 20)
+            second = await alice.call_tool("test_block", {})
+            assert second.is_error and "at most 1 call(s) at once" in text_of(second)
+            tg.cancel_scope.cancel()
+
+        async def released() -> bool:
+            return not team.gateway.quotas._active
+
+        await wait_for(released, 20)
+        with anyio.move_on_after(1):  # admitted now: it blocks (until cancelled) instead of being refused
+            await alice.call_tool("test_block", {})
+        metrics = await team.gateway.metrics_text()
+        assert 'hotmesh_gateway_quota_refusals_total{identity="alice@example.com",tool="echo"} 1' in metrics
+        assert 'hotmesh_gateway_quota_refusals_total{identity="alice@example.com",tool="test_block"} 1' in metrics
+        async def quota_rows() -> bool:
+            rows = await _audit.query(team.env.admin, schema=team.env.schema)
+            return sum(r.outcome == "quota" for r in rows) == 2
+
+        await wait_for(quota_rows, 10)  # refusals are audited too
