@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,11 +25,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import INVALID_PARAMS
 
 from mcp_hotmesh import _audit
-from mcp_hotmesh._http import run_http
-from mcp_hotmesh._identity import add_token, parse_config, revoke_token
+from mcp_hotmesh._http import run_http, transport_security
+from mcp_hotmesh._identity import add_token, load_config, parse_config, revoke_token
 from mcp_hotmesh._identity_gateway import IdentityGateway
 from mcp_hotmesh._roles import ProvisionedRole
-from mcp_hotmesh.errors import NotFound
+from mcp_hotmesh.errors import ConfigError, NotFound
 from tests.helpers import Env, Hub, free_port, http_client, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -106,7 +107,8 @@ class Team:
 
 
 @contextlib.asynccontextmanager
-async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None) -> AsyncIterator[Team]:
+async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None,
+                   pools: dict[str, Any] | None = None) -> AsyncIterator[Team]:
     """A worker, a gateway serving identities on HTTP, two caller roles (analysts: echo and test_block; ops: every
     tool), and an issuer whose ``groups`` claim ``analysts`` or scope ``tools:ops`` map to them."""
     port = free_port()
@@ -122,6 +124,7 @@ async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None) -> A
                           "roles": [{"claim": "groups", "value": "analysts", "role": analysts.role},
                                     {"claim": "scope", "value": "tools:ops", "role": ops.role}]},
                 "quotas": quotas or [],
+                "pools": pools or {},
             })
             async with anyio.create_task_group() as tg:
                 gateway: IdentityGateway = await tg.start(IdentityGateway(hub.engine, config).run)
@@ -352,3 +355,94 @@ async def test_quotas_refuse_the_exceeding_call_and_let_the_next_window_through(
             return sum(r.outcome == "quota" for r in rows) == 2
 
         await wait_for(quota_rows, 10)  # refusals are audited too
+
+
+async def test_role_engines_are_bounded_and_closed_when_idle(env: Env) -> None:
+    async with team_for(env, pools={"max_roles": 1, "idle_seconds": 1}) as team:
+        engines = team.gateway.engines
+        bob_token = await team.token("bob", team.ops)
+        async with connected(team, team.jwt(groups=["analysts"])) as alice:
+            assert await tool_names(alice) == ANALYST_TOOLS
+            assert engines.engine_of(team.analysts.role) is not None
+
+            async def closed() -> bool:
+                return engines.engine_of(team.analysts.role) is None
+
+            await wait_for(closed, 20)  # idle for a second: closed (its pool and LISTEN connection with it)
+            assert await tool_names(alice) == ANALYST_TOOLS  # and made again on the next request
+            async with connected(team, bob_token) as bob:
+                # one role at a time: alice's idle engine makes room for bob's
+                assert await tool_names(bob) != ANALYST_TOOLS
+                assert engines.engine_of(team.analysts.role) is None
+                async with anyio.create_task_group() as tg:  # bob's call in flight: his engine is busy
+                    tg.start_soon(bob.call_tool, "test_block", {})
+
+                    async def bob_waiting() -> bool:
+                        return bool(await team.env.admin.fetchval(
+                            f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
+                            "AND state NOT IN ('done', 'dead')", team.ops.role))
+
+                    await wait_for(bob_waiting, 20)
+                    refused = await alice.call_tool("echo", {"text": "hi"})
+                    assert refused.is_error and "too many roles at once" in text_of(refused)
+                    tg.cancel_scope.cancel()
+                await team.hub.still_serving(bob)
+
+
+async def test_a_role_without_a_login_is_a_clear_error(team: Team) -> None:
+    stranger = await team.env.provision(["echo"], "caller")  # a caller role the configuration has no login for
+    async with connected(team, await team.token("erin", stranger)) as erin:
+        with pytest.raises(MCPError, match="no login for your role"):
+            await erin.list_tools()
+        result = await erin.call_tool("echo", {"text": "hi"})
+        assert result.is_error and "no login for your role" in text_of(result)
+
+
+def test_configuration_mistakes_are_one_clear_line(tmp_path: Any) -> None:
+    oauth = {"issuer": ISSUER, "resource": "https://mcp.example/mcp", "jwks_url": "https://x/jwks",
+             "roles": [{"claim": "groups", "value": "a", "role": "r"}]}
+    base: dict[str, Any] = {"oauth": oauth}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"oauth": {**oauth, "algorithms": ["HS256"]}}, "algorithms must be"),
+        ({"oauth": {**oauth, "algorithms": ["none"]}}, "algorithms must be"),
+        ({"oauth": {**oauth, "roles": []}}, "at least one [[oauth.roles]]"),
+        ({"logins": {"r": {"password_env": "HOTMESH_TEST_NOT_SET"}}}, "which is not set"),
+        ({"quotas": [{"identity": "*"}]}, "give rate"),
+        ({"quotas": [{"rate": -1}]}, "positive number"),
+        ({"tokens": {}}, "unknown section"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_config(bad)
+    config = parse_config(base)
+    assert config.oauth is not None and config.oauth.audience == "https://mcp.example/mcp"
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[logins\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not a host name"):
+        transport_security("127.0.0.1", ["https://mcp.example.com"])
+    named = transport_security("0.0.0.0", ["mcp.example.com"])
+    assert named is not None and "mcp.example.com:*" in named.allowed_hosts
+    assert "127.0.0.1:*" not in named.allowed_hosts  # loopback names only when serving on loopback
+
+
+async def test_plain_http_on_a_public_address_warns(team: Team, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    async with anyio.create_task_group() as tg:
+        stop, started = anyio.Event(), anyio.Event()
+        tg.start_soon(lambda: run_http(team.gateway, host="0.0.0.0", port=port, token=None, stop=stop,
+                                       started=started, allowed_hosts=["mcp.example.com"]))
+        with anyio.fail_after(10):
+            await started.wait()
+        async with http_client(await team.token("fay", team.analysts)) as http:
+            headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+            named = await http.post(f"http://127.0.0.1:{port}/mcp", json=BODY,
+                                    headers={**headers, "Host": "mcp.example.com"})
+            rebound = await http.post(f"http://127.0.0.1:{port}/mcp", json=BODY,
+                                      headers={**headers, "Host": "evil.example"})
+        assert named.status_code != 421 and rebound.status_code == 421
+        stop.set()
+    assert any("TLS-terminating proxy" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
