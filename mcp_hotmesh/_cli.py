@@ -541,7 +541,10 @@ what the DSN decides:
 
 stdio (what desktop hosts launch) writes only protocol to stdout; logs go to stderr.
 http serves http://HOST:PORT/mcp and requires a bearer token (--token or HOTMESH_TOKEN, 16+ characters) on
-every address, loopback included; GET /healthz needs no token and says whether the database answers."""
+every address, loopback included; GET /healthz needs no token and says whether the database answers.
+With --identity-config FILE, each person or agent has a token of their own (mcp-hotmesh tokens add) or an
+OAuth access token, and is served as the caller role the file maps it to; --token then guards /metrics only.
+Each call is audited (mcp-hotmesh audit)."""
     _common(p)
     p.add_argument("--tools", default="mcp_hotmesh.examples:toolset",
                    help="the tool set: MODULE:ATTR or path/file.py:ATTR (default: the example tools); with an "
