@@ -1341,12 +1341,15 @@ $timeouts$;
 -- writer's word), so a role can write rows only about itself. Defined after the grants above: revoked from
 -- PUBLIC and given their lock_timeout here.
 
--- The name and caller role of an unrevoked token; no row for an unknown or revoked one.
+-- The name and caller role of an unrevoked token; no row for an unknown or revoked one. Any live caller role.
 CREATE OR REPLACE FUNCTION hotmesh.caller_identity(token_hash bytea)
 RETURNS TABLE (name text, role_name name)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
 AS $$
 BEGIN
+    IF NOT hotmesh._is_admin() AND cardinality(hotmesh._allowed_streams()) = 0 THEN
+        RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
+    END IF;
     RETURN QUERY SELECT t.name, t.role_name FROM hotmesh.tokens t
         WHERE t.token_hash = caller_identity.token_hash AND t.revoked_at IS NULL;
 END

@@ -92,7 +92,8 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
         "WHERE relnamespace = $1::regnamespace", env.schema
     )
     assert {r["relname"] for r in owned if r["relkind"] == "r"} == {
-        "messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "role_limits"
+        "messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "role_limits",
+        "tokens", "audit",
     }
     assert {r["owner"] for r in owned} == {owner}
     assert await env.admin.fetchval(
