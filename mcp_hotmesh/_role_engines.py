@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from ._caller import Engine
 from ._config import WorkerCredentials, connection_dsn
 from ._postgres import create_pool
-from .errors import Busy, ConfigError, HotMeshError, PermissionDenied
+from .errors import Busy, HotMeshError, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,6 @@ class RoleEngines:
         try:
             try:
                 pool = await create_pool(dsn, min_size=1, max_size=self.pool_size)
-            except ConfigError:
-                raise
             except HotMeshError as exc:
                 raise RoleUnavailable(str(exc)) from None
             slot.pool = pool
@@ -157,9 +155,15 @@ class RoleEngines:
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await pool.close()
-        except HotMeshError as exc:
-            log.warning("cannot act as caller role %s: %s", slot.role, exc)
+        except Exception as exc:  # a bug too must answer the requests waiting for this engine, never hang them
+            if isinstance(exc, HotMeshError):
+                log.warning("cannot act as caller role %s: %s", slot.role, exc)
+            else:
+                log.exception("cannot act as caller role %s", slot.role)
             slot.error = exc
-            if self._slots.get(slot.role) is slot:
+        finally:
+            if self._slots.get(slot.role) is slot and (slot.error is not None or slot.stop.is_set()):
                 del self._slots[slot.role]  # the next request tries again
+            if slot.error is None and slot.engine is None:
+                slot.error = RoleUnavailable("stopped")
             slot.ready.set()

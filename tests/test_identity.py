@@ -145,10 +145,10 @@ async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None,
 
 
 @contextlib.asynccontextmanager
-async def connected(team: Team, token: str) -> AsyncIterator[Client]:
+async def connected(team: Team, token: str, mode: str = "auto") -> AsyncIterator[Client]:
     """The MCP SDK's client with ``Authorization: Bearer <token>``."""
     async with http_client(token) as http, Client(streamable_http_client(team.resource, http_client=http),
-                                                  read_timeout_seconds=60) as client:
+                                                  read_timeout_seconds=60, mode=mode) as client:
         yield client
 
 
@@ -163,19 +163,20 @@ async def tool_names(client: Client) -> set[str]:
 
 
 # ----------------------------------------------------------------------------------------------- tests
-async def test_each_identity_sees_and_calls_only_its_roles_tools(team: Team) -> None:
+@pytest.mark.parametrize("mode", ["auto", "legacy"])  # both protocol eras
+async def test_each_identity_sees_and_calls_only_its_roles_tools(team: Team, mode: str) -> None:
     every_tool = {r.name for r in team.hub.engine.tools()}
-    async with connected(team, team.jwt(groups=["analysts"])) as alice:  # a JWT mapped by its groups claim
+    async with connected(team, team.jwt(groups=["analysts"]), mode) as alice:  # a JWT mapped by its groups claim
         assert await tool_names(alice) == ANALYST_TOOLS
         echoed = await alice.call_tool("echo", {"text": "hi"})
         assert echoed.structured_content == {"text": "hi", "length": 2}
         with pytest.raises(MCPError) as exc:  # ops' tool: the database does not list it for her role
             await alice.call_tool("math_add", {"a": 1, "b": 2})
         assert exc.value.code == INVALID_PARAMS
-    async with connected(team, await team.token("bob", team.ops)) as bob:  # an admin-issued token
+    async with connected(team, await team.token("bob", team.ops), mode) as bob:  # an admin-issued token
         assert await tool_names(bob) == every_tool != ANALYST_TOOLS
         assert (await bob.call_tool("math_add", {"a": 1, "b": 2})).structured_content == {"result": 3.0}
-    async with connected(team, team.jwt(sub="carol", scope="openid tools:ops")) as carol:  # mapped by scope
+    async with connected(team, team.jwt(sub="carol", scope="openid tools:ops"), mode) as carol:  # mapped by scope
         assert await tool_names(carol) == every_tool
     # each identity's calls were made as its own caller role
     owners = {r["owner"] for r in await team.env.admin.fetch(f'SELECT owner FROM "{team.env.schema}".messages')}
