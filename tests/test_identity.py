@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +39,8 @@ pytestmark = pytest.mark.anyio
 ISSUER = "https://issuer.test"
 ANALYST_TOOLS = {"echo", "test_block"}  # the analysts' role: streams echo and test.block
 BODY = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+INSPECTOR = os.environ.get("HOTMESH_TEST_INSPECTOR") or shutil.which("mcp-inspector")
+"""The MCP Inspector 2.x's command (npm install @modelcontextprotocol/inspector@2), when this machine has it."""
 
 
 # ---------------------------------------------------------------------------------------- the issuer
@@ -447,3 +451,24 @@ async def test_plain_http_on_a_public_address_warns(team: Team, caplog: pytest.L
         assert named.status_code != 421 and rebound.status_code == 421
         stop.set()
     assert any("TLS-terminating proxy" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+@pytest.mark.skipif(not INSPECTOR, reason="no MCP Inspector 2.x here (npm install @modelcontextprotocol/inspector@2, "
+                    "then HOTMESH_TEST_INSPECTOR=.../node_modules/.bin/mcp-inspector)")
+async def test_the_mcp_inspector_connects_with_a_header(team: Team) -> None:
+    assert INSPECTOR is not None
+    token = await team.token("gus", team.analysts)
+
+    async def inspector(*args: str) -> Any:
+        with anyio.fail_after(120):
+            return await anyio.run_process([INSPECTOR, "--cli", team.resource, "--transport", "http", *args],
+                                           check=False)
+
+    listed = await inspector("--header", f"Authorization: Bearer {token}", "--method", "tools/list")
+    assert listed.returncode == 0, listed.stderr
+    assert {t["name"] for t in json.loads(listed.stdout)["tools"]} == ANALYST_TOOLS
+    called = await inspector("--header", f"Authorization: Bearer {token}", "--method", "tools/call",
+                             "--tool-name", "echo", "--tool-arg", "text=hi")
+    assert called.returncode == 0 and json.loads(called.stdout)["structuredContent"] == {"text": "hi", "length": 2}
+    refused = await inspector("--header", "Authorization: Bearer hm_not-a-token", "--method", "tools/list")
+    assert refused.returncode != 0
