@@ -472,3 +472,25 @@ async def test_the_mcp_inspector_connects_with_a_header(team: Team) -> None:
     assert called.returncode == 0 and json.loads(called.stdout)["structuredContent"] == {"text": "hi", "length": 2}
     refused = await inspector("--header", "Authorization: Bearer hm_not-a-token", "--method", "tools/list")
     assert refused.returncode != 0
+
+
+async def test_audit_rows_are_kept_for_the_retention_period(env: Env) -> None:
+    caller = await env.provision(["echo"], "caller")
+    await env.set("audit_retention_ms", 60_000)
+    await env.admin.execute(
+        f"INSERT INTO \"{env.schema}\".audit (at, identity, role_name, tool, outcome, duration_ms, args_bytes, "
+        "result_bytes) VALUES (now() - interval '2 minutes', 'old', $1, 'echo', 'ok', 1, 1, 1), "
+        "(now() - interval '30 seconds', 'recent', $1, 'echo', 'ok', 1, 1, 1)", caller.role)
+    async with env.session(caller) as conn:
+        row = {"at": "2999-01-01T00:00:00Z", "identity": "new", "tool": "echo", "outcome": "ok", "duration_ms": 2,
+               "args_bytes": 3, "result_bytes": 4}
+        assert await conn.fetchval(f'SELECT "{env.schema}".caller_audit($1::jsonb)', json.dumps([row])) == 1
+        with pytest.raises(asyncpg.PostgresError, match="invalid audit record"):
+            await conn.fetchval(f'SELECT "{env.schema}".caller_audit($1::jsonb)',
+                                json.dumps([{**row, "call_id": "not-a-uuid"}]))
+        with pytest.raises(asyncpg.PostgresError, match="JSON array"):
+            await conn.fetchval(f'SELECT "{env.schema}".caller_audit($1::jsonb)', json.dumps(row))
+    kept = await _audit.query(env.admin, schema=env.schema)
+    # the old row is purged; a row dated in the future is recorded as of now
+    assert sorted(r.identity for r in kept) == ["new", "recent"]
+    assert max(r.at for r in kept).year < 2999
