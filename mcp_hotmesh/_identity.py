@@ -357,7 +357,7 @@ class IdentityVerifier(TokenVerifier):
             claims = jwt.decode(token, key=key, algorithms=list(oauth.algorithms), audience=oauth.audience,
                                 issuer=oauth.issuer, leeway=LEEWAY,
                                 options={"require": ["exp", "iss", "aud", oauth.identity_claim]})
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:  # also a key of the wrong type for the alg
             log.info("refused a JWT: %s", exc)
             return None
         who = claims.get(oauth.identity_claim)
