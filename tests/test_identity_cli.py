@@ -160,3 +160,16 @@ async def test_a_team_on_one_gateway(env: Env, tmp_path: Path) -> None:
     assert [(d["identity"], d["tool"], d["outcome"]) for d in only_ben] == [("ben", "math_add", "ok")]
     text = ok(await run_cli("audit", *admin_args(env))).stdout
     assert "ann" in text and "math_add" in text
+
+
+async def test_serve_refuses_a_bad_identity_setup_in_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "team.toml", {"some_role": "SOME_PASSWORD_NOT_SET"})
+    assert "needs --transport http" in one_line_error(
+        await run_cli("serve", "--identity-config", str(config)), "serve", 2)
+    assert "SOME_PASSWORD_NOT_SET, which is not set" in one_line_error(
+        await run_cli("serve", "--transport", "http", "--identity-config", str(config)), "serve", 2)
+    assert "cannot read the identity configuration" in one_line_error(
+        await run_cli("serve", "--transport", "http", "--identity-config", str(tmp_path / "none.toml")), "serve", 2)
+    assert "not a host name" in one_line_error(
+        await run_cli("serve", "--transport", "http", "--token", "x" * 20, "--allowed-host", "https://a.example"),
+        "serve", 2)
