@@ -156,7 +156,12 @@ async def run(db: Database, seconds: float) -> None:
                             break
                         await asyncio.sleep(0.05)
                     config = parse_config({"logins": {team_role.role: {"password": team_role.password}},
-                                           "quotas": [{"identity": "*", "rate": 1e6, "concurrent": 1000}]})
+                                           "oauth": {"issuer": oauth.issuer, "jwks_url": jwks_url,
+                                                     "resource": oauth.resource,
+                                                     "roles": [{"claim": "scope", "value": "bench",
+                                                                "role": team_role.role}]},
+                                           "quotas": [{"identity": "*", "rate": 1e6, "concurrent": 1000}],
+                                           "pools": {"size": 10}})  # as the single caller's pool
                     logging.getLogger("mcp_hotmesh.audit").setLevel(logging.WARNING)  # lines are made, not shown
                     team: IdentityGateway = await tg.start(IdentityGateway(engine, config).run)
                     single = McpGateway(engine)
@@ -166,8 +171,11 @@ async def run(db: Database, seconds: float) -> None:
                                                await calls(single_url, STATIC, lanes, seconds))
                             ours = loop_result("2 e2e", "identities (tokens table)", lanes,
                                                await calls(team_url, token, lanes, seconds))
+                            by_jwt = loop_result("2 e2e", "identities (JWT)", lanes,
+                                                 await calls(team_url, signed, lanes, seconds))
                             compare(ours, base, "static")
-                            results += [base, ours]
+                            compare(by_jwt, base, "static")
+                            results += [base, ours, by_jwt]
                     tg.cancel_scope.cancel()
         finally:
             await pool.close()
