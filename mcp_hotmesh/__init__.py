@@ -24,6 +24,9 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _admin                status, the dead-letter queue, settings (admin queries)
                    _approvals            tool definitions an admin approves, tool names a stream owns
                    _housekeeping         retention and the watchdog, run by every gateway and worker
+                   _identity, _identity_gateway, _role_engines, _audit, _quotas
+                                         HTTP identities (issued tokens, OAuth JWTs), each served as its own
+                                         caller role; their audit trail and quotas
                    _embedded             the private PostgreSQL used when no DSN is given
                    _config, _logs, _metrics, _batching
 """

@@ -93,6 +93,7 @@ class Outcome:
     kind: OutcomeKind
     result: dict[str, JSON] | None = None
     error: str | None = None
+    call_id: UUID | None = None  # the call in the database (None: refused before it was queued)
 
     @classmethod
     def refused(cls, exc: HotMeshError) -> Outcome:
@@ -222,6 +223,7 @@ class Engine:
         refresh_interval: float = 30.0,
     ) -> None:
         self.api = CallerAPI(pool, schema)
+        self.dsn = listen_dsn
         self.schema = schema
         self.role = role
         self.timeout = timeout
@@ -400,7 +402,7 @@ class Engine:
             await self.refresh()
             entry = self._tools.get(name)
         if entry is None:
-            raise UnknownTool(f"Unknown tool: {clip(name, 80)!r}. List the tools again to see what is available.")
+            raise UnknownTool(f"Unknown tool: {clip(repr(name), 80)}. List the tools again to see what is available.")
         return entry
 
     # -------------------------------------------------------------------------------------------- calls
@@ -506,7 +508,9 @@ class Engine:
             self._look_at(call_id)
             self._ask(call_id)
         try:
-            return await self._wait(name, call_id, waiter, limit)
+            outcome = await self._wait(name, call_id, waiter, limit)
+            outcome.call_id = call_id
+            return outcome
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._cancel(call_id)

@@ -248,6 +248,62 @@ async def cmd_roles(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_tokens(args: argparse.Namespace) -> int:
+    """Bearer tokens of the identities a gateway serves (serve --identity-config): add, list, revoke."""
+    from . import _identity
+
+    schema = check_schema(args.schema)
+    async with admin_connection(args) as conn:
+        await migrate(conn, schema)
+        if args.tokens_command == "add":
+            if not args.name or not args.role:
+                raise ConfigError("say who and as which caller role: mcp-hotmesh tokens add NAME --role ROLE")
+            token = await _identity.add_token(conn, args.name, args.role, schema=schema)
+            if args.json:
+                _print_json({"name": args.name, "role": args.role, "token": token})
+            else:
+                sys.stdout.write(f"name: {args.name}\nrole: {args.role}\ntoken: {token}\n"
+                                 "(shown once: only its hash is kept)\n")
+            return 0
+        if args.tokens_command == "revoke":
+            if not args.name:
+                raise ConfigError("say whose token: mcp-hotmesh tokens revoke NAME")
+            await _identity.revoke_token(conn, args.name, schema=schema)
+            log.info("revoked the token of %s: refused from its next request on", args.name)
+            return 0
+        tokens = await _identity.list_tokens(conn, schema=schema)
+    if args.json:
+        _print_json([t.as_json() for t in tokens])
+    else:
+        rows = [("NAME", "ROLE", "CREATED", "REVOKED")] + [
+            (t.name, t.role, f"{t.created_at:%Y-%m-%d %H:%M}",
+             f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "-") for t in tokens]
+        sys.stdout.write(_format.table(rows) if tokens else "no tokens\n")
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail of the calls gateways served for identities, oldest first."""
+    from . import _audit
+
+    schema = check_schema(args.schema)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    since = _format.parse_duration(args.since) if args.since else None
+    async with admin_connection(args) as conn:
+        await migrate(conn, schema)
+        records = await _audit.query(conn, schema=schema, identity=args.identity, tool=args.tool, since=since,
+                                     limit=args.limit or 100)
+    if args.json:
+        _print_json([r.as_json() for r in records])
+    else:
+        rows = [("TIME", "IDENTITY", "ROLE", "TOOL", "OUTCOME", "MS", "ARGS B", "RESULT B", "CALL")] + [
+            (f"{r.at:%Y-%m-%d %H:%M:%S}", r.identity, r.role, r.tool, r.outcome, f"{r.duration_ms:.0f}",
+             str(r.args_bytes), str(r.result_bytes), str(r.call_id) if r.call_id else "-") for r in records]
+        sys.stdout.write(_format.table(rows) if records else "no audit records\n")
+    return 0
+
+
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Serve a tool set until SIGTERM/SIGINT (a second signal stops at once)."""
     from ._tools import load_toolset
@@ -475,6 +531,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         tools=args.tools, dsn=args.dsn, data_dir=args.data_dir, schema=args.schema, transport=args.transport,
         host=args.host, port=args.port, token=args.token, no_worker=args.no_worker, timeout=args.timeout,
         max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval,
+        identity_config=args.identity_config, allowed_hosts=tuple(args.allowed_host or ()),
     ))
     return 0
 
@@ -507,7 +564,10 @@ what the DSN decides:
 
 stdio (what desktop hosts launch) writes only protocol to stdout; logs go to stderr.
 http serves http://HOST:PORT/mcp and requires a bearer token (--token or HOTMESH_TOKEN, 16+ characters) on
-every address, loopback included; GET /healthz needs no token and says whether the database answers."""
+every address, loopback included; GET /healthz needs no token and says whether the database answers.
+With --identity-config FILE, each person or agent has a token of their own (mcp-hotmesh tokens add) or an
+OAuth access token, and is served as the caller role the file maps it to; --token then guards /metrics only.
+Each call is audited (mcp-hotmesh audit)."""
     _common(p)
     p.add_argument("--tools", default="mcp_hotmesh.examples:toolset",
                    help="the tool set: MODULE:ATTR or path/file.py:ATTR (default: the example tools); with an "
@@ -518,6 +578,14 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--token", default=os.environ.get("HOTMESH_TOKEN"),
                    help="bearer token HTTP clients must send; required with --transport http "
                         "(default: $HOTMESH_TOKEN)")
+    p.add_argument("--identity-config", dest="identity_config", type=Path,
+                   default=os.environ.get("HOTMESH_IDENTITY_CONFIG"),
+                   help="with http: serve each identity (tokens add, or an OAuth JWT) as its own caller role, as "
+                        "this TOML file says; --token then guards /metrics only (default: "
+                        "$HOTMESH_IDENTITY_CONFIG)")
+    p.add_argument("--allowed-host", dest="allowed_host", action="append", metavar="HOST[:PORT]",
+                   help="a name clients reach this server by (repeatable): requests naming another Host or Origin "
+                        "are refused (DNS-rebinding protection beyond loopback)")
     p.add_argument("--no-worker", action="store_true", help="serve only; workers run elsewhere")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a tool call may take before it is cancelled (default: 60)")
@@ -614,6 +682,23 @@ every address, loopback included; GET /healthz needs no token and says whether t
     p.add_argument("--all", action="store_true", help="with approve: every definition that waits")
     p.add_argument("--release", action="store_true",
                    help="with remove: free the name too, so that any stream may register it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("tokens", cmd_tokens, "Bearer tokens of the identities a gateway serves (serve --identity-config): "
+            "tokens add NAME --role ROLE (prints the token once), tokens list, tokens revoke NAME.")
+    _common(p)
+    p.add_argument("tokens_command", nargs="?", choices=["list", "add", "revoke"], default="list")
+    p.add_argument("name", nargs="?", help="with add and revoke: the identity's name")
+    p.add_argument("--role", help="with add: the caller role the identity acts as")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("audit", cmd_audit, "The audit trail: one record per call a gateway served for an identity (time, "
+            "identity, caller role, tool, outcome, duration, sizes), oldest first.")
+    _common(p)
+    p.add_argument("--identity", help="only this identity's calls")
+    p.add_argument("--tool", help="only calls of this tool")
+    p.add_argument("--since", metavar="AGE", help="only calls of the last AGE (30s, 15m, 2h, 7d)")
+    p.add_argument("--limit", type=int, default=None, help="the newest N records (default: 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("roles", cmd_roles, "List the roles that can use this schema: kind, streams, created, rotated, revoked.")

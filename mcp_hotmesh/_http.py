@@ -1,5 +1,9 @@
 """The Streamable HTTP transport and its authentication: ``/mcp`` and ``/metrics`` behind a bearer token,
-``/healthz`` open, served by uvicorn; DNS-rebinding protection on loopback hosts."""
+``/healthz`` open, served by uvicorn; DNS-rebinding protection on loopback hosts and the ``--allowed-host`` names.
+
+One static token (``--token``) for a single caller, or, for a gateway serving identities, its verifier
+(``_identity``): admin-issued tokens and OAuth JWTs, with the protected-resource metadata (RFC 9728) and the
+``WWW-Authenticate`` challenge the MCP authorization specification asks for."""
 
 from __future__ import annotations
 
@@ -8,13 +12,15 @@ import errno
 import hmac
 import ipaddress
 import logging
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -90,16 +96,49 @@ def has_bearer(request: Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starlette:
-    """The Streamable HTTP app: ``/mcp`` and ``/metrics`` (bearer token), ``/healthz`` (no token)."""
-    token = check_http_token(host, token)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*"
+                   r"|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+
+
+def transport_security(host: str, allowed_hosts: Sequence[str]) -> TransportSecuritySettings | None:
+    """DNS-rebinding protection for the names clients reach this server by (``--allowed-host``, with or without a
+    port); None: the SDK's own, which protects loopback hosts only."""
+    if not allowed_hosts:
+        return None
+    names = []
+    for name in allowed_hosts:
+        if not _HOST.match(name):
+            raise ConfigError(f"--allowed-host {name!r} is not a host name (give NAME or NAME:PORT, no scheme)")
+        names.append(name)
+    if is_loopback(host):
+        names += ["127.0.0.1", "localhost", "[::1]"]
+    hosts, origins = [], []
+    for name in names:
+        ported = bool(re.search(r":\d+$", name))
+        hosts += [name] if ported else [name, f"{name}:*"]
+        for scheme in ("https", "http"):
+            origins += [f"{scheme}://{name}"] if ported else [f"{scheme}://{name}", f"{scheme}://{name}:*"]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts,
+                                     allowed_origins=origins)
+
+
+def http_app(gateway: McpGateway, *, host: str, port: int, token: str | None,
+             allowed_hosts: Sequence[str] = ()) -> Starlette:
+    """The Streamable HTTP app: ``/mcp`` and ``/metrics`` (bearer token), ``/healthz`` (no token). A gateway
+    serving identities brings its own verifier (``verifier``); ``token`` is then only ``/metrics``'s."""
+    verifier: TokenVerifier | None = getattr(gateway, "verifier", None)
+    if verifier is None or token:
+        token = check_http_token(host, token)
+    verifier = verifier or StaticTokenVerifier(token or "")
+    oauth = getattr(gateway, "oauth", None)
 
     async def healthz(request: Request) -> JSONResponse:
         ok = await gateway.engine.healthy()
         return JSONResponse({"status": "ok" if ok else "unavailable", "database": ok}, status_code=200 if ok else 503)
 
     async def metrics(request: Request) -> PlainTextResponse:
-        if not has_bearer(request, token):  # stream and tool names are not for everyone
+        if not token or not has_bearer(request, token):  # stream and tool names are not for everyone
             return PlainTextResponse("a bearer token is required\n", status_code=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(await gateway.metrics_text(), media_type=CONTENT_TYPE)
@@ -107,10 +146,14 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starle
     return gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,  # loopback hosts get the SDK's DNS-rebinding protection (Host and Origin checks)
-        token_verifier=StaticTokenVerifier(token),
-        # A static bearer token: there is no authorization server to advertise, so no protected-resource
-        # metadata (resource_server_url=None); issuer_url is then unused, but the settings require one.
+        transport_security=transport_security(host, allowed_hosts),
+        token_verifier=verifier,
+        # With OAuth the issuer and this resource are advertised (/.well-known/oauth-protected-resource/mcp, and
+        # resource_metadata in every 401's WWW-Authenticate); the audience is checked on the JWT itself. Without,
+        # there is no authorization server to advertise: issuer_url is then unused, but the settings require one.
         auth=AuthSettings(
+            issuer_url=oauth.issuer, resource_server_url=oauth.resource, validate_token_resource=False
+        ) if oauth is not None else AuthSettings(
             issuer_url="http://localhost", resource_server_url=None, validate_token_resource=False  # type: ignore[arg-type]
         ),
         custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"]),
@@ -134,11 +177,16 @@ class _Uvicorn:
 
 
 async def run_http(
-    gateway: McpGateway, *, host: str, port: int, token: str, stop: anyio.Event | None = None,
-    started: anyio.Event | None = None,
+    gateway: McpGateway, *, host: str, port: int, token: str | None, stop: anyio.Event | None = None,
+    started: anyio.Event | None = None, allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Serve Streamable HTTP with uvicorn until ``stop`` is set (then finish the requests in flight)."""
-    server = _Uvicorn.make(http_app(gateway, host=host, port=port, token=token), host, port)
+    app = http_app(gateway, host=host, port=port, token=token, allowed_hosts=allowed_hosts)
+    if not is_loopback(host):
+        log.warning("serving plain HTTP on the non-loopback address %s: bearer tokens cross the network in clear "
+                    "text unless a TLS-terminating proxy is in front (serve it under its name with --allowed-host)",
+                    host)
+    server = _Uvicorn.make(app, host, port)
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:

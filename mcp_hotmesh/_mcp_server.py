@@ -39,7 +39,7 @@ from mcp.types import (
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
 from ._asking import asker_for
-from ._caller import Engine
+from ._caller import Engine, Outcome
 from ._common import clip
 from ._content import call_result
 from ._metrics import UNKNOWN, GatewayMetrics, classify
@@ -166,6 +166,7 @@ class McpGateway:
 
         started = time.monotonic()
         label = "error"
+        outcome: Outcome | None = None
         try:
             raw = (params.meta or {}).get(IDEMPOTENCY_KEY)
             key = raw if raw is None or isinstance(raw, str) else ""  # "": refused by the engine, with why
@@ -183,9 +184,15 @@ class McpGateway:
             elapsed = time.monotonic() - started
             self.metrics.observe(tool, label, elapsed)
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
+            self.after_call(params, tool, label, elapsed, outcome)
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         return call_result(outcome.result)  # plain or rich, checked as the worker role's hostile input
+
+    def after_call(self, params: CallToolRequestParams, tool: str, label: str, seconds: float,
+                   outcome: Outcome | None) -> None:
+        """A call ended (``tool``: its catalog name or ``(unknown)``; ``label``: its outcome kind). The gateway that
+        serves identities (``_identity_gateway``) writes its audit record here."""
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""

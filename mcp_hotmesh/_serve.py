@@ -35,7 +35,9 @@ from . import _embedded as embedded
 from ._caller import Engine
 from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
 from ._housekeeping import retention_loop, watchdog_loop
-from ._http import check_http_token, check_port_free, run_http
+from ._http import check_http_token, check_port_free, run_http, transport_security
+from ._identity import load_config
+from ._identity_gateway import IdentityGateway
 from ._mcp_server import McpGateway
 from ._migrate import migrate
 from ._postgres import connect, create_pool, translated
@@ -65,6 +67,8 @@ class ServeOptions:
     timeout: float = 60.0  # seconds a call may take
     max_args_bytes: int = 1 << 20
     purge_interval: float = 60.0  # seconds between retention purges; 0: none
+    identity_config: Path | None = None  # with http: serve identities as their own caller roles
+    allowed_hosts: tuple[str, ...] = ()  # names clients reach the HTTP server by (DNS-rebinding protection)
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
@@ -212,14 +216,22 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
 
 async def serve(args: ServeOptions) -> None:
     """``mcp-hotmesh serve``: start the gateway (``running_gateway``) and serve the chosen transport."""
+    identities = None
+    if args.identity_config is not None:
+        if args.transport != "http":
+            raise ConfigError("--identity-config needs --transport http: identities are bearer tokens")
+        identities = load_config(args.identity_config)
     if args.transport == "http":
-        check_http_token(args.host, args.token)  # refuse before starting anything
+        if identities is None or args.token:
+            check_http_token(args.host, args.token)  # refuse before starting anything
+        transport_security(args.host, args.allowed_hosts)
         check_port_free(args.host, args.port)
     stop = anyio.Event()
     with contextlib.ExitStack() as outputs:
         wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None
         async with running_gateway(args) as engine, anyio.create_task_group() as tg:
-            gateway = McpGateway(engine)
+            gateway = McpGateway(engine) if identities is None else await tg.start(
+                IdentityGateway(engine, identities).run)
 
             async def on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -234,8 +246,8 @@ async def serve(args: ServeOptions) -> None:
             tg.start_soon(lambda: retention_loop(engine.api, interval=args.purge_interval))
             tg.start_soon(lambda: watchdog_loop(engine.api))
             if args.transport == "http":
-                await run_http(gateway, host=args.host, port=args.port, token=check_http_token(args.host, args.token),
-                               stop=stop)
+                await run_http(gateway, host=args.host, port=args.port, token=args.token, stop=stop,
+                               allowed_hosts=args.allowed_hosts)
             else:
                 await run_stdio(gateway, wire)
             tg.cancel_scope.cancel()

@@ -1728,3 +1728,67 @@ ALTER FUNCTION hotmesh.worker_request_answer(text, bigint, uuid, integer) SET lo
 ALTER FUNCTION hotmesh.caller_request(uuid) SET lock_timeout = '2s';
 ALTER FUNCTION hotmesh.caller_requests(uuid[]) SET lock_timeout = '2s';
 ALTER FUNCTION hotmesh.caller_answer(uuid, integer, jsonb) SET lock_timeout = '2s';
+
+-- ------------------------------------------------------------------------------ identity: tokens and audit
+-- A gateway serving several identities (`serve --identity-config`) asks, for each request, which identity a
+-- bearer token is (by its sha256) and writes one audit row per call as the identity's own caller role. Granted to
+-- every caller role: looking a token up needs the token itself (only its hash is stored), so a role learns nothing
+-- it could not learn by using the token; an audit row names the role that wrote it (session_user, never the
+-- writer's word), so a role can write rows only about itself. Defined after the grants above: revoked from
+-- PUBLIC and given their lock_timeout here.
+
+-- The name and caller role of an unrevoked token; no row for an unknown or revoked one. Any live caller role.
+CREATE OR REPLACE FUNCTION hotmesh.caller_identity(token_hash bytea)
+RETURNS TABLE (name text, role_name name)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+BEGIN
+    IF NOT hotmesh._is_admin() AND cardinality(hotmesh._allowed_streams()) = 0 THEN
+        RAISE EXCEPTION 'permission denied for this stream' USING ERRCODE = '42501';
+    END IF;
+    RETURN QUERY SELECT t.name, t.role_name FROM hotmesh.tokens t
+        WHERE t.token_hash = caller_identity.token_hash AND t.revoked_at IS NULL;
+END
+$$;
+
+-- Audit rows of calls session_user made (a JSON array of objects; at most max_audit_batch), then a bounded purge
+-- of rows past audit_retention_ms. Returns the number written.
+CREATE OR REPLACE FUNCTION hotmesh.caller_audit(records jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    IF records IS NULL OR jsonb_typeof(records) <> 'array' THEN
+        RAISE EXCEPTION 'audit records must be a JSON array' USING ERRCODE = 'HM002';
+    END IF;
+    IF jsonb_array_length(records) > hotmesh._setting('max_audit_batch') THEN
+        RAISE EXCEPTION 'at most % audit records at once', hotmesh._setting('max_audit_batch') USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._check_size(records, 'audit records');
+    INSERT INTO hotmesh.audit (at, identity, role_name, tool, call_id, outcome, duration_ms, args_bytes,
+                               result_bytes, arguments)
+    SELECT least(coalesce((r ->> 'at')::timestamptz, now()), now()),
+           left(coalesce(r ->> 'identity', ''), 200), session_user, left(coalesce(r ->> 'tool', ''), 200),
+           (r ->> 'call_id')::uuid, left(coalesce(r ->> 'outcome', ''), 40),
+           greatest(coalesce((r ->> 'duration_ms')::double precision, 0), 0),
+           greatest(coalesce((r ->> 'args_bytes')::integer, 0), 0),
+           greatest(coalesce((r ->> 'result_bytes')::integer, 0), 0),
+           r -> 'arguments'
+    FROM jsonb_array_elements(records) AS r
+    WHERE jsonb_typeof(r) = 'object';
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    DELETE FROM hotmesh.audit a WHERE a.id IN (
+        SELECT o.id FROM hotmesh.audit o
+        WHERE o.at < now() - make_interval(secs => hotmesh._setting('audit_retention_ms') / 1000.0)
+        ORDER BY o.at LIMIT 1000 FOR UPDATE SKIP LOCKED);
+    RETURN v_count;
+EXCEPTION WHEN invalid_text_representation OR numeric_value_out_of_range OR datetime_field_overflow
+          OR invalid_datetime_format THEN
+    RAISE EXCEPTION 'invalid audit record' USING ERRCODE = 'HM002';
+END
+$$;
+
+REVOKE ALL ON FUNCTION hotmesh.caller_identity(bytea), hotmesh.caller_audit(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hotmesh.caller_identity(bytea), hotmesh.caller_audit(jsonb) TO hotmesh_caller;

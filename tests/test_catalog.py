@@ -93,7 +93,7 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
     )
     assert {r["relname"] for r in owned if r["relkind"] == "r"} == {
         "messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "role_limits",
-        "tool_pending", "tool_names", "requests",
+        "tool_pending", "tool_names", "requests", "tokens", "audit",
     }
     assert {r["owner"] for r in owned} == {owner}
     assert await env.admin.fetchval(
