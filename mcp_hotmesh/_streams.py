@@ -29,6 +29,11 @@ def caller_channel(schema: str, role: str) -> str:
     return f"{schema}_r_{hashlib.md5(role.encode()).hexdigest()[:16]}"
 
 
+def wake_token(consumer: str) -> str:
+    """What a NOTIFY says to wake one consumer only: ``w:<token>`` (``_wake_token``; the id names a host)."""
+    return hashlib.md5(consumer.encode()).hexdigest()[:16]
+
+
 def tools_channel(schema: str) -> str:
     """The channel on which gateways hear that the tool registry or the live workers changed."""
     return f"{schema}_tools"
@@ -262,6 +267,20 @@ class WorkerAPI(_API):
     async def goodbye(self, consumer: str) -> int:
         value: int = await self._val(f"SELECT {self._s}.worker_goodbye($1)", consumer)
         return value
+
+    async def alive(self, consumer: str, ttl_ms: int, streams: list[str], workflows: list[list[str]] | None) -> int:
+        """One heartbeat for many streams, each with the workflow names served on it (``worker_alive``)."""
+        value: int = await self._val(
+            f"SELECT {self._s}.worker_alive($1, $2, $3, $4)", consumer, ttl_ms, streams, workflows,
+            stream=streams[0] if len(streams) == 1 else None,
+        )
+        return value
+
+    async def pending(self, streams: list[str]) -> list[str]:
+        """Which of ``streams`` have work now: a due ready message or an expired lease (``worker_pending``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.worker_pending($1)", streams,
+                                stream=streams[0] if len(streams) == 1 else None)
+        return [r[0] for r in rows]
 
 
 class CallerAPI(_API):

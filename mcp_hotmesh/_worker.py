@@ -4,12 +4,15 @@
                                    credentials=WorkerCredentials(user=role, password=password)):
         await anyio.sleep_forever()
 
-On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
-tool (``worker_register_tool``), LISTENs on its topics' channels (one connection per DSN, re-established with
-backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim
-batches, dispatch by workflow name, extend leases, cancel, answer). A consumer claims when a NOTIFY says there
-is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
-(``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
+On start a worker connects (one pool per process and DSN, shared by all its topics, unless a
+``WorkerConfig.task_queue`` asks for one of its own), registers each tool (``worker_register_tool``), LISTENs on
+its topics' channels (one connection per DSN, re-established with backoff), sends a first heartbeat, and starts
+one ``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim batches, dispatch by workflow name, extend
+leases, cancel, answer). A consumer claims when a NOTIFY wakes it (a new call wakes one consumer of its stream,
+not all: ``_wake_workers`` in sql/functions.sql), when a retry it scheduled comes due, when a handler slot frees
+up, and when the process's fallback poll (``poll_interval``) finds work on its stream: a missed NOTIFY, a
+restarted server or another worker's expired lease is seen there. One heartbeat and one poll per process cover
+all its topics (``_pulse``): connections and idle statements do not grow with the number of topics.
 
 Stopping is graceful: stop claiming, let running handlers finish for ``shutdown_grace`` seconds, cancel the
 rest and release their messages (``worker_release``: another worker takes them at once, no reclaim counted),
@@ -41,6 +44,7 @@ from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
 from ._housekeeping import retention_loop, watchdog_loop
 from ._listener import Listener
 from ._postgres import pools
+from ._pulse import Pulse
 from ._streams import WorkerAPI, worker_channel
 from ._tools import Tool, ToolSet
 from .errors import ConfigError, Conflict, HotMeshError, LoginRefused
@@ -72,6 +76,9 @@ class Worker:
     ``shutdown_grace``: seconds running handlers get to finish on stop (default 10).
     ``purge_interval``: seconds between purges of the finished calls of its streams (retention; default 60,
     0: none). The watchdog runs beside it (``_housekeeping``), on the worker's own pool.
+    ``pool_size``: most connections of the process's pool for a DSN (default 10; it holds one while idle). The
+    pool is shared by every topic and by every ``Worker`` of the process on that DSN that names no task queue;
+    the first to start sizes it. A worker process holds the pool's connections and one for LISTEN.
     """
 
     def __init__(
@@ -85,11 +92,14 @@ class Worker:
         heartbeat_interval: float = 5.0,
         shutdown_grace: float = 10.0,
         purge_interval: float = 60.0,
+        pool_size: int = 10,
     ) -> None:
         if not configs:
             raise ConfigError("a worker needs at least one WorkerConfig")
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if pool_size < 1:
+            raise ConfigError("pool_size must be at least 1")
         if min(poll_interval, heartbeat_interval) <= 0 or shutdown_grace < 0:
             raise ConfigError("poll_interval and heartbeat_interval must be positive, shutdown_grace not negative")
         self.schema = check_schema(schema)
@@ -99,12 +109,14 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
         self.purge_interval = purge_interval
+        self.pool_size = pool_size
         self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._groups = _group(configs)
         self._registrations = self._match_tools(tools)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._hurry: anyio.Event | None = None
+        self._pulses: dict[str, Pulse] = {}  # by DSN
         self._drained: anyio.Event | None = None  # set once drain() is done
         self.failed = anyio.Event()  # the worker cannot go on (error says why); run_worker then stops it
         self.error: HotMeshError | None = None
@@ -182,13 +194,14 @@ class Worker:
         self._hurry, self._drained = anyio.Event(), None
         try:
             for group in self._groups:
-                pool = await pools.acquire(group.configs[0].task_queue, group.dsn)
+                pool = await pools.acquire(group.configs[0].task_queue, group.dsn, max_size=self.pool_size)
                 stack.push_async_callback(_release, pool)
                 group.api = WorkerAPI(pool, self.schema)
             for tool, group in self._registrations:
                 assert group.api is not None
                 await group.api.register_tool(tool.topic, tool.workflow_name, tool.registration())
             slots = Slots(self.concurrency)
+            by_dsn: dict[str, tuple[WorkerAPI, list[Consumer]]] = {}
             for group in self._groups:
                 if not group.readonly:
                     assert group.api is not None
@@ -196,11 +209,19 @@ class Worker:
                         group.api, group.configs, consumer_id=self.consumer_id, slots=slots,
                         poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval,
                     )
-                    await group.consumer.heartbeat()
+                    by_dsn.setdefault(group.dsn, (group.api, []))[1].append(group.consumer)
+            self._pulses = {dsn: Pulse(api, consumers, consumer_id=self.consumer_id,
+                                       poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval)
+                            for dsn, (api, consumers) in by_dsn.items()}
+            for pulse in self._pulses.values():
+                await pulse.heartbeat()
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self._listen(self._tg)
             for consumer in self.consumers:
                 self._tg.start_soon(self._consume, consumer)
+            for pulse in self._pulses.values():
+                self._tg.start_soon(pulse.run_heartbeats)
+                self._tg.start_soon(pulse.run_polls)
             housekeeper = self._groups[0].api
             assert housekeeper is not None
             self._tg.start_soon(lambda: watchdog_loop(housekeeper))
@@ -230,22 +251,27 @@ class Worker:
 
     async def _listen(self, tg: anyio.abc.TaskGroup) -> None:
         """One LISTEN connection per DSN for its consumers' channels; wait (briefly) until it is up."""
-        by_dsn: dict[str, list[tuple[str, Consumer]]] = {}
+        by_dsn: dict[str, dict[str, Consumer]] = {}
         for group in self._groups:
             if group.consumer is not None:
-                by_dsn.setdefault(group.dsn, []).append((worker_channel(self.schema, group.topic), group.consumer))
+                by_dsn.setdefault(group.dsn, {})[worker_channel(self.schema, group.topic)] = group.consumer
         listeners = []
-        for dsn, pairs in by_dsn.items():
-            def dispatch(channel: str, payload: str, pairs: list[tuple[str, Consumer]] = pairs) -> None:
-                for name, consumer in pairs:
-                    if name == channel:
-                        consumer.notify(payload)
+        for dsn, by_channel in by_dsn.items():
+            def dispatch(channel: str, payload: str, by_channel: dict[str, Consumer] = by_channel) -> None:
+                consumer = by_channel.get(channel)
+                if consumer is not None:
+                    consumer.notify(payload)
 
-            async def wake_all(pairs: list[tuple[str, Consumer]] = pairs) -> None:
-                for _, consumer in pairs:  # notifications sent while disconnected are lost
-                    consumer.wake()
+            async def wake_all(by_channel: dict[str, Consumer] = by_channel, pulse: Pulse = self._pulses[dsn]) -> None:
+                # notifications sent while disconnected are lost: poll for them (one statement, not a claim per
+                # topic), or, if that fails, let every consumer look
+                try:
+                    await pulse.poll()
+                except HotMeshError:
+                    for consumer in by_channel.values():
+                        consumer.wake()
 
-            listener = Listener(dsn, sorted({name for name, _ in pairs}), dispatch, on_reconnect=wake_all)
+            listener = Listener(dsn, sorted(by_channel), dispatch, on_reconnect=wake_all)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):
@@ -277,12 +303,12 @@ class Worker:
                 for consumer in consumers:
                     consumer.abandon()
                 await self._wait_idle(consumers, ANSWER_TIMEOUT + 5, hurry=False)
-                for consumer in consumers:
+                for pulse in self._pulses.values():
                     try:
                         with anyio.fail_after(5):
-                            await consumer.goodbye()
+                            await pulse.goodbye()
                     except (HotMeshError, TimeoutError) as exc:
-                        log.warning("goodbye for %r failed: %s", consumer.topic, exc)
+                        log.warning("goodbye failed: %s", exc)
         finally:
             self._drained.set()
 

@@ -127,7 +127,7 @@ async def test_a_landed_schema_ends_with_the_catalog_of_a_fresh_install(admin: a
             assert {"S.caller_call_many(text[],text[],jsonb[],integer[])", "S.caller_results(uuid[])"} <= missing
         assert not await is_migrated(admin, old)
 
-        assert await migrate(admin, old) == [3]
+        assert await migrate(admin, old) == [3, 4]
 
         assert await is_migrated(admin, old)
         after = await catalog(admin, old)
@@ -197,7 +197,7 @@ async def test_calls_flow_before_during_and_after_an_upgrade(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_calling)
-            assert await migrate(admin, schema) == [3]
+            assert await migrate(admin, schema) == [3, 4]
             migrated.set()
 
         await echo("after")
