@@ -17,11 +17,11 @@ import pytest
 from mcp_hotmesh import PermissionDenied, ToolSet, Worker
 from mcp_hotmesh._roles import provision_role
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
-from tests.helpers import Env, finished, wait_for
+from tests.helpers import Env, RuntimeOptions, finished, wait_for
 
 pytestmark = pytest.mark.anyio
 
-QUIET = {"poll_interval": 30.0, "heartbeat_interval": 5.0, "shutdown_grace": 0.5}
+QUIET: RuntimeOptions = {"poll_interval": 30.0, "heartbeat_interval": 5.0, "shutdown_grace": 0.5}
 """No fallback poll during the test: every claim counted is one a NOTIFY caused."""
 
 
