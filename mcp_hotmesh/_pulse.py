@@ -6,6 +6,10 @@ consumers whose streams have work NOTIFY did not announce (a missed NOTIFY, a re
 due, another worker's expired lease). Both intervals are jittered (±20%) so that processes started together do
 not poll in step. Measured with 1,000 topics in one process: 272 idle statements per second with a heartbeat and a
 poll per topic, about one with these (``python -m benchmarks.sweep``).
+
+A schema not yet migrated to these functions (a worker upgraded before its database) is served the earlier way:
+``worker_heartbeat`` in chunks of 1,000 streams, and a poll that wakes every consumer; the next round tries the
+new functions again, so a ``migrate`` while the worker runs switches it over.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import anyio
 from ._consumer import Consumer
 from ._retry import Backoff
 from ._streams import WorkerAPI
-from .errors import HotMeshError
+from .errors import ConnectionFailed, DatabaseError, HotMeshError
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +44,34 @@ class Pulse:
 
     async def heartbeat(self) -> None:
         """Tell gateways every consumer is live, for three heartbeat intervals: one statement."""
-        await self.api.alive(self.consumer_id, int(self.heartbeat_interval * 3000), self._streams, self._workflows)
+        ttl_ms = int(self.heartbeat_interval * 3000)
+        try:
+            await self.api.alive(self.consumer_id, ttl_ms, self._streams, self._workflows)
+        except DatabaseError as exc:
+            if not await self._before_alive(exc):
+                raise
+            for start in range(0, len(self._streams), 1000):
+                await self.api.heartbeat(self._streams[start:start + 1000], self.consumer_id, ttl_ms)
 
     async def poll(self) -> None:
         """Wake the consumers whose streams have work now: one statement."""
-        for stream in await self.api.pending(self._streams):
+        try:
+            pending = await self.api.pending(self._streams)
+        except DatabaseError as exc:
+            if not await self._before_alive(exc):
+                raise
+            pending = self._streams
+        for stream in pending:
             consumer = self.consumers.get(stream)
             if consumer is not None:
                 consumer.wake()
+
+    async def _before_alive(self, exc: DatabaseError) -> bool:
+        """Whether the schema predates ``worker_alive`` and ``worker_pending`` (a failure other than a lost
+        connection or a refusal is looked into; those are raised as they are)."""
+        if isinstance(exc, ConnectionFailed) or type(exc) is not DatabaseError:
+            return False
+        return await self.api.lacks("worker_pending(text[])")
 
     async def goodbye(self) -> None:
         """No more heartbeats; gateways stop counting these consumers at once (``worker_goodbye``)."""

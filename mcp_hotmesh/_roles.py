@@ -208,7 +208,12 @@ async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[
         conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
         role, await conn.fetchval("SELECT current_database()"), "" if granted else listed,
     )
-    await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}".stream_grants'):
+        if granted:  # a schema from before stream_grants (004)
+            raise ConfigError(f"an allow-list longer than {SETTING_CHARS} characters needs mcp-hotmesh migrate first")
+        granted = False
+    else:
+        await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
     if granted:
         await conn.execute(f'INSERT INTO "{schema}".stream_grants (role_name, stream) SELECT $1, unnest($2::text[])',
                            role, streams)
@@ -403,7 +408,8 @@ async def revoke(
                 f'UPDATE "{schema}".roles SET revoked_at = now() WHERE role_name = $1', role
             )
             await conn.execute(f'DELETE FROM "{schema}".workers WHERE role_name = $1', role)
-            await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}".stream_grants'):
+                await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
     return ended
 
 

@@ -276,6 +276,11 @@ class WorkerAPI(_API):
         )
         return value
 
+    async def lacks(self, function: str) -> bool:
+        """Whether the schema lacks ``function`` (a signature such as ``worker_pending(text[])``): one migrated
+        by an earlier version."""
+        return bool(await self._val("SELECT to_regprocedure($1) IS NULL", f"{self._s}.{function}"))
+
     async def pending(self, streams: list[str]) -> list[str]:
         """Which of ``streams`` have work now: a due ready message or an expired lease (``worker_pending``)."""
         rows = await self._rows(f"SELECT * FROM {self._s}.worker_pending($1)", streams,
