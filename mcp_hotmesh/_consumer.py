@@ -43,7 +43,7 @@ import anyio.abc
 from ._batching import Batcher
 from ._config import WorkerConfig
 from ._retry import Backoff, retry_transient
-from ._streams import Answer, Claimed, WorkerAPI, wake_token
+from ._streams import Answer, Claimed, WorkerAPI
 from ._tools import ToolContext
 from .errors import HotMeshError, InvalidInput, LoginRefused, PayloadTooLarge, ToolError
 
@@ -136,7 +136,6 @@ class Consumer:
         self._keeper_wake = anyio.Event()
         self._keeper_until = math.inf  # when the lease keeper wakes next, unless woken
         self._stopping = False
-        self.token = wake_token(consumer_id)  # what a NOTIFY that wakes this consumer only says (_wake_workers)
         # Whether messages may be waiting: a NOTIFY of new work, or a claim that came back full. An answer
         # claims in the same statement only then; otherwise it would add a claim's work to every answer's
         # commit (and to the latency of a lone call) for nothing. ``_news`` counts NOTIFYs, so a claim that
@@ -166,16 +165,13 @@ class Consumer:
             self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
 
     def notify(self, payload: str) -> None:
-        """A NOTIFY on the topic's channel: new work for this consumer (``w:<its token>``) or another one
-        (``w:<another token>``: ignored, that one claims it), new work for anyone (empty), or ``c:<id>`` (a
-        caller cancelled message ``id``)."""
+        """A NOTIFY on the topic's channel: new work (empty), or ``c:<id>`` (a caller cancelled message ``id``).
+        A new call wakes one consumer on its process's channel instead (``Worker._listen``)."""
         if payload.startswith("c:"):
             for running in list(self._running.values()):
                 if payload == f"c:{running.msg.id}":
                     running.check_now = True
                     self._keeper_wake.set()
-            return
-        if payload.startswith("w:") and payload[2:] != self.token:
             return
         self.wake()
 

@@ -29,9 +29,10 @@ def caller_channel(schema: str, role: str) -> str:
     return f"{schema}_r_{hashlib.md5(role.encode()).hexdigest()[:16]}"
 
 
-def wake_token(consumer: str) -> str:
-    """What a NOTIFY says to wake one consumer only: ``w:<token>`` (``_wake_token``; the id names a host)."""
-    return hashlib.md5(consumer.encode()).hexdigest()[:16]
+def consumer_channel(schema: str, consumer: str) -> str:
+    """The channel on which one worker process (``consumer`` id) is woken for a new call: the payload is the
+    channel of the call's stream (``_consumer_channel``; a hash, as the id names a host)."""
+    return f"{schema}_c_{hashlib.md5(consumer.encode()).hexdigest()[:16]}"
 
 
 def tools_channel(schema: str) -> str:

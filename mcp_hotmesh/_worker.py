@@ -45,7 +45,7 @@ from ._housekeeping import retention_loop, watchdog_loop
 from ._listener import Listener
 from ._postgres import pools
 from ._pulse import Pulse
-from ._streams import WorkerAPI, worker_channel
+from ._streams import WorkerAPI, consumer_channel, worker_channel
 from ._tools import Tool, ToolSet
 from .errors import ConfigError, Conflict, HotMeshError, LoginRefused
 
@@ -256,8 +256,14 @@ class Worker:
             if group.consumer is not None:
                 by_dsn.setdefault(group.dsn, {})[worker_channel(self.schema, group.topic)] = group.consumer
         listeners = []
+        own = consumer_channel(self.schema, self.consumer_id)  # a new call for one of ours: payload, its stream's
         for dsn, by_channel in by_dsn.items():
             def dispatch(channel: str, payload: str, by_channel: dict[str, Consumer] = by_channel) -> None:
+                if channel == own:
+                    woken = by_channel.get(payload)
+                    if woken is not None:
+                        woken.wake()
+                    return
                 consumer = by_channel.get(channel)
                 if consumer is not None:
                     consumer.notify(payload)
@@ -271,7 +277,7 @@ class Worker:
                     for consumer in by_channel.values():
                         consumer.wake()
 
-            listener = Listener(dsn, sorted(by_channel), dispatch, on_reconnect=wake_all)
+            listener = Listener(dsn, [own, *sorted(by_channel)], dispatch, on_reconnect=wake_all)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):
