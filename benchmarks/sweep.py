@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -25,10 +26,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
+import httpx2
 from mcp import Client
 
 from mcp_hotmesh._caller import Engine
+from mcp_hotmesh._http import run_http
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._migrate import migrate
 from mcp_hotmesh._postgres import create_pool
@@ -112,7 +116,7 @@ async def topic_step(db: Database, admin: asyncpg.Connection, n: int, idle: floa
     role = await provision_role(admin, [f"{prefix}_{i:04d}" for i in range(n)], "worker", schema=SCHEMA)
     async with workers(db, role, 1, n, prefix) as [pid]:
         start = await wait_live(admin, role.role, n)
-        await asyncio.sleep(2)  # let the start settle
+        await asyncio.sleep(11)  # let the start settle: a backend reports its counts up to 10 s late
         conns = int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role.role))
         cpu0, tx0, t0 = cpu_seconds(pid), await transactions(admin), time.perf_counter()
         await asyncio.sleep(idle)
@@ -162,23 +166,53 @@ async def process_step(db: Database, admin: asyncpg.Connection, worker: Provisio
 
 
 async def tools_list(db: Database, admin: asyncpg.Connection, n: int, samples: int) -> dict[str, Any]:
-    """tools/list through the MCP client with ``n`` registered tools (those of the largest topic step)."""
+    """tools/list with ``n`` registered tools (those of the largest topic step): raw JSON-RPC over Streamable HTTP
+    (the gateway's answer, bytes read, nothing parsed) and through the ``mcp`` client in-process (which also
+    validates the 1,000 tools it receives)."""
     prefix = f"sweep.t{n}"
     caller = await provision_role(admin, [f"{prefix}_{i:04d}" for i in range(n)], "caller", schema=SCHEMA)
     dsn = db.role_dsn(caller.role, caller.password)
     pool = await create_pool(dsn, max_size=4)
+    token = secrets.token_urlsafe(24)
+    port = 20_000 + secrets.randbelow(10_000)
     try:
         engine = Engine(pool, schema=SCHEMA, role=caller.role, listen_dsn=dsn)
-        async with engine, Client(McpGateway(engine).server) as client:
+        gateway = McpGateway(engine)
+        async with engine, Client(gateway.server) as client, anyio.create_task_group() as tg:
             listed = len((await client.list_tools()).tools)
-            lat = []
+            sdk = []
             for _ in range(samples):
                 t0 = time.perf_counter()
                 await client.list_tools()
-                lat.append((time.perf_counter() - t0) * 1000)
+                sdk.append((time.perf_counter() - t0) * 1000)
+            stop, started = anyio.Event(), anyio.Event()
+            tg.start_soon(lambda: run_http(gateway, host="127.0.0.1", port=port, token=token, stop=stop,
+                                           started=started))
+            await started.wait()
+            headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream"}
+            async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
+                url = f"http://127.0.0.1:{port}/mcp"
+                hello = {"protocolVersion": "2025-06-18", "capabilities": {},
+                         "clientInfo": {"name": "sweep", "version": "1"}}
+                init = await http.post(url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello})
+                session = {k: v for k, v in init.headers.items() if k.lower() == "mcp-session-id"}
+                session["MCP-Protocol-Version"] = "2025-06-18"
+                await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+                raw = []
+                size = 0
+                for i in range(samples):
+                    t0 = time.perf_counter()
+                    reply = await http.post(url, json={"jsonrpc": "2.0", "id": i + 1, "method": "tools/list"},
+                                            headers=session)
+                    size = len(reply.content)
+                    raw.append((time.perf_counter() - t0) * 1000)
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"tools/list over HTTP: {reply.status_code} {reply.text[:200]}")
+            stop.set()
     finally:
         await pool.close()
-    return {"tools": listed, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
+    return {"tools": listed, "http_p50_ms": percentile(raw, 0.5), "http_p99_ms": percentile(raw, 0.99),
+            "http_bytes": size, "sdk_p50_ms": percentile(sdk, 0.5), "sdk_p99_ms": percentile(sdk, 0.99)}
 
 
 def ratio(rows: list[dict[str, Any]], key: str) -> list[str]:
@@ -207,7 +241,9 @@ async def main(argv: list[str] | None = None) -> int:
                                   ratio(topic_rows, "idle_cpu_pct"), ratio(topic_rows, "idle_statements_per_s"),
                                   strict=True):
         print(f"{row['topics']:>8} {s:>16} {c:>14} {cpu:>16} {st:>16}")
-    print(f"tools/list with {listing['tools']} tools: p50 {listing['p50_ms']:.1f} ms, p99 {listing['p99_ms']:.1f} ms")
+    print(f"tools/list with {listing['tools']} tools: over HTTP p50 {listing['http_p50_ms']:.1f} ms, "
+          f"p99 {listing['http_p99_ms']:.1f} ms ({listing['http_bytes']:,} bytes); through the mcp client in-process "
+          f"(parsing included) p50 {listing['sdk_p50_ms']:.1f} ms")
     print("worker processes on one stream, 16 concurrent calls")
     print(f"{'processes':>9} {'calls/s':>18} {'p50 ms':>16} {'claims/call':>16}")
     for row, r, p, c in zip(process_rows, ratio(process_rows, "calls_per_s"), ratio(process_rows, "p50_ms"),

@@ -251,6 +251,13 @@ class WorkerAPI(_API):
             )
         )
 
+    async def register_tools(self, tools: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Many ``(stream, workflow_name, tool)`` in one statement (``worker_register_tools``); how many changed."""
+        streams, names, defs = [list(column) for column in zip(*tools, strict=True)] if tools else ([], [], [])
+        value: int = await self._val(f"SELECT {self._s}.worker_register_tools($1, $2, $3)", streams, names, defs,
+                                     stream=streams[0] if len(streams) == 1 else None)
+        return value
+
     async def unregister_tool(self, stream: str, workflow_name: str) -> bool:
         return bool(
             await self._val(

@@ -47,7 +47,7 @@ from ._postgres import pools
 from ._pulse import Pulse
 from ._streams import WorkerAPI, consumer_channel, worker_channel
 from ._tools import Tool, ToolSet
-from .errors import ConfigError, Conflict, HotMeshError, LoginRefused
+from .errors import ConfigError, Conflict, ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ class Worker:
                 pool = await pools.acquire(group.configs[0].task_queue, group.dsn, max_size=self.pool_size)
                 stack.push_async_callback(_release, pool)
                 group.api = WorkerAPI(pool, self.schema)
-            for tool, group in self._registrations:
-                assert group.api is not None
-                await group.api.register_tool(tool.topic, tool.workflow_name, tool.registration())
+            await self._register()
             slots = Slots(self.concurrency)
             by_dsn: dict[str, tuple[WorkerAPI, list[Consumer]]] = {}
             for group in self._groups:
@@ -237,6 +235,27 @@ class Worker:
         self._stack = stack
         log.info("worker %s serving %s", self.consumer_id,
                  ", ".join(f"{c.topic} {c.workflows}" for c in self.consumers) or "nothing (readonly)")
+
+    async def _register(self) -> None:
+        """Register the tools, 500 to a statement per pool (one by one on a schema migrated before
+        ``worker_register_tools``)."""
+        by_api: dict[int, tuple[WorkerAPI, list[tuple[str, str, dict[str, Any]]]]] = {}
+        for tool, group in self._registrations:
+            assert group.api is not None
+            entry = by_api.setdefault(id(group.api.pool), (group.api, []))
+            entry[1].append((tool.topic, tool.workflow_name, tool.registration()))
+        for api, tools in by_api.values():
+            for start in range(0, len(tools), 500):
+                chunk = tools[start:start + 500]
+                try:
+                    await api.register_tools(chunk)
+                except DatabaseError as exc:
+                    if isinstance(exc, ConnectionFailed) or type(exc) is not DatabaseError:
+                        raise
+                    if not await api.lacks("worker_register_tools(text[],text[],jsonb[])"):
+                        raise
+                    for topic, workflow_name, registration in chunk:
+                        await api.register_tool(topic, workflow_name, registration)
 
     async def _consume(self, consumer: Consumer) -> None:
         """Run a consumer until it stops; a refused login (revoked, rotated) ends the worker's service: ``failed``

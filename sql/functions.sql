@@ -1363,8 +1363,11 @@ CREATE OR REPLACE FUNCTION hotmesh._consumer_channel(p_consumer text) RETURNS te
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 'hotmesh_c_' || hotmesh._wake_token(p_consumer) $$;
 
--- Wake up to p_count live consumers of p_stream that serve one of p_workflows, taking turns from p_seed (the new
--- message's id, so consecutive calls wake consecutive consumers). With none known, every listener is woken ('').
+-- Wake the live consumers of p_stream that serve one of p_workflows for p_count new calls whose first id is
+-- p_seed: consumers take turns, each woken for wake_batch consecutive calls (4), so that a busy stream's calls
+-- spread over its workers while each still claims, and answers, several in one statement (one consumer per call
+-- cost a claim and an answer each: 0.65x the calls per second of one process with 16 processes on two cores).
+-- With none known, every listener is woken ('').
 -- A consumer woken for work it cannot take at once (all its handlers busy) claims it when one is free; one that
 -- died without saying goodbye is woken until its heartbeat expires, and the fallback poll of the others
 -- (worker_pending) finds its calls meanwhile.
@@ -1374,6 +1377,9 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_channel text := hotmesh._worker_channel(p_stream);
+    v_batch bigint := greatest(coalesce(hotmesh._setting('wake_batch'), 1), 1);
+    v_first bigint := coalesce(p_seed, 0) / v_batch;
+    v_turns bigint := greatest((coalesce(p_seed, 0) + greatest(coalesce(p_count, 1), 1) - 1) / v_batch - v_first + 1, 1);
     v_woken bigint;
 BEGIN
     WITH live AS (
@@ -1387,7 +1393,7 @@ BEGIN
                       ELSE pg_catalog.pg_notify(hotmesh._consumer_channel(l.consumer), v_channel) END)
     INTO v_woken
     FROM live l
-    WHERE (l.i - coalesce(p_seed, 0) % l.n + l.n) % l.n < greatest(coalesce(p_count, 1), 1);
+    WHERE (l.i - v_first % l.n + l.n) % l.n < v_turns;
     IF v_woken = 0 THEN
         PERFORM pg_catalog.pg_notify(v_channel, '');
     END IF;
@@ -1503,16 +1509,44 @@ BEGIN
 END
 $$;
 
+-- Register many tools in one statement and one commit, each as worker_register_tool registers it (a worker
+-- process of 1,000 topics starting: one commit, not 1,000; measured 11.8 s to start before, one by one).
+-- Any refused tool refuses them all, and nothing is written. Returns how many changed.
+CREATE OR REPLACE FUNCTION hotmesh.worker_register_tools(streams text[], workflow_names text[], tools jsonb[])
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+DECLARE
+    v_count integer := coalesce(cardinality(streams), 0);
+    v_changed integer := 0;
+BEGIN
+    IF v_count > 10000 OR coalesce(cardinality(workflow_names), 0) <> v_count
+       OR coalesce(cardinality(tools), 0) <> v_count THEN
+        RAISE EXCEPTION 'streams, workflow_names and tools must be arrays of one length, at most 10000'
+            USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._authorize_all(streams);
+    FOR i IN 1 .. v_count LOOP
+        IF hotmesh.worker_register_tool(streams[i], workflow_names[i], tools[i]) THEN
+            v_changed := v_changed + 1;
+        END IF;
+    END LOOP;
+    RETURN v_changed;
+END
+$$;
+
 REVOKE ALL ON FUNCTION
     hotmesh._wake_token(text),
     hotmesh._consumer_channel(text),
     hotmesh._wake_workers(text, text[], bigint, bigint),
     hotmesh._authorize_all(text[]),
     hotmesh.worker_alive(text, integer, text[], jsonb),
-    hotmesh.worker_pending(text[])
+    hotmesh.worker_pending(text[]),
+    hotmesh.worker_register_tools(text[], text[], jsonb[])
 FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
     hotmesh.worker_alive(text, integer, text[], jsonb),
-    hotmesh.worker_pending(text[])
+    hotmesh.worker_pending(text[]),
+    hotmesh.worker_register_tools(text[], text[], jsonb[])
 TO hotmesh_worker;
