@@ -88,7 +88,7 @@ class McpGateway:
         self.metrics = GatewayMetrics()
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
-        self._listed: tuple[object, ListToolsResult] | None = None  # (engine.catalog_version, its tools/list)
+        self._listed: tuple[object, dict[str, Any]] | None = None  # (engine.catalog_version, its tools/list)
         self.server = _HotMeshServer(
             name,
             version=_version(),
@@ -128,17 +128,20 @@ class McpGateway:
     ) -> ListToolsResult:
         """The tools whose registered definitions passed the engine's checks (a verdict cached per definition when
         the catalog was refreshed: nothing is checked here). Built once per catalog and kept until the catalog
-        changes (measured at 1,000 tools: rebuilding it took 51 ms p50 per request)."""
+        changes, as the JSON the SDK would make of it: the SDK sends a handler's dict as it is, and dumps a model on
+        every request (measured at 1,000 tools over HTTP: 156 ms p50 rebuilt per request, 68 ms with the model
+        cached, see ``python -m benchmarks.sweep``)."""
         self._remember(ctx)
         version = self.engine.catalog_version
-        if self._listed is not None and self._listed[0] is version:
-            return self._listed[1]
-        tools = [
-            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
-            for r in self.engine.listable()
-        ]
-        self._listed = (version, ListToolsResult(tools=tools))
-        return self._listed[1]
+        if self._listed is None or self._listed[0] is not version:
+            tools = [
+                Tool(name=r.name, description=r.description, input_schema=r.input_schema,
+                     output_schema=r.output_schema)
+                for r in self.engine.listable()
+            ]
+            listed = ListToolsResult(tools=tools).model_dump(by_alias=True, mode="json", exclude_none=True)
+            self._listed = (version, listed)
+        return self._listed[1]  # type: ignore[return-value]  # the SDK's runner takes a dict as the result
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         self._remember(ctx)
