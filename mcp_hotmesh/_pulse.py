@@ -19,10 +19,10 @@ import random
 
 import anyio
 
-from ._consumer import Consumer
+from ._consumer import LOGIN_GRACE, Consumer
 from ._retry import Backoff
 from ._streams import WorkerAPI
-from .errors import ConnectionFailed, DatabaseError, HotMeshError
+from .errors import ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,23 @@ class Pulse:
                     log.log(backoff.failed(exc)[1], "heartbeat failed: %s", exc)
 
     async def run_polls(self) -> None:
-        """Poll at once (what waited before the process started), then every ``poll_interval`` (jittered)."""
+        """Poll at once (what waited before the process started), then every ``poll_interval`` (jittered).
+        PostgreSQL refusing the login (revoked, or the password rotated) for ``LOGIN_GRACE`` seconds raises
+        ``LoginRefused``: nothing the process does will change that."""
         backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
+        refused_since: float | None = None
         while True:
             delay = self.poll_interval * random.uniform(0.8, 1.2)
             try:
                 await self.poll()
+                refused_since = None
                 if backoff.succeeded():
                     log.info("the fallback poll works again")
+            except LoginRefused:
+                refused_since = refused_since if refused_since is not None else anyio.current_time()
+                if anyio.current_time() - refused_since >= LOGIN_GRACE:
+                    raise
+                delay = min(delay, 1.0)
             except HotMeshError as exc:
                 delay, level = backoff.failed(exc)
                 log.log(level, "the fallback poll failed (%s); retrying in %.1fs", exc, delay)

@@ -219,7 +219,7 @@ class Worker:
                 self._tg.start_soon(self._consume, consumer)
             for pulse in self._pulses.values():
                 self._tg.start_soon(pulse.run_heartbeats)
-                self._tg.start_soon(pulse.run_polls)
+                self._tg.start_soon(self._poll, pulse)
             housekeeper = self._groups[0].api
             assert housekeeper is not None
             self._tg.start_soon(lambda: watchdog_loop(housekeeper))
@@ -263,10 +263,20 @@ class Worker:
         try:
             await consumer.run()
         except LoginRefused as exc:
-            if self.error is None:
-                self.error = exc
-                log.error("PostgreSQL refuses this worker's login (revoked, or its password rotated): stopping")
-            self.failed.set()
+            self._refused(exc)
+
+    async def _poll(self, pulse: Pulse) -> None:
+        """The fallback poll, which an idle worker sends alone: it is what sees a refused login first."""
+        try:
+            await pulse.run_polls()
+        except LoginRefused as exc:
+            self._refused(exc)
+
+    def _refused(self, exc: LoginRefused) -> None:
+        if self.error is None:
+            self.error = exc
+            log.error("PostgreSQL refuses this worker's login (revoked, or its password rotated): stopping")
+        self.failed.set()
 
     async def _listen(self, tg: anyio.abc.TaskGroup) -> None:
         """One LISTEN connection per DSN for its consumers' channels; wait (briefly) until it is up."""
