@@ -20,6 +20,7 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _migrate, _roles      the admin's part: the schema, scoped roles
                    _admin                status, the dead-letter queue, settings (admin queries)
                    _housekeeping         retention and the watchdog, run by every gateway and worker
+                   _pulse                a worker process's one heartbeat and one fallback poll, all topics
                    _embedded             the private PostgreSQL used when no DSN is given
                    _config, _logs, _metrics, _batching
 """
