@@ -144,6 +144,7 @@ class _StubEngine:
     """An ``Engine`` that answers every call at once with ``{}``: no database, no worker, no queue."""
 
     on_tools_changed = None
+    catalog_version: object = None  # its one tool never changes
 
     def __init__(self) -> None:
         self.record = ToolRecord(STREAM, "", "noop", "Does nothing and returns an empty object; for benchmarks.",

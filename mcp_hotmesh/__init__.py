@@ -27,6 +27,7 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _identity, _identity_gateway, _role_engines, _audit, _quotas
                                          HTTP identities (issued tokens, OAuth JWTs), each served as its own
                                          caller role; their audit trail and quotas
+                   _pulse                a worker process's one heartbeat and one fallback poll, all topics
                    _embedded             the private PostgreSQL used when no DSN is given
                    _config, _logs, _metrics, _batching
 """

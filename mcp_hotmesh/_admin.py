@@ -260,7 +260,7 @@ SMALLEST = {
     "max_error_chars": 1, "max_timeout_ms": 1, "max_attempts": 1, "max_worker_ttl_ms": 1000, "purge_batch": 1,
     "max_schema_depth": 1, "max_schema_nodes": 1, "max_description_chars": 1, "max_tools_per_stream": 1,
     "max_consumers_per_stream": 1, "max_json_depth": 1, "watchdog_idle_ms": 100, "watchdog_transaction_ms": 100,
-    "max_tool_timeout_ms": 1,
+    "max_tool_timeout_ms": 1, "wake_batch": 1,
 }
 """The least value of a setting that still leaves the system working (0 would refuse every call, lease, ...)."""
 

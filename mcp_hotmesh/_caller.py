@@ -380,6 +380,12 @@ class Engine:
             await self.on_tools_changed()
         return changed
 
+    @property
+    def catalog_version(self) -> object:
+        """Changes whenever ``refresh`` replaces the catalog (and only then): what a cache of anything built from
+        ``tools()`` or ``listable()`` is keyed on."""
+        return self._tools
+
     def tools(self) -> list[ToolRecord]:
         """The cached catalog, by name: every registered tool, listable or not."""
         return [e.record for e in sorted(self._tools.values(), key=lambda e: e.record.name)]

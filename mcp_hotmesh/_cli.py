@@ -318,7 +318,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         credentials = WorkerCredentials(user=args.user, password=args.password)
     options: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("reclaim_delay", "reclaim_count", "task_queue", "poll_interval", "shutdown_grace")
+        for name in ("reclaim_delay", "reclaim_count", "task_queue", "poll_interval", "shutdown_grace", "pool_size")
         if getattr(args, name) is not None
     }
     if args.readonly:
@@ -612,6 +612,9 @@ Each call is audited (mcp-hotmesh audit)."""
                    help="reclaims before a message is dead-lettered (default: $HOTMESH_RECLAIM_COUNT or 3)")
     p.add_argument("--task-queue", dest="task_queue", default=os.environ.get("HOTMESH_TASK_QUEUE"),
                    help="components naming the same task queue share one pool (default: $HOTMESH_TASK_QUEUE)")
+    p.add_argument("--pool-size", dest="pool_size", type=int, metavar="N", default=os.environ.get("HOTMESH_POOL_SIZE"),
+                   help="most connections of the worker's pool; it holds one while idle, plus one to LISTEN "
+                   "(default: $HOTMESH_POOL_SIZE or 10)")
     p.add_argument("--poll-interval", dest="poll_interval", type=float, metavar="SECONDS",
                    default=os.environ.get("HOTMESH_POLL_INTERVAL"),
                    help="fallback poll when no NOTIFY arrives (default: $HOTMESH_POLL_INTERVAL or 5)")

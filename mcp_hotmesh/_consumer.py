@@ -62,22 +62,29 @@ HANDLER_TASK = "mcp-hotmesh handler"  # named: anyio otherwise works a name out 
 
 
 class Slots:
-    """The worker's free handler slots, shared by its consumers; freeing one wakes consumers that ran out."""
+    """The worker's free handler slots, shared by its consumers. A consumer that wanted slots and found none
+    waits in line (``take(..., wake=...)``); each freed slot wakes the next in line, not every consumer: the
+    cost of a freed slot is one wake-up, whatever the number of topics (waking all of them cost ~370,000
+    claim-loop passes for 401 freed slots with 1,000 topics)."""
 
     def __init__(self, total: int) -> None:
         self._free = total  # never awaited: a count is enough (one event loop, no await between test and take)
-        self.on_free: list[Callable[[], None]] = []
+        self._waiting: dict[Callable[[], None], None] = {}  # in line, first come first woken; each once
 
-    def take(self, most: int) -> int:
+    def take(self, most: int, *, wake: Callable[[], None] | None = None) -> int:
+        """Up to ``most`` slots; with none free, ``wake`` (when given) is called once one is given back."""
         taken = min(most, self._free)
         self._free -= taken
+        if not taken and most and wake is not None:
+            self._waiting[wake] = None
         return taken
 
     def give(self, count: int) -> None:
         self._free += count
-        if count:
-            for wake in self.on_free:
-                wake()
+        for _ in range(min(count, len(self._waiting))):
+            wake = next(iter(self._waiting))
+            del self._waiting[wake]
+            wake()
 
 
 @dataclass(eq=False)
@@ -133,18 +140,14 @@ class Consumer:
         self._keeper_wake = anyio.Event()
         self._keeper_until = math.inf  # when the lease keeper wakes next, unless woken
         self._stopping = False
-        self._starved = False
         # Whether messages may be waiting: a NOTIFY of new work, or a claim that came back full. An answer
         # claims in the same statement only then; otherwise it would add a claim's work to every answer's
         # commit (and to the latency of a lone call) for nothing. ``_news`` counts NOTIFYs, so a claim that
         # came back short clears ``_backlog`` only if no NOTIFY came meanwhile.
         self._backlog = True
         self._news = 0
-        self._beat = anyio.Lock()  # a heartbeat never lands after the goodbye
-        self._gone = False
         self._handlers: anyio.abc.TaskGroup | None = None
         self._answers: Batcher[tuple[_Running, Answer], bool] = Batcher(self._send_answers)
-        slots.on_free.append(self._slot_freed)
 
     # ------------------------------------------------------------------------------------- wake-ups
 
@@ -166,7 +169,8 @@ class Consumer:
             self._handlers.start_soon(self._handle, msg, name=HANDLER_TASK)
 
     def notify(self, payload: str) -> None:
-        """A NOTIFY on the topic's channel: new work, or ``c:<id>`` (a caller cancelled message ``id``)."""
+        """A NOTIFY on the topic's channel: new work (empty), or ``c:<id>`` (a caller cancelled message ``id``).
+        A new call wakes one consumer on its process's channel instead (``Worker._listen``)."""
         if payload.startswith("c:"):
             for running in list(self._running.values()):
                 if payload == f"c:{running.msg.id}":
@@ -181,8 +185,7 @@ class Consumer:
         self.wake()
 
     def _slot_freed(self) -> None:
-        if self._starved:
-            self._wake.set()
+        self._wake.set()
 
     async def _wake_after(self, seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -190,18 +193,16 @@ class Consumer:
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    async def heartbeat(self) -> None:
-        """Tell gateways this consumer is live, for three heartbeat intervals."""
-        await self.api.heartbeat([self.topic], self.consumer_id, int(self.heartbeat_interval * 3000))
-
     async def run(self) -> None:
-        """Claim and run until ``stop_claiming``; then keep heartbeating until cancelled."""
+        """Claim and run until ``stop_claiming``, then until cancelled: running handlers finish. It claims when
+        woken (a NOTIFY, the process's fallback poll, a retry come due, a free slot), never on a timer of its own:
+        the worker's ``Pulse`` heartbeats and polls for all its consumers."""
         async with anyio.create_task_group() as tg:
             self._handlers = tg
             await tg.start(self._answers.run)
             tg.start_soon(self._keep_leases)
-            tg.start_soon(self._heartbeat_loop)
             await self._claim_loop()
+            await anyio.sleep_forever()
 
     def stop_claiming(self) -> None:
         self._stopping = True
@@ -218,34 +219,15 @@ class Consumer:
                 self._finished = anyio.Event()
             await self._finished.wait()
 
-    async def goodbye(self) -> None:
-        """No more heartbeats; gateways stop counting this consumer at once (``worker_goodbye``)."""
-        async with self._beat:
-            self._gone = True
-            await self.api.goodbye(self.consumer_id)
-
-    async def _heartbeat_loop(self) -> None:
-        backoff = Backoff()
-        while True:
-            await anyio.sleep(self.heartbeat_interval)
-            async with self._beat:
-                if self._gone:
-                    return
-                try:
-                    await self.heartbeat()
-                    if backoff.succeeded():
-                        log.info("heartbeat for %r works again", self.topic)
-                except HotMeshError as exc:
-                    log.log(backoff.failed(exc)[1], "heartbeat for %r failed: %s", self.topic, exc)
-
     # ---------------------------------------------------------------------------------------- claim
 
     async def _claim_loop(self) -> None:
         backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
         refused_since: float | None = None
         while not self._stopping:
+            await self._wake.wait()  # a NOTIFY, the process's poll, a retry come due or a free slot
             self._wake = anyio.Event()  # reset before claiming: a NOTIFY from now on wakes the next round
-            delay = self.poll_interval
+            delay = 0.0
             try:
                 await self._claim_all()
                 refused_since = None
@@ -262,15 +244,16 @@ class Consumer:
                 delay, level = backoff.failed(exc)
                 log.log(level, "claiming from %r failed (%s); retrying in %.1fs", self.topic, _exception_text(exc),
                         delay)
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
+            if delay:  # after an error: wait, then try again (a NOTIFY meanwhile cuts it short)
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                self._wake.set()
 
     async def _claim_all(self) -> None:
         """Claim batches while messages come back and slots are free."""
         assert self._handlers is not None
         while not self._stopping:
-            want = self._slots.take(1000)
-            self._starved = want == 0
+            want = self._slots.take(1000, wake=self._slot_freed)
             if not want:
                 return
             claimed: list[Claimed] = []

@@ -112,6 +112,7 @@ class McpGateway:
         self.metrics = GatewayMetrics()
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
+        self._listed: tuple[object, dict[str, Any]] | None = None  # (engine.catalog_version, its tools/list)
         self.server = _HotMeshServer(
             name,
             version=_version(),
@@ -150,10 +151,17 @@ class McpGateway:
         self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListToolsResult:
         """The tools whose registered definitions passed the engine's checks (a verdict cached per definition when
-        the catalog was refreshed: nothing is checked here)."""
+        the catalog was refreshed: nothing is checked here). Built once per catalog and kept until the catalog
+        changes, as the JSON the SDK would make of it: the SDK sends a handler's dict as it is, and dumps a model on
+        every request (measured at 1,000 tools over HTTP: 156 ms p50 rebuilt per request, 68 ms with the model
+        cached, see ``python -m benchmarks.sweep``)."""
         self._remember(ctx)
-        tools = [listed(r) for r in self.engine.listable()]
-        return ListToolsResult(tools=tools)
+        version = self.engine.catalog_version
+        if self._listed is None or self._listed[0] is not version:
+            tools = [listed(r) for r in self.engine.listable()]
+            listing = ListToolsResult(tools=tools).model_dump(by_alias=True, mode="json", exclude_none=True)
+            self._listed = (version, listing)
+        return self._listed[1]  # type: ignore[return-value]  # the SDK's runner takes a dict as the result
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         self._remember(ctx)

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LOCK_TIMEOUT = "3s"
 DEFINITIONS = "functions"
 """The replaceable file (``functions.sql``), by its name in ``<schema>.definitions``."""
-_WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_tools|$)", re.MULTILINE)
+_WORD = re.compile(r"\bhotmesh(?=[._\"' ;,)]|_owner|_worker|_caller|_w_|_r_|_c_|_tools|$)", re.MULTILINE)
 
 
 def checksum(sql: str) -> str:

@@ -214,6 +214,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     An open transaction is still rolled back by asyncpg before this runs."""
 
 
+IDLE_CONNECTION_LIFETIME = 60.0
+"""Seconds a pooled connection above the pool's minimum stays open unused: an idle process goes back to its
+minimum (asyncpg's default, 300 s, kept a burst's connections for five minutes)."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     try:
         with _connecting(dsn):
@@ -221,6 +226,7 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
                 dsn,
                 min_size=min_size,
                 max_size=max_size,
+                max_inactive_connection_lifetime=IDLE_CONNECTION_LIFETIME,
                 timeout=10,
                 init=init_connection,
                 reset=_keep_session,
@@ -243,15 +249,15 @@ class PoolRegistry:
     """Pools shared by the components of one process that name the same task queue and DSN.
 
     ``acquire(task_queue, dsn)`` returns the same pool for the same pair; the pool closes when its last user
-    releases it. Components with no task queue get a pool of their own.
+    releases it. Components that name no task queue share the process's pool for their DSN (task queue ``None``):
+    one pool per process and DSN, however many topics it serves. Naming a task queue asks for a pool of its own,
+    shared only with the components that name the same. The first user's ``max_size`` sizes the pool.
     """
 
-    _pools: dict[tuple[str, str], _Shared] = field(default_factory=dict)
+    _pools: dict[tuple[str | None, str], _Shared] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     async def acquire(self, task_queue: str | None, dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
-        if task_queue is None:
-            return await create_pool(dsn, max_size=max_size)
         async with self._lock:
             shared = self._pools.get((task_queue, dsn))
             if shared is None:

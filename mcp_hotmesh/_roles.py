@@ -113,12 +113,19 @@ def _role_name(schema: str, kind: Kind, streams: list[str]) -> str:
     return prefix + slug[: max(room, 0)].rstrip("_") + suffix
 
 
+SETTING_CHARS = 8000
+"""The longest allow-list stored in the role's ``app.allowed_streams`` (the seed's form, what a role made by hand
+uses too). A longer one (571 names like ``svc.tool_0000`` fit) is stored in ``<schema>.stream_grants``, a row per
+stream, and the setting is left empty: written by the admin only, read by the same checks (``_authorize``)."""
+MAX_STREAMS = 100_000
+
+
 def _check_streams(streams: list[str]) -> list[str]:
     if not streams:
         raise ConfigError("give at least one stream")
     unique = list(dict.fromkeys(check_stream(s) for s in streams))
-    if len(",".join(unique)) > 8000:
-        raise ConfigError("too many streams for one role")
+    if len(unique) > MAX_STREAMS:
+        raise ConfigError(f"too many streams for one role (at most {MAX_STREAMS:,})")
     return unique
 
 
@@ -195,10 +202,21 @@ async def _scope(conn: asyncpg.Connection, role: str, kind: Kind, streams: list[
         schema, role, f"{other}_",
     ):
         raise ConfigError(f"role {role!r} can still run {other} functions through another role; it cannot be a {kind}")
+    listed = ",".join(streams)
+    granted = len(listed) > SETTING_CHARS
     await _exec_format(
         conn, "ALTER ROLE %I IN DATABASE %I SET app.allowed_streams = %L",
-        role, await conn.fetchval("SELECT current_database()"), ",".join(streams),
+        role, await conn.fetchval("SELECT current_database()"), "" if granted else listed,
     )
+    if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}".stream_grants'):
+        if granted:  # a schema from before stream_grants (004)
+            raise ConfigError(f"an allow-list longer than {SETTING_CHARS} characters needs mcp-hotmesh migrate first")
+        granted = False
+    else:
+        await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
+    if granted:
+        await conn.execute(f'INSERT INTO "{schema}".stream_grants (role_name, stream) SELECT $1, unnest($2::text[])',
+                           role, streams)
     await conn.execute(
         f'INSERT INTO "{schema}".roles (role_name, kind, streams) VALUES ($1, $2, $3) '
         "ON CONFLICT (role_name) DO UPDATE SET kind = excluded.kind, streams = excluded.streams, "
@@ -390,6 +408,8 @@ async def revoke(
                 f'UPDATE "{schema}".roles SET revoked_at = now() WHERE role_name = $1', role
             )
             await conn.execute(f'DELETE FROM "{schema}".workers WHERE role_name = $1', role)
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{schema}".stream_grants'):
+                await conn.execute(f'DELETE FROM "{schema}".stream_grants WHERE role_name = $1', role)
     return ended
 
 

@@ -30,6 +30,12 @@ def caller_channel(schema: str, role: str) -> str:
     return f"{schema}_r_{hashlib.md5(role.encode()).hexdigest()[:16]}"
 
 
+def consumer_channel(schema: str, consumer: str) -> str:
+    """The channel on which one worker process (``consumer`` id) is woken for a new call: the payload is the
+    channel of the call's stream (``_consumer_channel``; a hash, as the id names a host)."""
+    return f"{schema}_c_{hashlib.md5(consumer.encode()).hexdigest()[:16]}"
+
+
 def tools_channel(schema: str) -> str:
     """The channel on which gateways hear that the tool registry or the live workers changed."""
     return f"{schema}_tools"
@@ -283,6 +289,14 @@ class WorkerAPI(_API):
             return "live" if await self.register_tool(stream, workflow_name, tool) else "unchanged"
         return value
 
+    async def register_tools(self, tools: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+        """Many ``(stream, workflow_name, tool)`` in one statement (``worker_register_tools``): each one's state,
+        as ``register_definition`` says it."""
+        streams, names, defs = [list(column) for column in zip(*tools, strict=True)] if tools else ([], [], [])
+        value: list[str] = await self._val(f"SELECT {self._s}.worker_register_tools($1, $2, $3)", streams, names, defs,
+                                     stream=streams[0] if len(streams) == 1 else None)
+        return value
+
     async def unregister_tool(self, stream: str, workflow_name: str) -> bool:
         return bool(
             await self._val(
@@ -313,6 +327,25 @@ class WorkerAPI(_API):
         return await self._val(
             f"SELECT {self._s}.worker_request_answer($1, $2, $3, $4)", stream, id, lease, seq, stream=stream
         )
+
+    async def alive(self, consumer: str, ttl_ms: int, streams: list[str], workflows: list[list[str]] | None) -> int:
+        """One heartbeat for many streams, each with the workflow names served on it (``worker_alive``)."""
+        value: int = await self._val(
+            f"SELECT {self._s}.worker_alive($1, $2, $3, $4)", consumer, ttl_ms, streams, workflows,
+            stream=streams[0] if len(streams) == 1 else None,
+        )
+        return value
+
+    async def lacks(self, function: str) -> bool:
+        """Whether the schema lacks ``function`` (a signature such as ``worker_pending(text[])``): one migrated
+        by an earlier version."""
+        return bool(await self._val("SELECT to_regprocedure($1) IS NULL", f"{self._s}.{function}"))
+
+    async def pending(self, streams: list[str]) -> list[str]:
+        """Which of ``streams`` have work now: a due ready message or an expired lease (``worker_pending``)."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.worker_pending($1)", streams,
+                                stream=streams[0] if len(streams) == 1 else None)
+        return [r[0] for r in rows]
 
 
 class CallerAPI(_API):

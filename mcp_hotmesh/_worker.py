@@ -4,13 +4,16 @@
                                    credentials=WorkerCredentials(user=role, password=password)):
         await anyio.sleep_forever()
 
-On start a worker connects (one pool per task queue and DSN, see ``WorkerConfig.task_queue``), registers each
-tool (``worker_register_definition``: live, or waiting for an admin's approval), LISTENs on its topics'
-channels (one connection per DSN, re-established with backoff), sends a first heartbeat, and starts one
-``Consumer`` per topic (see ``mcp_hotmesh._consumer``: claim batches, dispatch by workflow name, extend leases,
-cancel, answer). A consumer claims when a NOTIFY says there
-is work, when a retry it scheduled comes due, when a handler slot frees up, and on a slow fallback poll
-(``poll_interval``): a missed NOTIFY, a restarted server or another worker's expired lease is seen there.
+On start a worker connects (one pool per process and DSN, shared by all its topics, unless a
+``WorkerConfig.task_queue`` asks for one of its own), registers each tool (``worker_register_tools``: each
+definition live, or waiting for an admin's approval), LISTENs on its topics' channels (one connection per DSN,
+re-established with backoff), sends a first heartbeat, and starts one ``Consumer`` per topic (see
+``mcp_hotmesh._consumer``: claim batches, dispatch by workflow name, extend leases, cancel, answer). A consumer
+claims when a NOTIFY wakes it (a new call wakes one consumer of its stream, not all: ``_wake_workers`` in
+sql/functions.sql), when a retry it scheduled comes due, when a handler slot frees up, and when the process's
+fallback poll (``poll_interval``) finds work on its stream: a missed NOTIFY, a restarted server or another
+worker's expired lease is seen there. One heartbeat and one poll per process cover all its topics (``_pulse``):
+connections and idle statements do not grow with the number of topics.
 
 Stopping is graceful: stop claiming, let running handlers finish for ``shutdown_grace`` seconds, cancel the
 rest and release their messages (``worker_release``: another worker takes them at once, no reclaim counted),
@@ -42,9 +45,10 @@ from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
 from ._housekeeping import retention_loop, watchdog_loop
 from ._listener import Listener
 from ._postgres import pools
-from ._streams import WorkerAPI, worker_channel
+from ._pulse import Pulse
+from ._streams import WorkerAPI, consumer_channel, worker_channel
 from ._tools import Tool, ToolSet
-from .errors import ConfigError, Conflict, HotMeshError, LoginRefused
+from .errors import ConfigError, Conflict, ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,9 @@ class Worker:
     ``shutdown_grace``: seconds running handlers get to finish on stop (default 10).
     ``purge_interval``: seconds between purges of the finished calls of its streams (retention; default 60,
     0: none). The watchdog runs beside it (``_housekeeping``), on the worker's own pool.
+    ``pool_size``: most connections of the process's pool for a DSN (default 10; it holds one while idle). The
+    pool is shared by every topic and by every ``Worker`` of the process on that DSN that names no task queue;
+    the first to start sizes it. A worker process holds the pool's connections and one for LISTEN.
     """
 
     def __init__(
@@ -86,11 +93,14 @@ class Worker:
         heartbeat_interval: float = 5.0,
         shutdown_grace: float = 10.0,
         purge_interval: float = 60.0,
+        pool_size: int = 10,
     ) -> None:
         if not configs:
             raise ConfigError("a worker needs at least one WorkerConfig")
         if concurrency < 1:
             raise ConfigError("concurrency must be at least 1")
+        if pool_size < 1:
+            raise ConfigError("pool_size must be at least 1")
         if min(poll_interval, heartbeat_interval) <= 0 or shutdown_grace < 0:
             raise ConfigError("poll_interval and heartbeat_interval must be positive, shutdown_grace not negative")
         self.schema = check_schema(schema)
@@ -100,12 +110,14 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_grace = shutdown_grace
         self.purge_interval = purge_interval
+        self.pool_size = pool_size
         self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._groups = _group(configs)
         self._registrations = self._match_tools(tools)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._hurry: anyio.Event | None = None
+        self._pulses: dict[str, Pulse] = {}  # by DSN
         self._drained: anyio.Event | None = None  # set once drain() is done
         self.failed = anyio.Event()  # the worker cannot go on (error says why); run_worker then stops it
         self.error: HotMeshError | None = None
@@ -185,17 +197,12 @@ class Worker:
         self._hurry, self._drained = anyio.Event(), None
         try:
             for group in self._groups:
-                pool = await pools.acquire(group.configs[0].task_queue, group.dsn)
+                pool = await pools.acquire(group.configs[0].task_queue, group.dsn, max_size=self.pool_size)
                 stack.push_async_callback(_release, pool)
                 group.api = WorkerAPI(pool, self.schema)
-            for tool, group in self._registrations:
-                assert group.api is not None
-                state = await group.api.register_definition(tool.topic, tool.workflow_name, tool.registration())
-                if state == "pending":
-                    log.warning("tool %r (stream %r): this definition waits for an admin's approval; agents see the "
-                                "approved one, or no tool yet, until then (mcp-hotmesh tools approve %s)",
-                                tool.name, tool.topic, tool.name)
+            await self._register()
             slots = Slots(self.concurrency)
+            by_dsn: dict[str, tuple[WorkerAPI, list[Consumer]]] = {}
             for group in self._groups:
                 if not group.readonly:
                     assert group.api is not None
@@ -203,11 +210,19 @@ class Worker:
                         group.api, group.configs, consumer_id=self.consumer_id, slots=slots,
                         poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval,
                     )
-                    await group.consumer.heartbeat()
+                    by_dsn.setdefault(group.dsn, (group.api, []))[1].append(group.consumer)
+            self._pulses = {dsn: Pulse(api, consumers, consumer_id=self.consumer_id,
+                                       poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval)
+                            for dsn, (api, consumers) in by_dsn.items()}
+            for pulse in self._pulses.values():
+                await pulse.heartbeat()
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self._listen(self._tg)
             for consumer in self.consumers:
                 self._tg.start_soon(self._consume, consumer)
+            for pulse in self._pulses.values():
+                self._tg.start_soon(pulse.run_heartbeats)
+                self._tg.start_soon(self._poll, pulse)
             housekeeper = self._groups[0].api
             assert housekeeper is not None
             self._tg.start_soon(lambda: watchdog_loop(housekeeper))
@@ -224,35 +239,80 @@ class Worker:
         log.info("worker %s serving %s", self.consumer_id,
                  ", ".join(f"{c.topic} {c.workflows}" for c in self.consumers) or "nothing (readonly)")
 
+    async def _register(self) -> None:
+        """Register the tools, 500 to a statement per pool (one by one on a schema migrated before
+        ``worker_register_tools``)."""
+        by_api: dict[int, tuple[WorkerAPI, list[Tool]]] = {}
+        for tool, group in self._registrations:
+            assert group.api is not None
+            by_api.setdefault(id(group.api.pool), (group.api, []))[1].append(tool)
+        for api, tools in by_api.values():
+            for start in range(0, len(tools), 500):
+                chunk = tools[start:start + 500]
+                try:
+                    states = await api.register_tools([(t.topic, t.workflow_name, t.registration()) for t in chunk])
+                except DatabaseError as exc:
+                    if isinstance(exc, ConnectionFailed) or type(exc) is not DatabaseError:
+                        raise
+                    if not await api.lacks("worker_register_tools(text[],text[],jsonb[])"):
+                        raise
+                    states = [await api.register_definition(t.topic, t.workflow_name, t.registration()) for t in chunk]
+                for tool, state in zip(chunk, states, strict=True):
+                    if state == "pending":
+                        log.warning("tool %r (stream %r): this definition waits for an admin's approval; agents see "
+                                    "the approved one, or no tool yet, until then (mcp-hotmesh tools approve %s)",
+                                    tool.name, tool.topic, tool.name)
+
     async def _consume(self, consumer: Consumer) -> None:
         """Run a consumer until it stops; a refused login (revoked, rotated) ends the worker's service: ``failed``
         is set, and ``error`` says why."""
         try:
             await consumer.run()
         except LoginRefused as exc:
-            if self.error is None:
-                self.error = exc
-                log.error("PostgreSQL refuses this worker's login (revoked, or its password rotated): stopping")
-            self.failed.set()
+            self._refused(exc)
+
+    async def _poll(self, pulse: Pulse) -> None:
+        """The fallback poll, which an idle worker sends alone: it is what sees a refused login first."""
+        try:
+            await pulse.run_polls()
+        except LoginRefused as exc:
+            self._refused(exc)
+
+    def _refused(self, exc: LoginRefused) -> None:
+        if self.error is None:
+            self.error = exc
+            log.error("PostgreSQL refuses this worker's login (revoked, or its password rotated): stopping")
+        self.failed.set()
 
     async def _listen(self, tg: anyio.abc.TaskGroup) -> None:
         """One LISTEN connection per DSN for its consumers' channels; wait (briefly) until it is up."""
-        by_dsn: dict[str, list[tuple[str, Consumer]]] = {}
+        by_dsn: dict[str, dict[str, Consumer]] = {}
         for group in self._groups:
             if group.consumer is not None:
-                by_dsn.setdefault(group.dsn, []).append((worker_channel(self.schema, group.topic), group.consumer))
+                by_dsn.setdefault(group.dsn, {})[worker_channel(self.schema, group.topic)] = group.consumer
         listeners = []
-        for dsn, pairs in by_dsn.items():
-            def dispatch(channel: str, payload: str, pairs: list[tuple[str, Consumer]] = pairs) -> None:
-                for name, consumer in pairs:
-                    if name == channel:
-                        consumer.notify(payload)
+        own = consumer_channel(self.schema, self.consumer_id)  # a new call for one of ours: payload, its stream's
+        for dsn, by_channel in by_dsn.items():
+            def dispatch(channel: str, payload: str, by_channel: dict[str, Consumer] = by_channel) -> None:
+                if channel == own:
+                    woken = by_channel.get(payload)
+                    if woken is not None:
+                        woken.wake()
+                    return
+                consumer = by_channel.get(channel)
+                if consumer is not None:
+                    consumer.notify(payload)
 
-            async def wake_all(pairs: list[tuple[str, Consumer]] = pairs) -> None:
-                for _, consumer in pairs:  # notifications sent while disconnected are lost
-                    consumer.wake()
+            async def wake_all(by_channel: dict[str, Consumer] = by_channel, pulse: Pulse = self._pulses[dsn]) -> None:
+                # notifications sent while disconnected are lost: poll for them (one statement, not a claim per
+                # topic), or, if that fails, let every consumer look
+                try:
+                    await pulse.poll()
+                except HotMeshError:
+                    for consumer in by_channel.values():
+                        consumer.wake()
 
-            listener = Listener(dsn, sorted({name for name, _ in pairs}), dispatch, on_reconnect=wake_all)
+            listener = Listener(dsn, [own, *sorted(by_channel)], dispatch, on_reconnect=wake_all)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):
@@ -284,12 +344,12 @@ class Worker:
                 for consumer in consumers:
                     consumer.abandon()
                 await self._wait_idle(consumers, ANSWER_TIMEOUT + 5, hurry=False)
-                for consumer in consumers:
+                for pulse in self._pulses.values():
                     try:
                         with anyio.fail_after(5):
-                            await consumer.goodbye()
+                            await pulse.goodbye()
                     except (HotMeshError, TimeoutError) as exc:
-                        log.warning("goodbye for %r failed: %s", consumer.topic, exc)
+                        log.warning("goodbye failed: %s", exc)
         finally:
             self._drained.set()
 

@@ -40,7 +40,7 @@ async def test_no_function_is_executable_by_public(env: Env) -> None:
         assert 0 not in [r["grantee"] for r in acl], fn["sig"]  # grantee 0 is PUBLIC
 
 
-HOT = {"worker_dequeue", "worker_respond_and_dequeue", "caller_results"}
+HOT = {"worker_dequeue", "worker_respond_and_dequeue", "worker_pending", "caller_results"}
 
 
 async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) -> None:
@@ -63,7 +63,7 @@ async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) ->
             # no dynamic SQL in code that runs with the owner's rights
             assert not re.search(r"\bEXECUTE\b", body, re.IGNORECASE), fn["sig"]
             # every API function checks who is calling: the allow-list, the call's owner or the worker's role
-            assert re.search(r"_authorize\(|_allowed_streams\(\)|_own_streams\(\)|session_user", body), fn["sig"]
+            assert re.search(r"_authorize(_all)?\(|_allowed_streams\(\)|_own_streams\(\)|session_user", body), fn["sig"]
     assert set(definers) >= WORKER_API | CALLER_API
 
 
@@ -93,7 +93,7 @@ async def test_the_owner_is_a_powerless_nologin_role_that_owns_only_the_schema(e
     )
     assert {r["relname"] for r in owned if r["relkind"] == "r"} == {
         "messages", "tools", "workers", "roles", "settings", "migrations", "definitions", "role_limits",
-        "tool_pending", "tool_names", "requests", "tokens", "audit",
+        "tool_pending", "tool_names", "requests", "tokens", "audit", "stream_grants",
     }
     assert {r["owner"] for r in owned} == {owner}
     assert await env.admin.fetchval(

@@ -402,16 +402,23 @@ async def test_task_queue_shares_one_pool(env: Env) -> None:
 
     role = await env.provision(["one", "two"], "worker")
     _, caller = await env.caller(["one", "two"])
-    for task_queue, expected_pools in [("q", 1), (None, 2)]:
-        before = len(pools)
-        worker = Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, task_queue=task_queue,
-                                     **FAST)
-        async with worker:
-            assert len({id(c.api.pool) for c in worker.consumers}) == expected_pools
-            assert len(pools) == before + (1 if task_queue else 0)
-            for topic, value in [("one", 1), ("two", 2)]:
-                assert (await finished(caller, await caller.call(topic, "", {}, 10_000))).result == {"result": value}
-        assert len(pools) == before  # the shared pool closes with its last user
+    # by default the process's one pool for the DSN, shared by every topic and every worker; a task queue asks for
+    # a pool of its own, shared by those that name it
+    before = len(pools)
+    async with Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, **FAST) as plain:
+        [default] = {id(c.api.pool) for c in plain.consumers}
+        assert len(pools) == before + 1
+        for task_queue in [None, "q"]:
+            worker = Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, task_queue=task_queue,
+                                         **FAST)
+            async with worker:
+                [pool] = {id(c.api.pool) for c in worker.consumers}
+                assert (pool == default) == (task_queue is None)
+                assert len(pools) == before + (2 if task_queue else 1)
+                for topic, value in [("one", 1), ("two", 2)]:
+                    result = await finished(caller, await caller.call(topic, "", {}, 10_000))
+                    assert result.result == {"result": value}
+    assert len(pools) == before  # a shared pool closes with its last user
 
 
 async def test_worker_credentials_replace_the_connections_login(env: Env) -> None:
