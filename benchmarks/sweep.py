@@ -226,6 +226,8 @@ async def main(argv: list[str] | None = None) -> int:
         admin = await asyncpg.connect(db.admin_dsn)
         try:
             await migrate(admin, SCHEMA)
+            # generated tool sets in worker processes: their definitions go live as registered (no admin between)
+            await admin.execute(f"UPDATE \"{SCHEMA}\".settings SET value = 0 WHERE key = 'approve_tools'")
             topic_rows = [await topic_step(db, admin, n, args.idle) for n in args.topic_steps]
             listing = await tools_list(db, admin, args.topic_steps[-1], 5 if args.quick else 50)
             worker = await provision_role(admin, ["sweep.herd_0000"], "worker", schema=SCHEMA)
