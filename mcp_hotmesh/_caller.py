@@ -81,8 +81,9 @@ def safe_message(exc: HotMeshError) -> str:
     return "The tool service failed to handle the call."
 
 
-OutcomeKind = Literal["ok", "invalid_arguments", "offline", "timeout", "unavailable", "error"]
-"""How a call ended, decided where it ended; metrics and logs use it, never the text."""
+OutcomeKind = Literal["ok", "invalid_arguments", "offline", "timeout", "cancelled", "unavailable", "error"]
+"""How a call ended, decided where it ended; metrics and logs use it, never the text. ``timeout`` and
+``cancelled`` are no failures: the call was stopped (it ended ``expired`` or ``cancelled``, not ``dead``)."""
 
 
 @dataclass
@@ -159,6 +160,10 @@ def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
     at_least = "at least " if len(errors) >= schemas.MAX_ERRORS else ""  # a check collects no more than that
     more = f" (and {at_least}{len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts) + more
+
+
+def _timeout(name: str, limit: float) -> Outcome:
+    return Outcome("timeout", error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
 
 
 def _error_text(res: CallResult) -> str:
@@ -447,9 +452,10 @@ class Engine:
 
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
-        time_limit: float | None = None,
+        time_limit: float | None = None, on_enqueued: Callable[[UUID], object] | None = None,
     ) -> Outcome:
-        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database."""
+        """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database. ``on_enqueued``
+        hears the call's id once it is queued (a keep-alive follows it)."""
         checked = await self.check(name, arguments)
         if isinstance(checked, Outcome):
             return checked
@@ -466,6 +472,8 @@ class Engine:
         if call_id in self._early:  # its NOTIFY came before we got here
             del self._early[call_id]
             self._look_at(call_id)
+        if on_enqueued is not None:
+            on_enqueued(call_id)
         try:
             return await self._wait(name, call_id, waiter, limit)
         except anyio.get_cancelled_exc_class():
@@ -474,6 +482,48 @@ class Engine:
             raise
         finally:
             self._waiters.pop(call_id, None)
+
+    async def start(self, name: str, arguments: dict[str, JSON] | None, *,
+                    time_limit: float | None = None) -> tuple[UUID, float] | Outcome:
+        """Check a call and enqueue it durably, for a call that outlives its request (a task): its id and time
+        limit in seconds, or the refused call's outcome (nothing is enqueued). Raises ``UnknownTool``."""
+        checked = await self.check(name, arguments)
+        if isinstance(checked, Outcome):
+            return checked
+        entry, args = checked
+        limit = self.timeout if time_limit is None else time_limit
+        try:
+            call_id = await self.api.call_durable(entry.record.stream, entry.record.workflow_name, args,
+                                                  max(1, int(limit * 1000)))
+        except HotMeshError as exc:
+            return Outcome.refused(exc)
+        return call_id, limit
+
+    async def follow(self, call_id: UUID, *, seconds: float | None = None) -> Outcome | None:
+        """Wait for a call made earlier (by any gateway of this role) to end, ``seconds`` at most (None: until
+        it ends): its outcome, or None while it still runs. Leaving does not cancel the call. Raises ``NotFound``
+        for a call of another role, or none."""
+        until = None if seconds is None else time.monotonic() + seconds
+        while True:
+            waiter = self._waiters.get(call_id)
+            mine = waiter is None
+            if waiter is None:
+                waiter = self._waiters[call_id] = _Waiter(None)
+            self._look_at(call_id)
+            wait = self.recheck_interval * 2 if until is None else min(self.recheck_interval * 2,
+                                                                      until - time.monotonic())
+            try:
+                with anyio.move_on_after(max(wait, 0)):
+                    await waiter.done.wait()
+            finally:
+                if mine and self._waiters.get(call_id) is waiter:
+                    del self._waiters[call_id]
+            if waiter.result is not None:
+                return self._outcome(waiter.result)
+            if waiter.error is not None:
+                raise waiter.error
+            if until is not None and time.monotonic() >= until:
+                return None
 
     async def _send_calls(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID | BaseException]:
         """One batch of enqueues. A refused batch is sent again call by call, so each call gets its own answer."""
@@ -566,6 +616,8 @@ class Engine:
             with anyio.move_on_after(min(remaining, self.recheck_interval * 2)):
                 await waiter.done.wait()
             if waiter.result is not None:
+                if waiter.result.state == "expired":  # its worker saw the deadline pass first
+                    return _timeout(name, limit)
                 return self._outcome(waiter.result)
             if waiter.error is not None:
                 return Outcome.refused(waiter.error)
@@ -580,11 +632,14 @@ class Engine:
                     return self._outcome(res)
             except HotMeshError:
                 pass
-        return Outcome("timeout",
-                       error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
+        return _timeout(name, limit)
 
     @staticmethod
     def _outcome(res: CallResult) -> Outcome:
+        if res.state == "expired":
+            return Outcome("timeout", error="The call did not finish within its time limit, so it was stopped.")
+        if res.state == "cancelled":
+            return Outcome("cancelled", error="The call was cancelled before it finished.")
         if res.state == "done" and not res.is_error:
             value = res.result
             return Outcome("ok", result=value if isinstance(value, dict) else {"result": value})

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from typing import Any
+from uuid import UUID
 
 import anyio
 from mcp import MCPError
@@ -37,7 +38,8 @@ from mcp.types import (
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
-from ._caller import Engine
+from ._caller import Engine, Outcome
+from ._keepalive import DEFAULT_INTERVAL, Progress, keep_alive
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats
 from .errors import HotMeshError, UnknownTool
@@ -76,6 +78,14 @@ def _pretty_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2)
 
 
+def _wants_progress(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether the client sent a progress token with this request (in-process clients: a progress callback)."""
+    if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
+        return True
+    outbound = getattr(ctx.session, "_request_outbound", None)
+    return getattr(outbound, "_on_progress", None) is not None
+
+
 def error_result(message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(text=message)], is_error=True)
 
@@ -83,8 +93,9 @@ def error_result(message: str) -> CallToolResult:
 class McpGateway:
     """The MCP face of an ``Engine``; ``server`` is what transports (and ``mcp.Client(server)``) run."""
 
-    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
+    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh", keepalive: float = DEFAULT_INTERVAL) -> None:
         self.engine = engine
+        self.keepalive = keepalive  # seconds a call may be quiet before a client that asked for progress hears
         self.metrics = GatewayMetrics()
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
@@ -137,16 +148,10 @@ class McpGateway:
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         self._remember(ctx)
 
-        async def report(progress: float, total: float | None, message: str | None) -> None:
-            try:
-                await ctx.session.report_progress(progress, total, message)
-            except Exception as exc:  # progress is a courtesy; the call goes on
-                log.debug("progress not delivered: %s", exc)
-
         started = time.monotonic()
         label = "error"
         try:
-            outcome = await self.engine.call(params.name, params.arguments, report=report)
+            outcome = await self._called(ctx, params)
             label = classify(outcome)
         except UnknownTool as exc:
             label = "unknown_tool"
@@ -167,6 +172,29 @@ class McpGateway:
             return error_result("The tool's answer could not be read (it is not plain JSON). Tell the user the tool "
                                 "service returned a malformed answer.")
         return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
+
+    async def _called(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Outcome:
+        """``Engine.call``, with keep-alive progress while the call is quiet when the client asked for progress."""
+        progress = Progress(ctx.session.report_progress)
+        if not _wants_progress(ctx):
+            return await self.engine.call(params.name, params.arguments, report=progress.handler)
+        outcome: Outcome | None = None
+        unknown: UnknownTool | None = None
+        async with anyio.create_task_group() as keepalives:
+
+            def follow(call_id: UUID) -> None:
+                keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id), self.keepalive)
+
+            try:
+                outcome = await self.engine.call(params.name, params.arguments, report=progress.handler,
+                                                 on_enqueued=follow)
+            except UnknownTool as exc:  # raised as itself, not in an exception group
+                unknown = exc
+            keepalives.cancel_scope.cancel()
+        if unknown is not None:
+            raise unknown
+        assert outcome is not None
+        return outcome
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""

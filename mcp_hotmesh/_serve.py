@@ -64,6 +64,7 @@ class ServeOptions:
     timeout: float = 60.0  # seconds a call may take
     max_args_bytes: int = 1 << 20
     purge_interval: float = 60.0  # seconds between retention purges; 0: none
+    keepalive: float = 15.0  # seconds a call may be quiet before a client that asked for progress hears from it
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
@@ -208,6 +209,8 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
 
 async def serve(args: ServeOptions) -> None:
     """``mcp-hotmesh serve``: start the gateway (``running_gateway``) and serve the chosen transport."""
+    if not args.keepalive > 0:
+        raise ConfigError("--keepalive must be a positive number of seconds")
     if args.transport == "http":
         check_http_token(args.host, args.token)  # refuse before starting anything
         check_port_free(args.host, args.port)
@@ -215,7 +218,7 @@ async def serve(args: ServeOptions) -> None:
     with contextlib.ExitStack() as outputs:
         wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None
         async with running_gateway(args) as engine, anyio.create_task_group() as tg:
-            gateway = McpGateway(engine)
+            gateway = McpGateway(engine, keepalive=args.keepalive)
 
             async def on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
