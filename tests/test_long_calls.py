@@ -6,7 +6,8 @@ in the dead-letter queue, in ``status`` or in the ``/metrics`` alert counters.""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -53,12 +54,12 @@ class LongHub:
 
 
 @contextlib.asynccontextmanager
-async def long_hub(env: Env, *, timeout: float = 30.0) -> AsyncIterator[LongHub]:
+async def long_hub(env: Env, *, call_limit: float = 30.0) -> AsyncIterator[LongHub]:
     """A worker that runs one call at a time, and a gateway sending keep-alives every ``KEEPALIVE`` s, on HTTP."""
     worker = await env.provision(list(TOOLS.topics), "worker")
     caller = await env.provision(list(TOOLS.topics), "caller")
     engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
-                    timeout=timeout)
+                    timeout=call_limit)
     async with run_worker(env, worker, TOOLS, concurrency=1), engine:
 
         async def ready() -> bool:
@@ -81,7 +82,7 @@ async def client_of(hub: LongHub) -> AsyncIterator[Client]:
 Seen = list[tuple[float, float | None, str | None]]
 
 
-def recorder(seen: Seen):  # type: ignore[no-untyped-def]
+def recorder(seen: Seen) -> Callable[[float, float | None, str | None], Awaitable[None]]:
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
@@ -90,7 +91,7 @@ def recorder(seen: Seen):  # type: ignore[no-untyped-def]
 
 def increasing(seen: Seen) -> bool:
     values = [p for p, _, _ in seen]
-    return all(b > a for a, b in zip(values, values[1:], strict=False))
+    return all(b > a for a, b in itertools.pairwise(values))
 
 
 async def test_keepalives_while_queued_and_while_silent_only_with_a_token(env: Env) -> None:
@@ -168,7 +169,7 @@ async def _nothing_failed(hub: LongHub) -> None:
 
 
 async def test_stop_and_timeout_leave_nothing_in_the_dead_letter_queue(env: Env) -> None:
-    async with long_hub(env, timeout=1.0) as hub, client_of(hub) as client:
+    async with long_hub(env, call_limit=1.0) as hub, client_of(hub) as client:
         # Stop: the client gives up on a running call
         with anyio.move_on_after(1.0):
             await client.call_tool("hold", {"seconds": 30})
