@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import ProgressFnT
 
 from mcp_hotmesh import _admin as admin
 from mcp_hotmesh._caller import Engine
@@ -82,7 +83,7 @@ async def client_of(hub: LongHub) -> AsyncIterator[Client]:
 Seen = list[tuple[float, float | None, str | None]]
 
 
-def recorder(seen: Seen) -> Callable[[float, float | None, str | None], Awaitable[None]]:
+def recorder(seen: Seen) -> ProgressFnT:
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
