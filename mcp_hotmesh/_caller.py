@@ -645,6 +645,8 @@ class Engine:
             return Outcome("ok", result=value if isinstance(value, dict) else {"result": value})
         return Outcome("error", error=_error_text(res))
 
+    outcome_of = _outcome  # how a finished call ended, as its caller is told (a task's result)
+
     async def healthy(self) -> bool:
         """Whether the database answers through the caller pool."""
         try:

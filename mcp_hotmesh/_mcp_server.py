@@ -33,8 +33,15 @@ from mcp.types import (
     CallToolResult,
     ListToolsResult,
     PaginatedRequestParams,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ServerTasksRequestsCapability,
+    TasksCallCapability,
+    TasksCancelCapability,
+    TasksToolsCapability,
     TextContent,
     Tool,
+    ToolExecution,
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
@@ -42,6 +49,8 @@ from ._caller import Engine, Outcome
 from ._keepalive import DEFAULT_INTERVAL, Progress, keep_alive
 from ._metrics import UNKNOWN, GatewayMetrics, classify
 from ._streams import QueueStats
+from ._tasks import EXTENSION as TASKS_EXTENSION
+from ._tasks import Tasks
 from .errors import HotMeshError, UnknownTool
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,23 @@ class _HotMeshServer(Server[Any]):
         return super().create_initialization_options(
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
         )
+
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> ServerCapabilities:
+        capabilities = super().get_capabilities(notification_options, experimental_capabilities, extensions,
+                                                protocol_version=protocol_version)
+        if protocol_version not in MODERN_PROTOCOL_VERSIONS and TASKS_EXTENSION in self.extensions:
+            # 2025-11-25 clients: task-augmented tools/call, tasks/get, tasks/result and tasks/cancel (no list)
+            capabilities.tasks = ServerTasksCapability(
+                cancel=TasksCancelCapability(),
+                requests=ServerTasksRequestsCapability(tools=TasksToolsCapability(call=TasksCallCapability())))
+        return capabilities
 
 
 def _pretty_json(value: Any) -> str:
@@ -109,6 +135,7 @@ class McpGateway:
             on_subscriptions_listen=ListenHandler(self.bus),
         )
         engine.on_tools_changed = self.notify_tools_changed
+        Tasks(engine, self.result_of).install(self.server)
 
     # ------------------------------------------------------------------------------------- list_changed
     def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
@@ -140,7 +167,8 @@ class McpGateway:
         the catalog was refreshed: nothing is checked here)."""
         self._remember(ctx)
         tools = [
-            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
+            Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema,
+                 execution=ToolExecution(task_support="optional"))  # any call may run as a task (_tasks)
             for r in self.engine.listable()
         ]
         return ListToolsResult(tools=tools)
@@ -164,6 +192,11 @@ class McpGateway:
             elapsed = time.monotonic() - started
             self.metrics.observe(tool, label, elapsed)
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
+        return self.result_of(outcome)
+
+    @staticmethod
+    def result_of(outcome: Outcome) -> CallToolResult:
+        """What the client is told of a call's outcome."""
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         try:
