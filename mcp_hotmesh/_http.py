@@ -15,13 +15,14 @@ from typing import Any
 import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from ._mcp_server import McpGateway
 from ._metrics import CONTENT_TYPE
+from ._resume import Resumable
 from .errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def has_bearer(request: Request, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starlette:
+def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> ASGIApp:
     """The Streamable HTTP app: ``/mcp`` and ``/metrics`` (bearer token), ``/healthz`` (no token)."""
     token = check_http_token(host, token)
 
@@ -104,7 +105,7 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starle
                                      headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(await gateway.metrics_text(), media_type=CONTENT_TYPE)
 
-    return gateway.server.streamable_http_app(
+    app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,  # loopback hosts get the SDK's DNS-rebinding protection (Host and Origin checks)
         token_verifier=StaticTokenVerifier(token),
@@ -116,13 +117,16 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str) -> Starle
         custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"]),
                                  Route("/metrics", metrics, methods=["GET"])],
     )
+    # a client whose connection dropped mid-call reconnects with Last-Event-ID and gets the rest (_resume)
+    return Resumable(app, gateway.engine, gateway.result_of, path="/mcp",
+                     authorized=lambda scope: has_bearer(Request(scope), token))
 
 
 class _Uvicorn:
     """uvicorn without its own signal handlers: ``serve`` owns SIGINT/SIGTERM and stops it gracefully."""
 
     @staticmethod
-    def make(app: Starlette, host: str, port: int) -> Any:
+    def make(app: ASGIApp, host: str, port: int) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):

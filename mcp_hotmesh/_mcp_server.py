@@ -48,6 +48,7 @@ from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 from ._caller import Engine, Outcome
 from ._keepalive import DEFAULT_INTERVAL, Progress, keep_alive
 from ._metrics import UNKNOWN, GatewayMetrics, classify
+from ._resume import stream_state
 from ._streams import QueueStats
 from ._tasks import EXTENSION as TASKS_EXTENSION
 from ._tasks import Tasks
@@ -209,14 +210,20 @@ class McpGateway:
     async def _called(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Outcome:
         """``Engine.call``, with keep-alive progress while the call is quiet when the client asked for progress."""
         progress = Progress(ctx.session.report_progress)
-        if not _wants_progress(ctx):
+        resumable = stream_state(ctx.request)  # an HTTP client may reconnect to this call's stream (_resume)
+        wants_progress = _wants_progress(ctx)
+        if not wants_progress and resumable is None:
             return await self.engine.call(params.name, params.arguments, report=progress.handler)
         outcome: Outcome | None = None
         unknown: UnknownTool | None = None
         async with anyio.create_task_group() as keepalives:
 
             def follow(call_id: UUID) -> None:
-                keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id), self.keepalive)
+                if resumable is not None:
+                    resumable.enqueued(call_id, ctx.request_id)
+                if wants_progress:
+                    keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id),
+                                          self.keepalive)
 
             try:
                 outcome = await self.engine.call(params.name, params.arguments, report=progress.handler,
