@@ -22,12 +22,14 @@ deadline, and its answer is kept at least that long.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import anyio
 from mcp import MCPError
 from mcp.server import ServerRequestContext
 from mcp.server.context import CallNext, HandlerResult
@@ -122,6 +124,10 @@ class Tasks:
                 outcome = await self.engine.follow(call_id, seconds=TASK_AFTER)
             except HotMeshError:
                 outcome = None
+            except anyio.get_cancelled_exc_class():  # the client gave up before it had a handle: stop the call
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(HotMeshError):
+                    await self.engine.api.cancel(call_id)
+                raise
             if outcome is not None:
                 dumped = self.result_of(outcome).model_dump(by_alias=True, mode="json", exclude_none=True)
                 return wire.serialize_server_result("tools/call", ctx.protocol_version, dumped)
