@@ -211,6 +211,8 @@ class McpGateway:
         """``Engine.call``, with keep-alive progress while the call is quiet when the client asked for progress."""
         progress = Progress(ctx.session.report_progress)
         resumable = stream_state(ctx.request)  # an HTTP client may reconnect to this call's stream (_resume)
+        if resumable is not None:
+            resumable.begin(ctx.protocol_version)
         wants_progress = _wants_progress(ctx)
         if not wants_progress and resumable is None:
             return await self.engine.call(params.name, params.arguments, report=progress.handler)

@@ -3,8 +3,8 @@
 Handshake-era clients (2025-11-25 and earlier; the 2026-07-28 transport has no resumption, tasks do that job)
 receive a ``tools/call`` answer on the POST's SSE stream. This ASGI layer, in front of the SDK's app:
 
-* starts every such stream with a priming event (an id, empty data) and a ``retry`` field, so a client knows
-  it may reconnect and how soon;
+* starts the stream of a ``tools/call`` (from a client that negotiated 2025-11-25 or later) with a priming
+  event (an id, empty data) and a ``retry`` field, so a client knows it may reconnect and how soon;
 * once the call is queued, sends one more empty event whose id names the call and the JSON-RPC request:
   ``<call id>:<request id as JSON>``. Everything the rest of the stream holds is derived from the call's row;
 * answers ``GET /mcp`` with such a ``Last-Event-ID`` itself, before the SDK looks for a session: it waits for
@@ -37,16 +37,25 @@ log = logging.getLogger(__name__)
 SCOPE_KEY = "hotmesh.resume"
 RETRY_MS = 2000
 """How long a client waits before it reconnects (the SSE ``retry`` field)."""
+RESUMABLE_FROM = "2025-11-25"
+"""The first protocol version whose clients read a priming event (an event with no data)."""
 PING_SECONDS = 15.0
 """A resumed stream says something this often while its call runs (a comment), so no proxy drops it as idle."""
 
 
 @dataclass
 class StreamState:
-    """What the POST's handler tells this layer: the call its request queued."""
+    """What a ``tools/call`` handler tells this layer: that it began, on a connection of which protocol version,
+    and the call its request queued."""
 
+    resumable: bool = False
     event_id: str | None = None
+    begun: anyio.Event = field(default_factory=anyio.Event)
     queued: anyio.Event = field(default_factory=anyio.Event)
+
+    def begin(self, protocol_version: str) -> None:
+        self.resumable = protocol_version >= RESUMABLE_FROM  # the versions are dates: they sort as text
+        self.begun.set()
 
     def enqueued(self, call_id: UUID, request_id: Any) -> None:
         self.event_id = f"{call_id}:{json.dumps(request_id)}"
@@ -108,32 +117,43 @@ class Resumable:
             await self.app(scope, receive, send)
 
     async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The SDK answers; its SSE stream gets a priming event first, and the call's event once it is queued."""
+        """The SDK answers. A ``tools/call`` stream of a client that negotiated 2025-11-25 or later gets a priming
+        event before anything else, and the call's event once it is queued (earlier clients may not read an event
+        with no data, as the SDK has it)."""
         state = scope[SCOPE_KEY] = StreamState()
         lock = anyio.Lock()
         streaming = anyio.Event()  # the SDK started an SSE response (the call may be queued before or after)
-        ended = False
+        primed = ended = False
+
+        async def prime() -> None:  # with the lock held
+            nonlocal primed
+            if streaming.is_set() and state.resumable and not primed and not ended:
+                await send({"type": "http.response.body", "body": _event(ident="0", retry=True), "more_body": True})
+                primed = True
 
         async def relay(message: Message) -> None:
             nonlocal ended
             async with lock:
                 if ended:
                     return
+                if message["type"] == "http.response.body":
+                    await prime()  # before anything the SDK writes
                 await send(message)
                 if message["type"] == "http.response.start":
                     types = {k.lower(): v for k, v in message.get("headers", [])}.get(b"content-type", b"")
                     if message.get("status") == 200 and types.startswith(b"text/event-stream"):
-                        await send({"type": "http.response.body", "body": _event(ident="0", retry=True),
-                                    "more_body": True})
                         streaming.set()
                 elif message["type"] == "http.response.body" and not message.get("more_body", False):
                     ended = True
 
         async def announce() -> None:
-            await state.queued.wait()
+            await state.begun.wait()
             await streaming.wait()
             async with lock:
-                if not ended and state.event_id is not None:
+                await prime()
+            await state.queued.wait()
+            async with lock:
+                if primed and not ended and state.event_id is not None:
                     await send({"type": "http.response.body", "body": _event(ident=state.event_id),
                                 "more_body": True})
 

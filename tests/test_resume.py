@@ -48,11 +48,11 @@ async def gateway_for(env: Env, caller: Any) -> AsyncIterator[str]:
             yield f"{url}/mcp"
 
 
-async def initialize(http: httpx2.AsyncClient, url: str) -> str:
-    """A 2025-11-25 session; its id."""
+async def initialize(http: httpx2.AsyncClient, url: str, version: str = "2025-11-25") -> str:
+    """A session of ``version``; its id."""
     response = await http.post(url, headers={"Accept": "application/json, text/event-stream"}, json={
         "jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
+            "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}})
     session = response.headers["mcp-session-id"]
     await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
                     headers={"Accept": "application/json, text/event-stream", "Mcp-Session-Id": session,
@@ -148,7 +148,7 @@ async def test_reconnecting_with_last_event_id_gets_the_result(env: Env) -> None
         assert answer["result"]["structuredContent"] == {"slept": 1.0}
 
 
-async def test_a_call_answered_on_its_stream_has_priming_and_its_answer(env: Env) -> None:
+async def test_a_call_answered_on_its_stream_is_primed_for_clients_that_read_it(env: Env) -> None:
     worker = await env.provision(list(TOOLS.topics), "worker")
     caller = await env.provision(list(TOOLS.topics), "caller")
     async with run_worker(env, worker, TOOLS), gateway_for(env, caller) as url, http_client(TOKEN) as http:
@@ -161,3 +161,13 @@ async def test_a_call_answered_on_its_stream_has_priming_and_its_answer(env: Env
         assert found[0]["data"] == "" and "retry" in found[0] and found[0]["id"]  # the priming event comes first
         answer = json.loads(found[-1]["data"])
         assert answer["id"] == 1 and answer["result"]["structuredContent"] == {"slept": 0.1}
+
+        # a client of an earlier version may not read an event with no data: it gets none
+        older = await initialize(http, url, "2025-06-18")
+        response = await http.post(url, headers={"Accept": "application/json, text/event-stream",
+                                                 "Mcp-Session-Id": older, "MCP-Protocol-Version": "2025-06-18"},
+                                   json={"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                         "params": {"name": "hold", "arguments": {"seconds": 0.1}}})
+        found = events(response.text.splitlines())
+        assert all(e.get("data") for e in found), found
+        assert json.loads(found[-1]["data"])["result"]["structuredContent"] == {"slept": 0.1}

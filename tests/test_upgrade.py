@@ -37,6 +37,7 @@ pytestmark = pytest.mark.anyio
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LANDED = ["ef14fba", "30f23b9"]  # the last landed version; the first with 002, whose 001 was edited after it
+SINCE_LANDED = [m.version for m in migrations() if m.version > 2]  # what a landed schema has yet to apply
 
 
 async def migrate_as_at(admin: asyncpg.Connection, schema: str, commit: str) -> list[int]:
@@ -127,7 +128,7 @@ async def test_a_landed_schema_ends_with_the_catalog_of_a_fresh_install(admin: a
             assert {"S.caller_call_many(text[],text[],jsonb[],integer[])", "S.caller_results(uuid[])"} <= missing
         assert not await is_migrated(admin, old)
 
-        assert await migrate(admin, old) == [3]
+        assert await migrate(admin, old) == SINCE_LANDED
 
         assert await is_migrated(admin, old)
         after = await catalog(admin, old)
@@ -197,7 +198,7 @@ async def test_calls_flow_before_during_and_after_an_upgrade(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_calling)
-            assert await migrate(admin, schema) == [3]
+            assert await migrate(admin, schema) == SINCE_LANDED
             migrated.set()
 
         await echo("after")
