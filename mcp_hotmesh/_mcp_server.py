@@ -208,24 +208,29 @@ class McpGateway:
         return CallToolResult(content=[TextContent(text=text)], structured_content=outcome.result)
 
     async def _called(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Outcome:
-        """``Engine.call``, with keep-alive progress while the call is quiet when the client asked for progress."""
+        """``Engine.call``; once the call is queued, an HTTP stream learns its id (so a client may reconnect to it,
+        ``_resume``), and a client that asked for progress hears keep-alives while the call is quiet."""
         progress = Progress(ctx.session.report_progress)
-        resumable = stream_state(ctx.request)  # an HTTP client may reconnect to this call's stream (_resume)
+        resumable = stream_state(ctx.request)
         if resumable is not None:
             resumable.begin(ctx.protocol_version)
-        wants_progress = _wants_progress(ctx)
-        if not wants_progress and resumable is None:
-            return await self.engine.call(params.name, params.arguments, report=progress.handler)
+
+        def announce(call_id: UUID) -> None:
+            if resumable is not None:
+                resumable.enqueued(call_id, ctx.request_id)
+
+        if not _wants_progress(ctx):
+            if resumable is None:
+                return await self.engine.call(params.name, params.arguments, report=progress.handler)
+            return await self.engine.call(params.name, params.arguments, report=progress.handler,
+                                          on_enqueued=announce)
         outcome: Outcome | None = None
         unknown: UnknownTool | None = None
         async with anyio.create_task_group() as keepalives:
 
             def follow(call_id: UUID) -> None:
-                if resumable is not None:
-                    resumable.enqueued(call_id, ctx.request_id)
-                if wants_progress:
-                    keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id),
-                                          self.keepalive)
+                announce(call_id)
+                keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id), self.keepalive)
 
             try:
                 outcome = await self.engine.call(params.name, params.arguments, report=progress.handler,

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import pytest
@@ -21,7 +22,7 @@ from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._tools import ToolContext, ToolSet
 
-from .helpers import TOKEN, Env, http_client, http_server, run_worker, text_of, wait_for
+from .helpers import TOKEN, Env, http_client, http_server, one_line_error, run_cli, run_worker, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +195,10 @@ async def test_stop_and_timeout_leave_nothing_in_the_dead_letter_queue(env: Env)
         after = await client.call_tool("hold", {"seconds": 0.1})
         assert after.structured_content == {"slept": 0.1}
         assert 'outcome="timeout"' in await hub.gateway.metrics_text()
+
+
+async def test_a_keepalive_interval_that_is_no_positive_number_is_a_one_line_error(tmp_path: Path) -> None:
+    for bad in ("0", "-5", "nan"):
+        done = await run_cli("serve", "--keepalive", bad, "--data-dir", str(tmp_path / "never-made"))
+        assert "--keepalive must be a positive number of seconds" in one_line_error(done, "serve", 2)
+    assert not (tmp_path / "never-made").exists()  # refused before anything started
