@@ -5,6 +5,8 @@ names start with ``_`` are internal and may change). The code map, and the path 
 
     agent ──MCP──▶ _stdio / _http        the transports (stdio for desktop hosts; Streamable HTTP, bearer auth)
                    _mcp_server           the MCP server: tools/list and tools/call on the SDK's low-level Server
+                   _keepalive, _tasks,   long calls: keep-alive progress, MCP Tasks served from the calls' rows,
+                   _resume               resumable Streamable HTTP streams
                    _caller               the caller side: the tool catalog, argument checks, calls and answers
                    _streams              one Python method per SQL function (sql/ is the contract)
                    _postgres             pools, LISTEN, the one place database errors are translated

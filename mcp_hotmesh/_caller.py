@@ -82,8 +82,9 @@ def safe_message(exc: HotMeshError) -> str:
     return "The tool service failed to handle the call."
 
 
-OutcomeKind = Literal["ok", "invalid_arguments", "offline", "timeout", "unavailable", "error"]
-"""How a call ended, decided where it ended; metrics and logs use it, never the text."""
+OutcomeKind = Literal["ok", "invalid_arguments", "offline", "timeout", "cancelled", "unavailable", "error"]
+"""How a call ended, decided where it ended; metrics and logs use it, never the text. ``timeout`` and
+``cancelled`` are no failures: the call was stopped (it ended ``expired`` or ``cancelled``, not ``dead``)."""
 
 
 @dataclass
@@ -162,6 +163,10 @@ def describe_errors(errors: list[ValidationError], limit: int = 5) -> str:
     at_least = "at least " if len(errors) >= schemas.MAX_ERRORS else ""  # a check collects no more than that
     more = f" (and {at_least}{len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts) + more
+
+
+def _timeout(name: str, limit: float) -> Outcome:
+    return Outcome("timeout", error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
 
 
 def _error_text(res: CallResult) -> str:
@@ -483,12 +488,14 @@ class Engine:
     async def call(
         self, name: str, arguments: dict[str, JSON] | None, *, report: ProgressReport | None = None,
         time_limit: float | None = None, idempotency_key: str | None = None, asker: Asker | None = None,
+        on_enqueued: Callable[[UUID], object] | None = None,
     ) -> Outcome:
         """Check, enqueue, wait, answer. Cancelling the caller cancels the call in the database. The time limit is
         ``time_limit``, else the tool's own timeout (capped by the admin), else the engine's. With an
         ``idempotency_key`` (scoped to this caller role) a repeated call is the first one: its answer, or, while
         it runs, a wait for it. ``asker`` asks the agent's client the handler's questions (``_questions``);
-        without one they are answered "unavailable"."""
+        without one they are answered "unavailable". ``on_enqueued`` hears the call's id once it is queued (a
+        keep-alive follows it)."""
         if idempotency_key is not None and not (isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 200):
             return Outcome("invalid_arguments", error="The idempotency key must be a string of 1 to 200 characters.")
         checked = await self.check(name, arguments)
@@ -496,8 +503,7 @@ class Engine:
             return checked
         entry, args = checked
         record = entry.record
-        limit = time_limit if time_limit is not None else (
-            record.timeout_ms / 1000 if record.timeout_ms else self.timeout)
+        limit = self._limit(record, time_limit)
         call = (record.stream, record.workflow_name, args, max(1, int(limit * 1000)))
         try:
             call_id = await (self._enqueues.submit(call) if idempotency_key is None
@@ -513,6 +519,8 @@ class Engine:
             self._early.pop(call_id, None)
             self._look_at(call_id)
             self._ask(call_id)
+        if on_enqueued is not None:
+            on_enqueued(call_id)
         try:
             outcome = await self._wait(name, call_id, waiter, limit)
             outcome.call_id = call_id
@@ -525,6 +533,13 @@ class Engine:
             self._waiters.pop(call_id, None)
             waiter.questions.close()  # a question still open with the client is withdrawn
 
+    def _limit(self, record: ToolRecord, time_limit: float | None) -> float:
+        """A call's time limit in seconds: ``time_limit``, else the tool's own timeout (capped by the admin when
+        it was registered), else the engine's default (``--timeout``)."""
+        if time_limit is not None:
+            return time_limit
+        return record.timeout_ms / 1000 if record.timeout_ms else self.timeout
+
     async def _wait_for_first(self, name: str, first: _Waiter, limit: float) -> Outcome:
         """A repeated call waiting for the first call of its idempotency key, which another request waits for."""
         with anyio.move_on_after(limit):
@@ -534,6 +549,48 @@ class Engine:
         if first.error is not None:
             return Outcome.refused(first.error)
         return Outcome("timeout", error=f"Tool {name!r} did not finish within {limit:g} seconds.")
+
+    async def start(self, name: str, arguments: dict[str, JSON] | None, *,
+                    time_limit: float | None = None) -> tuple[UUID, float] | Outcome:
+        """Check a call and enqueue it durably, for a call that outlives its request (a task): its id and time
+        limit in seconds, or the refused call's outcome (nothing is enqueued). Raises ``UnknownTool``."""
+        checked = await self.check(name, arguments)
+        if isinstance(checked, Outcome):
+            return checked
+        entry, args = checked
+        limit = self._limit(entry.record, time_limit)
+        try:
+            call_id = await self.api.call_durable(entry.record.stream, entry.record.workflow_name, args,
+                                                  max(1, int(limit * 1000)))
+        except HotMeshError as exc:
+            return Outcome.refused(exc)
+        return call_id, limit
+
+    async def follow(self, call_id: UUID, *, seconds: float | None = None) -> Outcome | None:
+        """Wait for a call made earlier (by any gateway of this role) to end, ``seconds`` at most (None: until
+        it ends): its outcome, or None while it still runs. Leaving does not cancel the call. Raises ``NotFound``
+        for a call of another role, or none."""
+        until = None if seconds is None else time.monotonic() + seconds
+        while True:
+            waiter = self._waiters.get(call_id)
+            mine = waiter is None
+            if waiter is None:
+                waiter = self._waiters[call_id] = _Waiter(None)
+            self._look_at(call_id)
+            wait = self.recheck_interval * 2 if until is None else min(self.recheck_interval * 2,
+                                                                      until - time.monotonic())
+            try:
+                with anyio.move_on_after(max(wait, 0)):
+                    await waiter.done.wait()
+            finally:
+                if mine and self._waiters.get(call_id) is waiter:
+                    del self._waiters[call_id]
+            if waiter.result is not None:
+                return self._outcome(waiter.result)
+            if waiter.error is not None:
+                raise waiter.error
+            if until is not None and time.monotonic() >= until:
+                return None
 
     async def _send_calls(self, calls: list[tuple[str, str, JSON, int]]) -> list[UUID | BaseException]:
         """One batch of enqueues. A refused batch is sent again call by call, so each call gets its own answer."""
@@ -626,6 +683,8 @@ class Engine:
             with anyio.move_on_after(min(remaining, self.recheck_interval * 2)):
                 await waiter.done.wait()
             if waiter.result is not None:
+                if waiter.result.state == "expired":  # its worker saw the deadline pass first
+                    return _timeout(name, limit)
                 return self._outcome(waiter.result)
             if waiter.error is not None:
                 return Outcome.refused(waiter.error)
@@ -640,15 +699,20 @@ class Engine:
                     return self._outcome(res)
             except HotMeshError:
                 pass
-        return Outcome("timeout",
-                       error=f"Tool {name!r} did not finish within {limit:g} seconds; the call was cancelled.")
+        return _timeout(name, limit)
 
     @staticmethod
     def _outcome(res: CallResult) -> Outcome:
+        if res.state == "expired":
+            return Outcome("timeout", error="The call did not finish within its time limit, so it was stopped.")
+        if res.state == "cancelled":
+            return Outcome("cancelled", error="The call was cancelled before it finished.")
         if res.state == "done" and not res.is_error:
             value = res.result
             return Outcome("ok", result=value if isinstance(value, dict) else {"result": value})
         return Outcome("error", error=_error_text(res))
+
+    outcome_of = _outcome  # how a finished call ended, as its caller is told (a task's result)
 
     async def healthy(self) -> bool:
         """Whether the database answers through the caller pool."""

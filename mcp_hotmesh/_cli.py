@@ -530,7 +530,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     await serve(ServeOptions(
         tools=args.tools, dsn=args.dsn, data_dir=args.data_dir, schema=args.schema, transport=args.transport,
         host=args.host, port=args.port, token=args.token, no_worker=args.no_worker, timeout=args.timeout,
-        max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval,
+        max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval, keepalive=args.keepalive,
         identity_config=args.identity_config, allowed_hosts=tuple(args.allowed_host or ()),
     ))
     return 0
@@ -592,6 +592,9 @@ Each call is audited (mcp-hotmesh audit)."""
     p.add_argument("--max-args-bytes", type=int, default=1 << 20,
                    help="largest tool arguments accepted, in bytes of JSON; larger calls are refused before "
                         "anything is queued (default: 1 MiB)")
+    p.add_argument("--keepalive", type=float, default=15.0, metavar="SECONDS",
+                   help="a client that asked for progress hears from a call quiet this long: where it is in its "
+                        "queue, or how long it has run (default: 15)")
     _purge_interval(p)
 
     p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")

@@ -21,13 +21,14 @@ import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Scope
 
 from ._mcp_server import McpGateway
 from ._metrics import CONTENT_TYPE
+from ._resume import Resumable
 from .errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def transport_security(host: str, allowed_hosts: Sequence[str]) -> TransportSecu
 
 
 def http_app(gateway: McpGateway, *, host: str, port: int, token: str | None,
-             allowed_hosts: Sequence[str] = ()) -> Starlette:
+             allowed_hosts: Sequence[str] = ()) -> ASGIApp:
     """The Streamable HTTP app: ``/mcp`` and ``/metrics`` (bearer token), ``/healthz`` (no token). A gateway
     serving identities brings its own verifier (``verifier``); ``token`` is then only ``/metrics``'s."""
     verifier: TokenVerifier | None = getattr(gateway, "verifier", None)
@@ -143,7 +144,7 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str | None,
                                      headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(await gateway.metrics_text(), media_type=CONTENT_TYPE)
 
-    return gateway.server.streamable_http_app(
+    app = gateway.server.streamable_http_app(
         streamable_http_path="/mcp",
         host=host,  # loopback hosts get the SDK's DNS-rebinding protection (Host and Origin checks)
         transport_security=transport_security(host, allowed_hosts),
@@ -159,13 +160,19 @@ def http_app(gateway: McpGateway, *, host: str, port: int, token: str | None,
         custom_starlette_routes=[Route("/healthz", healthz, methods=["GET"]),
                                  Route("/metrics", metrics, methods=["GET"])],
     )
+    # a client whose connection dropped mid-call reconnects with Last-Event-ID and gets the rest (_resume)
+    async def verified(scope: Scope) -> AccessToken | None:
+        scheme, _, given = Request(scope).headers.get("authorization", "").partition(" ")
+        return await verifier.verify_token(given.strip()) if scheme.lower() == "bearer" and given.strip() else None
+
+    return Resumable(app, gateway.engine_for, gateway.result_of, path="/mcp", verified=verified)
 
 
 class _Uvicorn:
     """uvicorn without its own signal handlers: ``serve`` owns SIGINT/SIGTERM and stops it gracefully."""
 
     @staticmethod
-    def make(app: Starlette, host: str, port: int) -> Any:
+    def make(app: ASGIApp, host: str, port: int) -> Any:
         import uvicorn
 
         class Server(uvicorn.Server):

@@ -11,9 +11,11 @@ handling itself is the same code for one caller and for many.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,7 +25,7 @@ import anyio.abc
 from mcp import MCPError
 from mcp.server import ServerRequestContext
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.types import (
     INTERNAL_ERROR,
     CallToolRequestParams,
@@ -35,7 +37,8 @@ from mcp.types import (
 from ._audit import AuditRecord, AuditTrail
 from ._caller import Engine, Outcome
 from ._identity import Identity, IdentityConfig, IdentityVerifier
-from ._mcp_server import McpGateway, error_result
+from ._keepalive import DEFAULT_INTERVAL
+from ._mcp_server import McpGateway, error_result, request_token
 from ._metrics import UNKNOWN
 from ._quotas import Quotas, Refusal
 from ._role_engines import RoleEngines, RoleUnavailable
@@ -48,20 +51,17 @@ _identity: ContextVar[Identity | None] = ContextVar("hotmesh_identity", default=
 
 
 def identity_of(ctx: ServerRequestContext[Any, Any]) -> Identity | None:
-    """The verified identity of this request (from the request itself: a session's task may have been started by
-    an earlier request)."""
-    request = getattr(ctx, "request", None)
-    user = request.scope.get("user") if request is not None else None
-    token = user.access_token if isinstance(user, AuthenticatedUser) else get_access_token()
+    """The verified identity of this request."""
+    token = request_token(ctx)
     return token if isinstance(token, Identity) else None
 
 
 class IdentityGateway(McpGateway):
     """``McpGateway`` serving each verified identity as its own caller role. Start ``run`` in a task group."""
 
-    def __init__(self, engine: Engine, config: IdentityConfig) -> None:
+    def __init__(self, engine: Engine, config: IdentityConfig, *, keepalive: float = DEFAULT_INTERVAL) -> None:
         self._base = engine
-        super().__init__(engine)
+        super().__init__(engine, keepalive=keepalive)
         self.config = config
         self.oauth = config.oauth
         self.verifier = IdentityVerifier(engine.api.pool, engine.schema, config.oauth)
@@ -88,6 +88,15 @@ class IdentityGateway(McpGateway):
             await tg.start(self.engines.run)
             tg.start_soon(self.audit.run)
             task_status.started(self)
+
+    @contextlib.asynccontextmanager
+    async def engine_for(self, who: AccessToken | None) -> AsyncIterator[Engine]:
+        """The identity's own caller role's engine (tasks, resumed streams); raises ``RoleUnavailable`` for a
+        request that carries no identity."""
+        if not isinstance(who, Identity):
+            raise RoleUnavailable("this request carries no verified identity")
+        async with self.engines.use(who.role) as engine:
+            yield engine
 
     async def _closing(self, role: str, pool: Any) -> None:
         await self.audit.flush(role, pool)

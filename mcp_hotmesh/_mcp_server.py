@@ -14,14 +14,22 @@ The database side (the catalog, argument checks, calls and their answers) is the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import logging
 import time
+import weakref
+from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import anyio
 from mcp import MCPError
 from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from mcp.server.models import InitializationOptions
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
@@ -32,9 +40,16 @@ from mcp.types import (
     Icon,
     ListToolsResult,
     PaginatedRequestParams,
+    ServerCapabilities,
+    ServerTasksCapability,
+    ServerTasksRequestsCapability,
+    TasksCallCapability,
+    TasksCancelCapability,
+    TasksToolsCapability,
     TextContent,
     Tool,
     ToolAnnotations,
+    ToolExecution,
 )
 from mcp.types.version import MODERN_PROTOCOL_VERSIONS
 
@@ -42,8 +57,12 @@ from ._asking import asker_for
 from ._caller import Engine, Outcome
 from ._common import clip
 from ._content import call_result
+from ._keepalive import DEFAULT_INTERVAL, Progress, keep_alive
 from ._metrics import UNKNOWN, GatewayMetrics, classify
+from ._resume import stream_state
 from ._streams import QueueStats, ToolRecord
+from ._tasks import EXTENSION as TASKS_EXTENSION
+from ._tasks import Tasks
 from .errors import HotMeshError, UnknownTool
 
 log = logging.getLogger(__name__)
@@ -75,6 +94,23 @@ class _HotMeshServer(Server[Any]):
             notification_options or NotificationOptions(tools_changed=True), experimental_capabilities, extensions
         )
 
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> ServerCapabilities:
+        capabilities = super().get_capabilities(notification_options, experimental_capabilities, extensions,
+                                                protocol_version=protocol_version)
+        if protocol_version not in MODERN_PROTOCOL_VERSIONS and TASKS_EXTENSION in self.extensions:
+            # 2025-11-25 clients: task-augmented tools/call, tasks/get, tasks/result and tasks/cancel (no list)
+            capabilities.tasks = ServerTasksCapability(
+                cancel=TasksCancelCapability(),
+                requests=ServerTasksRequestsCapability(tools=TasksToolsCapability(call=TasksCallCapability())))
+        return capabilities
+
 
 IDEMPOTENCY_KEY = "io.github.mcp-hotmesh/idempotency-key"
 """The key in a ``tools/call`` request's ``_meta`` whose value (a string of 1 to 200 characters) makes a repeated
@@ -84,7 +120,8 @@ call, by the same caller role, return the first call's answer instead of running
 def listed(r: ToolRecord) -> Tool:
     """A tool as ``tools/list`` sends it. Its metadata was checked at registration; a row that got in anyway
     without passing the SDK's types is listed without it (one log line), never failing the list."""
-    tool = Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema)
+    tool = Tool(name=r.name, description=r.description, input_schema=r.input_schema, output_schema=r.output_schema,
+                execution=ToolExecution(task_support="optional"))  # any call may run as a task (_tasks)
     if r.title is None and r.annotations is None and r.icons is None and r.meta is None:
         return tool
     try:
@@ -100,6 +137,23 @@ def listed(r: ToolRecord) -> Tool:
         return tool
 
 
+def _wants_progress(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether the client sent a progress token with this request (in-process clients: a progress callback)."""
+    if ctx.meta is not None and ctx.meta.get("progress_token") is not None:
+        return True
+    outbound = getattr(ctx.session, "_request_outbound", None)
+    return getattr(outbound, "_on_progress", None) is not None
+
+
+def request_token(ctx: ServerRequestContext[Any, Any]) -> AccessToken | None:
+    """The verified bearer token of a request over HTTP (None over stdio), read from the request itself: a
+    session's task may have been started by an earlier request."""
+    request = getattr(ctx, "request", None)
+    scope = getattr(request, "scope", None)
+    user = scope.get("user") if isinstance(scope, dict) else None
+    return user.access_token if isinstance(user, AuthenticatedUser) else get_access_token()
+
+
 def error_result(message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(text=message)], is_error=True)
 
@@ -107,12 +161,14 @@ def error_result(message: str) -> CallToolResult:
 class McpGateway:
     """The MCP face of an ``Engine``; ``server`` is what transports (and ``mcp.Client(server)``) run."""
 
-    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh") -> None:
+    def __init__(self, engine: Engine, *, name: str = "mcp-hotmesh", keepalive: float = DEFAULT_INTERVAL) -> None:
         self.engine = engine
+        self.keepalive = keepalive  # seconds a call may be quiet before a client that asked for progress hears
         self.metrics = GatewayMetrics()
         self.bus = InMemorySubscriptionBus()
         self._legacy: dict[int, ServerSession] = {}
-        self._listed: tuple[object, dict[str, Any]] | None = None  # (engine.catalog_version, its tools/list)
+        # per engine (a gateway serving identities has one per caller role): (its catalog_version, its tools/list)
+        self._listed: weakref.WeakKeyDictionary[Engine, tuple[object, dict[str, Any]]] = weakref.WeakKeyDictionary()
         self.server = _HotMeshServer(
             name,
             version=_version(),
@@ -123,6 +179,14 @@ class McpGateway:
             on_subscriptions_listen=ListenHandler(self.bus),
         )
         engine.on_tools_changed = self.notify_tools_changed
+        Tasks(lambda ctx: self.engine_for(request_token(ctx)), self.result_of).install(self.server)
+
+    @contextlib.asynccontextmanager
+    async def engine_for(self, who: AccessToken | None) -> AsyncIterator[Engine]:
+        """The engine a request bearing ``who`` (its verified token; None over stdio) acts through outside this
+        gateway's own handlers (tasks, a resumed stream): here the gateway's one caller role. A gateway serving
+        identities (``_identity_gateway``) answers with the identity's own role."""
+        yield self.engine
 
     # ------------------------------------------------------------------------------------- list_changed
     def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
@@ -156,30 +220,23 @@ class McpGateway:
         every request (measured at 1,000 tools over HTTP: 156 ms p50 rebuilt per request, 68 ms with the model
         cached, see ``python -m benchmarks.sweep``)."""
         self._remember(ctx)
-        version = self.engine.catalog_version
-        if self._listed is None or self._listed[0] is not version:
-            tools = [listed(r) for r in self.engine.listable()]
-            listing = ListToolsResult(tools=tools).model_dump(by_alias=True, mode="json", exclude_none=True)
-            self._listed = (version, listing)
-        return self._listed[1]  # type: ignore[return-value]  # the SDK's runner takes a dict as the result
+        engine = self.engine
+        version = engine.catalog_version
+        cached = self._listed.get(engine)
+        if cached is None or cached[0] is not version:
+            tools = [listed(r) for r in engine.listable()]
+            cached = self._listed[engine] = (
+                version, ListToolsResult(tools=tools).model_dump(by_alias=True, mode="json", exclude_none=True))
+        return cached[1]  # type: ignore[return-value]  # the SDK's runner takes a dict as the result
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         self._remember(ctx)
-
-        async def report(progress: float, total: float | None, message: str | None) -> None:
-            try:
-                await ctx.session.report_progress(progress, total, message)
-            except Exception as exc:  # progress is a courtesy; the call goes on
-                log.debug("progress not delivered: %s", exc)
 
         started = time.monotonic()
         label = "error"
         outcome: Outcome | None = None
         try:
-            raw = (params.meta or {}).get(IDEMPOTENCY_KEY)
-            key = raw if raw is None or isinstance(raw, str) else ""  # "": refused by the engine, with why
-            outcome = await self.engine.call(params.name, params.arguments, report=report, idempotency_key=key,
-                                             asker=asker_for(ctx))
+            outcome = await self._called(ctx, params)
             label = classify(outcome)
         except UnknownTool as exc:
             label = "unknown_tool"
@@ -193,6 +250,11 @@ class McpGateway:
             self.metrics.observe(tool, label, elapsed)
             log.info("call %s: %s in %.0f ms", tool, label, elapsed * 1000)  # no arguments: they may be private
             self.after_call(params, tool, label, elapsed, outcome)
+        return self.result_of(outcome)
+
+    @staticmethod
+    def result_of(outcome: Outcome) -> CallToolResult:
+        """What the client is told of a call's outcome."""
         if outcome.error is not None or outcome.result is None:
             return error_result(outcome.error or "the tool returned nothing")
         return call_result(outcome.result)  # plain or rich, checked as the worker role's hostile input
@@ -201,6 +263,42 @@ class McpGateway:
                    outcome: Outcome | None) -> None:
         """A call ended (``tool``: its catalog name or ``(unknown)``; ``label``: its outcome kind). The gateway that
         serves identities (``_identity_gateway``) writes its audit record here."""
+
+    async def _called(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Outcome:
+        """``Engine.call``; once the call is queued, an HTTP stream learns its id (so a client may reconnect to it,
+        ``_resume``), and a client that asked for progress hears keep-alives while the call is quiet."""
+        progress = Progress(ctx.session.report_progress)
+        resumable = stream_state(ctx.request)
+        if resumable is not None:
+            resumable.begin(ctx.protocol_version)
+
+        def announce(call_id: UUID) -> None:
+            if resumable is not None:
+                resumable.enqueued(call_id, ctx.request_id)
+
+        raw = (params.meta or {}).get(IDEMPOTENCY_KEY)
+        key = raw if raw is None or isinstance(raw, str) else ""  # "": refused by the engine, with why
+        call = functools.partial(self.engine.call, params.name, params.arguments, report=progress.handler,
+                                 idempotency_key=key, asker=asker_for(ctx))
+        if not _wants_progress(ctx):
+            return await call(on_enqueued=announce if resumable is not None else None)
+        outcome: Outcome | None = None
+        unknown: UnknownTool | None = None
+        async with anyio.create_task_group() as keepalives:
+
+            def follow(call_id: UUID) -> None:
+                announce(call_id)
+                keepalives.start_soon(keep_alive, progress, lambda: self.engine.api.status(call_id), self.keepalive)
+
+            try:
+                outcome = await call(on_enqueued=follow)
+            except UnknownTool as exc:  # raised as itself, not in an exception group
+                unknown = exc
+            keepalives.cancel_scope.cancel()
+        if unknown is not None:
+            raise unknown
+        assert outcome is not None
+        return outcome
 
     async def metrics_text(self) -> str:
         """``/metrics``: this process's counters, and the queues of the gateway role's streams."""

@@ -69,6 +69,7 @@ class ServeOptions:
     purge_interval: float = 60.0  # seconds between retention purges; 0: none
     identity_config: Path | None = None  # with http: serve identities as their own caller roles
     allowed_hosts: tuple[str, ...] = ()  # names clients reach the HTTP server by (DNS-rebinding protection)
+    keepalive: float = 15.0  # seconds a call may be quiet before a client that asked for progress hears from it
 
 
 async def is_admin(conn: asyncpg.Connection, schema: str) -> bool:
@@ -216,6 +217,8 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
 
 async def serve(args: ServeOptions) -> None:
     """``mcp-hotmesh serve``: start the gateway (``running_gateway``) and serve the chosen transport."""
+    if not args.keepalive > 0:
+        raise ConfigError("--keepalive must be a positive number of seconds")
     identities = None
     if args.identity_config is not None:
         if args.transport != "http":
@@ -230,8 +233,8 @@ async def serve(args: ServeOptions) -> None:
     with contextlib.ExitStack() as outputs:
         wire = outputs.enter_context(protocol_stdout()) if args.transport == "stdio" else None
         async with running_gateway(args) as engine, anyio.create_task_group() as tg:
-            gateway = McpGateway(engine) if identities is None else await tg.start(
-                IdentityGateway(engine, identities).run)
+            gateway = McpGateway(engine, keepalive=args.keepalive) if identities is None else await tg.start(
+                IdentityGateway(engine, identities, keepalive=args.keepalive).run)
 
             async def on_signal() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -116,7 +116,8 @@ class QueueStats:
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """A call's state: ``ready`` (queued), ``reserved`` (running), ``done`` or ``dead``."""
+    """A call's state: ``ready`` (queued), ``reserved`` (running), ``done``, ``dead`` (failed: the dead-letter
+    queue), ``cancelled`` (by its caller) or ``expired`` (past its deadline)."""
 
     state: str
     result: JSON
@@ -130,7 +131,38 @@ class CallResult:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "dead")
+        return self.state in ENDED
+
+
+ENDED = frozenset({"done", "dead", "cancelled", "expired"})
+"""The states a call ends in."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallStatus:
+    """A call as a task or a keep-alive sees it (``caller_call_status``): its state and answer, its times, and
+    while it is queued how many calls of its stream are ahead of it (counted up to 1000)."""
+
+    state: str
+    result: JSON
+    is_error: bool
+    error: str | None
+    progress: float | None
+    progress_total: float | None
+    progress_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deadline: datetime | None
+    ahead: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ENDED
+
+    def as_result(self) -> CallResult:
+        return CallResult(self.state, self.result, self.is_error, self.error, 0, self.progress,
+                          self.progress_total, self.progress_message, self.deadline)
 
 
 def _claimed(stream: str, r: asyncpg.Record) -> Claimed:
@@ -416,3 +448,20 @@ class CallerAPI(_API):
     async def answer(self, call_id: UUID, seq: int, response: JSON) -> bool:
         """Answer question ``seq`` of one of this role's running calls (``caller_answer``)."""
         return bool(await self._val(f"SELECT {self._s}.caller_answer($1, $2, $3)", call_id, seq, response))
+
+    async def call_durable(self, stream: str, workflow_name: str, args: JSON, timeout_ms: int) -> UUID:
+        """``caller_call``, committed durably before the id is returned (``caller_call_durable``): for a call
+        whose id is handed to a client as a task."""
+        value: UUID = await self._val(f"SELECT {self._s}.caller_call_durable($1, $2, $3, $4)",
+                                      stream, workflow_name, args, timeout_ms, stream=stream)
+        return value
+
+    async def status(self, call_id: UUID) -> CallStatus | None:
+        """One of this role's calls as ``caller_call_status`` shows it; None for another role's call or none."""
+        rows = await self._rows(f"SELECT * FROM {self._s}.caller_call_status($1)", call_id)
+        if not rows:
+            return None
+        r = rows[0]
+        return CallStatus(r["state"], r["result"], r["is_error"], r["error"], r["progress"], r["progress_total"],
+                          r["progress_message"], r["created_at"], r["started_at"], r["finished_at"], r["deadline"],
+                          r["ahead"])

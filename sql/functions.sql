@@ -30,7 +30,8 @@
 --
 -- Message life: ready -> reserved (lease) -> done
 --               reserved -> ready again (worker_fail with a retry, or lease expired: reclaims + 1)
---               any -> dead (attempts or reclaims used up, deadline passed, cancelled); the caller's
+--               ready or reserved -> dead (attempts or reclaims used up: the dead-letter queue),
+--                                     -> cancelled (by its caller), -> expired (past its deadline); the caller's
 --               error answer is written in the same statement and the caller is notified.
 -- NOTIFY payloads carry ids only; channels are named by hashes of stream or owner, so any stream name fits.
 
@@ -312,7 +313,8 @@ BEGIN
         FOR UPDATE SKIP LOCKED
     ), moved AS (
         UPDATE hotmesh.messages m SET
-            state = CASE WHEN expired.dies THEN 'dead' ELSE 'ready' END,
+            state = CASE WHEN NOT expired.dies THEN 'ready' WHEN m.cancel_requested THEN 'cancelled'
+                         WHEN m.deadline <= now() THEN 'expired' ELSE 'dead' END,
             reclaims = m.reclaims + 1,
             lease = NULL, consumer = NULL, lease_expires_at = NULL,
             is_error = expired.dies,
@@ -328,7 +330,7 @@ BEGIN
     )
     SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(moved.owner), 'r:' || moved.call_id::text))
     INTO v_told
-    FROM moved WHERE moved.state = 'dead' AND moved.owner IS NOT NULL AND moved.call_id IS NOT NULL;
+    FROM moved WHERE moved.state <> 'ready' AND moved.owner IS NOT NULL AND moved.call_id IS NOT NULL;
 
     -- Claim in one statement; calls whose deadline passed while queued are dead-lettered, never run.
     -- The stream is matched as a range of one value and ordered by (stream, id): only messages_ready gives that
@@ -347,7 +349,8 @@ BEGIN
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE hotmesh.messages m SET
-            state = CASE WHEN c.late THEN 'dead' ELSE 'reserved' END,
+            state = CASE WHEN c.late THEN 'expired' ELSE 'reserved' END,
+            started_at = CASE WHEN c.late THEN m.started_at ELSE now() END,
             lease = CASE WHEN c.late THEN NULL ELSE gen_random_uuid() END,
             consumer = CASE WHEN c.late THEN NULL ELSE p_consumer END,
             lease_expires_at = CASE WHEN c.late THEN NULL
@@ -360,7 +363,7 @@ BEGIN
                   m.call_id
     ), told AS (  -- one row, so the join below runs it
         SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(d.owner), 'r:' || d.call_id::text)) AS n
-        FROM claimed d WHERE d.state = 'dead' AND d.owner IS NOT NULL AND d.call_id IS NOT NULL
+        FROM claimed d WHERE d.state = 'expired' AND d.owner IS NOT NULL AND d.call_id IS NOT NULL
     )
     SELECT c.id, c.lease, c.workflow_name, c.args, c.attempt, c.reclaims, c.deadline
     FROM claimed c CROSS JOIN told
@@ -413,8 +416,8 @@ BEGIN
     WHERE m.id = worker_respond.id AND m.stream = worker_respond.stream
       AND m.state = 'reserved' AND m.lease = worker_respond.lease
     RETURNING m.owner, m.call_id INTO r;
-    IF NOT FOUND THEN
-        RETURN false;
+    IF NOT FOUND THEN  -- lost, or a late answer to a call that was cancelled or expired meanwhile (dropped)
+        RETURN hotmesh._ended_under(worker_respond.stream, worker_respond.id, worker_respond.lease);
     END IF;
     PERFORM hotmesh._notify_caller(r.owner, r.call_id, 'r');
     RETURN true;
@@ -473,9 +476,13 @@ BEGIN
             SELECT count(pg_catalog.pg_notify(hotmesh._caller_channel(d.owner), 'r:' || d.call_id::text)) AS n
             FROM done d WHERE d.owner IS NOT NULL AND d.call_id IS NOT NULL
         )
-        SELECT CASE WHEN d.id IS NULL THEN 'lost' ELSE 'answered' END, a.id, NULL::uuid, NULL::text, NULL::jsonb,
-               NULL::integer, NULL::integer, NULL::timestamptz
-        FROM (SELECT DISTINCT answers.id FROM answers) a LEFT JOIN done d ON d.id = a.id CROSS JOIN told;
+        SELECT CASE WHEN d.id IS NOT NULL THEN 'answered'
+                    -- a late answer to a call cancelled or expired meanwhile: taken, and dropped
+                    WHEN hotmesh._ended_under(worker_respond_and_dequeue.stream, a.id, a.lease) THEN 'answered'
+                    ELSE 'lost' END,
+               a.id, NULL::uuid, NULL::text, NULL::jsonb, NULL::integer, NULL::integer, NULL::timestamptz
+        FROM (SELECT DISTINCT ON (answers.id) answers.id, answers.lease FROM answers) a
+        LEFT JOIN done d ON d.id = a.id CROSS JOIN told;
     END IF;
     IF coalesce(worker_respond_and_dequeue.batch, 0) > 0 THEN
         RETURN QUERY
@@ -502,7 +509,9 @@ DECLARE
 BEGIN
     PERFORM hotmesh._authorize(worker_fail.stream);
     UPDATE hotmesh.messages m SET
-        state = CASE WHEN worker_fail.retry_in_ms IS NULL OR m.cancel_requested
+        state = CASE WHEN m.cancel_requested THEN 'cancelled'
+                     WHEN m.deadline <= now() THEN 'expired'
+                     WHEN worker_fail.retry_in_ms IS NULL
                           OR m.attempt + 1 >= hotmesh._setting('max_attempts')
                           OR v_retry_at >= m.deadline
                      THEN 'dead' ELSE 'ready' END,
@@ -510,14 +519,16 @@ BEGIN
         visible_at = v_retry_at,
         lease = NULL, consumer = NULL, lease_expires_at = NULL,
         is_error = true,
-        error = CASE WHEN m.cancel_requested THEN 'cancelled by the caller' ELSE v_error END
+        error = CASE WHEN m.cancel_requested THEN 'cancelled by the caller'
+                     WHEN m.deadline <= now() THEN 'the call''s deadline passed while the tool was running'
+                     ELSE v_error END
     WHERE m.id = worker_fail.id AND m.stream = worker_fail.stream
       AND m.state = 'reserved' AND m.lease = worker_fail.lease
     RETURNING m.state, m.owner, m.call_id INTO r;
-    IF NOT FOUND THEN
-        RETURN false;
+    IF NOT FOUND THEN  -- lost, or the call was cancelled or expired meanwhile (nothing more to write)
+        RETURN hotmesh._ended_under(worker_fail.stream, worker_fail.id, worker_fail.lease);
     END IF;
-    IF r.state = 'dead' THEN
+    IF r.state <> 'ready' THEN
         UPDATE hotmesh.messages m SET finished_at = now() WHERE m.id = worker_fail.id;
         PERFORM hotmesh._notify_caller(r.owner, r.call_id, 'r');
     END IF;
@@ -541,6 +552,9 @@ BEGIN
     WHERE m.id = worker_extend.id AND m.stream = worker_extend.stream
       AND m.state = 'reserved' AND m.lease = worker_extend.lease
     RETURNING m.cancel_requested OR coalesce(m.deadline <= now(), false) INTO v_cancel;
+    IF v_cancel IS NULL AND hotmesh._ended_under(worker_extend.stream, worker_extend.id, worker_extend.lease) THEN
+        RETURN true;  -- the call was cancelled or expired while its handler ran: stop it
+    END IF;
     RETURN v_cancel;  -- NULL when no row matched: the lease is lost
 END
 $$;
@@ -896,14 +910,19 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no such call' USING ERRCODE = 'HM005';
     END IF;
-    IF r.state = 'ready' THEN
-        UPDATE hotmesh.messages m SET state = 'dead', cancel_requested = true, is_error = true,
-            error = 'cancelled by the caller', finished_at = now()
+    -- The call ends now, queued or running: 'expired' once its deadline passed (a gateway gives up on it then),
+    -- else 'cancelled'. Neither is a failure (not the dead-letter queue). A running call keeps its lease, so its
+    -- worker learns through worker_extend that it ended, and its late answer is taken and dropped.
+    IF r.state IN ('ready', 'reserved') THEN
+        UPDATE hotmesh.messages m SET
+            state = CASE WHEN m.deadline <= now() THEN 'expired' ELSE 'cancelled' END,
+            cancel_requested = true, is_error = true, finished_at = now(),
+            error = CASE WHEN m.deadline <= now() THEN 'the call''s deadline passed' ELSE 'cancelled by the caller' END
         WHERE m.id = r.id;
         PERFORM hotmesh._notify_caller(r.owner, caller_cancel.call_id, 'r');
-    ELSIF r.state = 'reserved' THEN
-        UPDATE hotmesh.messages m SET cancel_requested = true WHERE m.id = r.id;
-        PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(r.stream), 'c:' || r.id::text);
+        IF r.state = 'reserved' THEN
+            PERFORM pg_catalog.pg_notify(hotmesh._worker_channel(r.stream), 'c:' || r.id::text);
+        END IF;
     END IF;
     RETURN r.state;
 END
@@ -930,9 +949,10 @@ DECLARE
 BEGIN
     WITH doomed AS MATERIALIZED (
         SELECT m.id FROM hotmesh.messages m
-        WHERE m.state IN ('done', 'dead')
+        WHERE m.state IN ('done', 'dead', 'cancelled', 'expired')
           AND (p_streams IS NULL OR m.stream = ANY (p_streams))
-          AND ((m.state = 'done' AND m.finished_at < v_done_before AND coalesce(m.deadline < now(), true))
+          AND ((m.state IN ('done', 'cancelled', 'expired') AND m.finished_at < v_done_before
+                AND coalesce(m.deadline < now(), true))
                OR (m.state = 'dead' AND v_dead_ms > 0 AND m.finished_at < v_dead_before))
         LIMIT greatest(coalesce(hotmesh._setting('purge_batch'), 5000), 1)
         FOR UPDATE SKIP LOCKED
@@ -1009,7 +1029,8 @@ AS $$
                count(*) FILTER (WHERE m.state = 'done') AS done,
                extract(epoch FROM now() - min(m.visible_at)
                    FILTER (WHERE m.state = 'ready' AND m.visible_at <= now()))::double precision AS oldest,
-               count(*) FILTER (WHERE m.state IN ('done', 'dead') AND m.finished_at > now() - interval '60 seconds')
+               count(*) FILTER (WHERE m.state IN ('done', 'dead', 'cancelled', 'expired')
+                                  AND m.finished_at > now() - interval '60 seconds')
                    AS recent
         FROM hotmesh.messages m
         GROUP BY m.stream
@@ -2009,3 +2030,75 @@ GRANT EXECUTE ON FUNCTION
     hotmesh.worker_pending(text[]),
     hotmesh.worker_register_tools(text[], text[], jsonb[])
 TO hotmesh_worker;
+
+-- ------------------------------------------------------------------------------------------ long-running calls
+-- A call ends 'cancelled' or 'expired' (007) rather than dead: stopping a call is no failure. A task is a call:
+-- its id is the call id, its state the call's row, visible only to the role that made it.
+
+-- Whether message p_id of p_stream ended (cancelled or expired) while held under p_lease: the worker holding it
+-- is told to stop, and its late answer is taken and dropped instead of counting as a lost lease.
+CREATE OR REPLACE FUNCTION hotmesh._ended_under(p_stream text, p_id bigint, p_lease uuid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM hotmesh.messages m
+                   WHERE m.id = p_id AND m.stream = p_stream AND m.lease = p_lease
+                     AND m.state IN ('cancelled', 'expired'))
+$$;
+
+-- caller_call for a call that outlives its request (an MCP task): the same enqueue, committed durably, so the
+-- call exists before its id is handed out (caller_call commits asynchronously: a crash may lose a call nobody
+-- was told about yet, never one a client holds the id of).
+CREATE OR REPLACE FUNCTION hotmesh.caller_call_durable(
+    stream text, workflow_name text, args jsonb, timeout_ms integer)
+RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+DECLARE
+    v_call_id uuid;
+BEGIN
+    PERFORM hotmesh._authorize(caller_call_durable.stream);  -- caller_call checks it again, as session_user
+    v_call_id := hotmesh.caller_call(caller_call_durable.stream, caller_call_durable.workflow_name,
+                                     caller_call_durable.args, caller_call_durable.timeout_ms, NULL);
+    SET LOCAL synchronous_commit = on;  -- after caller_call's SET LOCAL off: the commit waits for the WAL flush
+    RETURN v_call_id;
+END
+$$;
+
+-- One of the caller's own calls as a task or a keep-alive sees it: its state and answer, when it was made,
+-- started and last changed, its deadline, and while queued how many calls of its stream are ahead of it
+-- (counted up to 1000: the count costs what it counts). Another role's call, or none: no row.
+CREATE OR REPLACE FUNCTION hotmesh.caller_call_status(call_id uuid)
+RETURNS TABLE (state text, result jsonb, is_error boolean, error text, progress double precision,
+               progress_total double precision, progress_message text, created_at timestamptz,
+               started_at timestamptz, finished_at timestamptz, deadline timestamptz, ahead integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s'
+AS $$
+#variable_conflict use_column
+DECLARE
+    r hotmesh.messages%ROWTYPE;
+BEGIN
+    SELECT m.* INTO r FROM hotmesh.messages m
+    WHERE m.call_id = caller_call_status.call_id AND (m.owner = session_user OR hotmesh._is_admin());
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    state := r.state; result := r.result; is_error := r.is_error; error := r.error; progress := r.progress;
+    progress_total := r.progress_total; progress_message := r.progress_message; created_at := r.created_at;
+    started_at := r.started_at; finished_at := r.finished_at; deadline := r.deadline;
+    IF r.state = 'ready' THEN
+        SELECT count(*)::integer INTO ahead FROM (
+            SELECT 1 FROM hotmesh.messages q
+            WHERE q.stream >= r.stream AND q.stream <= r.stream AND q.state = 'ready' AND q.id < r.id
+            LIMIT 1000) AS q;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+REVOKE ALL ON FUNCTION hotmesh._ended_under(text, bigint, uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION hotmesh.caller_call_durable(text, text, jsonb, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION hotmesh.caller_call_status(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    hotmesh.caller_call_durable(text, text, jsonb, integer),
+    hotmesh.caller_call_status(uuid)
+TO hotmesh_caller;

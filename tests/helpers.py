@@ -265,8 +265,9 @@ class Hub:
         return int(await self.env.admin.fetchval(f'SELECT count(*) FROM "{self.env.schema}".messages WHERE {where}'))
 
     async def unfinished(self) -> int:
-        """Messages neither done nor dead: after every answered call, none may be left."""
-        return await self.rows("state NOT IN ('done', 'dead')")
+        """Messages that have not ended (done, dead, cancelled or expired): after every answered call, none may be
+        left."""
+        return await self.rows("state NOT IN ('done', 'dead', 'cancelled', 'expired')")
 
     async def still_serving(self, client: Client) -> None:
         """The example ``echo`` tool still answers through ``client``."""

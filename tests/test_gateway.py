@@ -165,10 +165,10 @@ async def test_timeout_cancels_the_call(env: Env) -> None:
         row = await env.admin.fetchrow(f'SELECT state, cancel_requested FROM "{env.schema}".messages')
         assert row is not None and row["cancel_requested"]
 
-        async def dead() -> bool:  # the worker stopped the handler: it never finishes late
-            return bool(await env.admin.fetchval(f'SELECT state FROM "{env.schema}".messages') == "dead")
+        async def expired() -> bool:  # it ended expired, not dead-lettered; the worker stopped the handler
+            return bool(await env.admin.fetchval(f'SELECT state FROM "{env.schema}".messages') == "expired")
 
-        await wait_for(dead, 10)
+        await wait_for(expired, 10)
 
 
 async def test_client_cancellation_reaches_the_handler(hub: Hub, mode: str) -> None:

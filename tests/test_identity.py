@@ -236,7 +236,7 @@ async def test_identities_cannot_read_or_cancel_each_others_calls(team: Team) ->
             async def alice_waiting() -> bool:
                 return bool(await team.env.admin.fetchval(
                     f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
-                    "AND state NOT IN ('done', 'dead')", team.analysts.role))
+                    "AND state IN ('ready', 'reserved')", team.analysts.role))
 
             await wait_for(alice_waiting, 20)
             call_id = await team.env.admin.fetchval(
@@ -248,13 +248,13 @@ async def test_identities_cannot_read_or_cancel_each_others_calls(team: Team) ->
                 await bobs.api.result(call_id)
             with pytest.raises(NotFound):
                 await bobs.api.cancel(call_id)
-            assert (await team.env.call_row(call_id))["state"] not in ("done", "dead")  # hers runs on
+            assert (await team.env.call_row(call_id))["state"] in ("ready", "reserved")  # hers runs on
             alices = team.gateway.engines.engine_of(team.analysts.role)
             assert alices is not None and not (await alices.api.result(call_id)).finished
             tg.cancel_scope.cancel()  # alice gives up: her own cancellation reaches the database
 
         async def cancelled() -> bool:
-            return (await team.env.call_row(call_id))["state"] in ("done", "dead")
+            return (await team.env.call_row(call_id))["state"] == "cancelled"
 
         await wait_for(cancelled, 20)
         await team.hub.still_serving(bob)
@@ -385,7 +385,7 @@ async def test_role_engines_are_bounded_and_closed_when_idle(env: Env) -> None:
                     async def bob_waiting() -> bool:
                         return bool(await team.env.admin.fetchval(
                             f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
-                            "AND state NOT IN ('done', 'dead')", team.ops.role))
+                            "AND state IN ('ready', 'reserved')", team.ops.role))
 
                     await wait_for(bob_waiting, 20)
                     refused = await alice.call_tool("echo", {"text": "hi"})

@@ -390,9 +390,10 @@ async def test_a_role_announces_a_bounded_number_of_consumers(env: Env) -> None:
 
 async def test_a_dead_call_its_caller_keeps_locked_does_not_stall_the_dlq_purge(env: Env) -> None:
     caller_role, caller = await env.caller(["a"])
+    _, worker = await env.worker(["a"])
     calls = [await caller.call("a", "", {"i": i}, 60_000) for i in range(3)]
-    for call in calls:
-        await caller.cancel(call)  # queued: dead at once
+    for msg in await worker.dequeue("a", "w", 3, 5_000):
+        assert await worker.fail("a", msg.id, msg.lease, "broken", None)  # no retry: dead-lettered
     async with env.session(caller_role) as conn:
         await conn.execute("BEGIN")
         await conn.fetchval(f'SELECT "{env.schema}".caller_cancel($1)', calls[0])  # holds its own dead row

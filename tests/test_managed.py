@@ -181,14 +181,21 @@ async def test_a_worker_and_a_caller_provisioned_by_it_serve_calls(schema: Schem
             assert echo.live_workers == 1 and echo.done == 1
             assert {r.role for r in now.roles} >= {worker_role.role, caller_role.role}
 
-        # dlq: a call nobody serves, cancelled while queued, is dead; retried, then purged
+        # dlq: a call whose handler failed for good (the admin answers as a worker, the seed's standard mode) is
+        # dead; retried, then purged
+        as_worker = WorkerAPI(admin, s)
+
+        async def fail_it() -> None:
+            [msg] = await as_worker.dequeue("nobody.serves", "admin", 1, 5_000)
+            assert await as_worker.fail("nobody.serves", msg.id, msg.lease, "broken for good", None)
+
         dead_id = await caller.call("nobody.serves", "", {"x": 1}, 60_000)
-        assert await caller.cancel(dead_id) == "ready"
+        await fail_it()
         [dead] = await dlq_list(admin, s, DlqFilter(stream="nobody.serves"))
-        assert dead.call_id == dead_id and dead.error == "cancelled by the caller"
+        assert dead.call_id == dead_id and dead.error == "broken for good"
         [retried] = await dlq_retry(admin, s, DlqFilter(ids=[dead.id]))
         assert retried.new_id == dead.id and (await caller.result(dead_id)).state == "ready"
-        assert await caller.cancel(dead_id) == "ready"
+        await fail_it()
         assert await dlq_purge(admin, s, DlqFilter(stream="nobody.serves")) == 1
         assert await dlq_list(admin, s, DlqFilter()) == []
 

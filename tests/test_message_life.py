@@ -92,7 +92,7 @@ async def test_deadline_passed_while_queued_is_never_run(env: Env) -> None:
     await anyio.sleep(0.1)
     assert await worker.dequeue("s", "w", 10, 5_000) == []
     result = await caller.result(call_id)
-    assert result.state == "dead" and "deadline" in (result.error or "")
+    assert result.state == "expired" and "deadline" in (result.error or "")  # stopped: not dead-lettered
 
 
 async def test_cancel_before_processing(env: Env) -> None:
@@ -100,7 +100,7 @@ async def test_cancel_before_processing(env: Env) -> None:
     assert await caller.cancel(call_id) == "ready"
     assert await worker.dequeue("s", "w", 10, 5_000) == []
     result = await caller.result(call_id)
-    assert result.state == "dead" and result.error == "cancelled by the caller"
+    assert result.state == "cancelled" and result.error == "cancelled by the caller"
 
 
 async def test_cancel_during_processing_is_seen_by_extend(env: Env) -> None:
@@ -108,10 +108,14 @@ async def test_cancel_during_processing_is_seen_by_extend(env: Env) -> None:
     [msg] = await worker.dequeue("s", "w", 1, 5_000)
     assert await worker.extend("s", msg.id, msg.lease, 5_000) is False
     assert await caller.cancel(call_id) == "reserved"
+    result = await caller.result(call_id)  # it ended at once, for its caller
+    assert result.state == "cancelled" and result.error == "cancelled by the caller"
     assert await worker.extend("s", msg.id, msg.lease, 5_000) is True
-    assert await worker.fail("s", msg.id, msg.lease, "stopped", 10)  # cancelled calls are never retried
+    # the worker's answer is taken and dropped (no lost lease): cancelled calls are never retried
+    assert await worker.fail("s", msg.id, msg.lease, "stopped", 10)
+    assert await worker.respond("s", msg.id, msg.lease, {"late": True})
     result = await caller.result(call_id)
-    assert result.state == "dead" and result.error == "cancelled by the caller"
+    assert result.state == "cancelled" and result.error == "cancelled by the caller" and result.result is None
 
 
 async def test_extend_keeps_the_lease(env: Env) -> None:

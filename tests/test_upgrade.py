@@ -40,6 +40,7 @@ pytestmark = pytest.mark.anyio
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LANDED = ["ef14fba", "30f23b9"]  # the last landed version; the first with 002, whose 001 was edited after it
+SINCE_LANDED = [m.version for m in migrations() if m.version > 2]  # what a landed schema has yet to apply
 
 
 async def migrate_as_at(admin: asyncpg.Connection, schema: str, commit: str) -> list[int]:

@@ -155,7 +155,7 @@ async def test_deadline_passed_while_queued_never_runs(env: Env) -> None:
         result = await finished(caller, call_id)
         await anyio.sleep(0.2)
     assert not runs
-    assert result.state == "dead" and result.error == "the call's deadline passed while it waited in the queue"
+    assert result.state == "expired" and result.error == "the call's deadline passed while it waited in the queue"
 
 
 async def test_deadline_passing_while_running_cancels_the_handler(env: Env) -> None:
@@ -176,7 +176,7 @@ async def test_deadline_passing_while_running_cancels_the_handler(env: Env) -> N
     async with serving(env, tools, reclaim_delay=10_000):
         result = await finished(caller, await caller.call("slow", "", {}, 400), seconds=5)
         assert saw_cancel.is_set()
-    assert result.state == "dead" and result.error == "the call's deadline passed while the tool was running"
+    assert result.state == "expired" and result.error == "the call's deadline passed while the tool was running"
 
 
 async def test_cancel_while_running_cancels_the_handler_at_once(env: Env) -> None:
@@ -205,7 +205,7 @@ async def test_cancel_while_running_cancels_the_handler_at_once(env: Env) -> Non
         with anyio.fail_after(2):
             await saw_cancel.wait()
         result = await finished(caller, call_id)
-    assert result.state == "dead" and result.error == "cancelled by the caller"
+    assert result.state == "cancelled" and result.error == "cancelled by the caller"
 
 
 async def test_progress_reaches_the_caller(env: Env) -> None:
