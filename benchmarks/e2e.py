@@ -161,7 +161,7 @@ class _StubEngine:
 
     async def call(self, name: str, arguments: Any, *, report: ProgressReport | None = None,
                    time_limit: float | None = None, idempotency_key: str | None = None,
-                   asker: Any = None) -> Outcome:
+                   asker: Any = None, on_enqueued: Any = None) -> Outcome:
         return Outcome("ok", result={})
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from uuid import UUID
 
 import anyio
 import asyncpg
@@ -32,7 +33,7 @@ from mcp_hotmesh._identity import add_token, load_config, parse_config, revoke_t
 from mcp_hotmesh._identity_gateway import IdentityGateway
 from mcp_hotmesh._roles import ProvisionedRole
 from mcp_hotmesh.errors import ConfigError, NotFound
-from tests.helpers import Env, Hub, free_port, http_client, hub_for, text_of, wait_for
+from tests.helpers import LEGACY, Env, Hub, Raw, RpcError, free_port, http_client, hub_for, text_of, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -254,10 +255,30 @@ async def test_identities_cannot_read_or_cancel_each_others_calls(team: Team) ->
             tg.cancel_scope.cancel()  # alice gives up: her own cancellation reaches the database
 
         async def cancelled() -> bool:
-            return (await team.env.call_row(call_id))["state"] == "cancelled"
+            return bool((await team.env.call_row(call_id))["state"] == "cancelled")
 
         await wait_for(cancelled, 20)
         await team.hub.still_serving(bob)
+
+
+async def test_a_task_belongs_to_its_identitys_role(team: Team) -> None:
+    """A task is served through the requesting identity's own caller role: another identity's role cannot read,
+    wait for or cancel it, and its owner can."""
+    bob_token = await team.token("bob", team.ops)
+    async with http_client(team.jwt(groups=["analysts"])) as alice_http, http_client(bob_token) as bob_http:
+        alice, bob = Raw(alice_http, team.url, LEGACY), Raw(bob_http, team.url, LEGACY)
+        await alice.open()
+        await bob.open()
+        created = await alice.request("tools/call", {"name": "test_block", "arguments": {}, "task": {"ttl": 60000}})
+        task_id = created["task"]["taskId"]
+        assert (await team.env.call_row(UUID(task_id)))["owner"] == team.analysts.role
+        for method in ("tasks/get", "tasks/cancel", "tasks/result"):
+            with pytest.raises(RpcError, match="No such task"):
+                await bob.request(method, {"taskId": task_id})
+        assert (await alice.request("tasks/get", {"taskId": task_id}))["status"] == "working"
+        assert (await team.env.call_row(UUID(task_id)))["state"] in ("ready", "reserved")  # bob changed nothing
+        assert (await alice.request("tasks/cancel", {"taskId": task_id}))["status"] == "cancelled"
+        assert (await team.env.call_row(UUID(task_id)))["state"] == "cancelled"
 
 
 async def test_a_revoked_token_is_refused_at_once(team: Team) -> None:

@@ -6,7 +6,6 @@ answers for it (the one that made it may be SIGKILLed), and no other role can re
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -25,9 +24,13 @@ from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._tools import ToolSet
 
 from .helpers import (
+    LEGACY,
+    MODERN,
     ROOT,
     TOKEN,
     Env,
+    Raw,
+    RpcError,
     clean_environ,
     cli_command,
     free_port,
@@ -47,78 +50,6 @@ async def hold(seconds: float) -> dict[str, float]:
     """Sleeps for the given seconds, then says how long it slept."""
     await anyio.sleep(seconds)
     return {"slept": seconds}
-
-LEGACY = "2025-11-25"
-MODERN = "2026-07-28"
-
-
-class RpcError(Exception):
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(error.get("message"))
-        self.code = error.get("code")
-        self.error = error
-
-
-class Raw:
-    """A JSON-RPC client over Streamable HTTP, written by hand: a 2025-11-25 session (``initialize``) or
-    2026-07-28 requests (each with its ``_meta`` envelope and routing headers)."""
-
-    def __init__(self, http: httpx2.AsyncClient, url: str, version: str) -> None:
-        self.http, self.url, self.version = http, f"{url}/mcp", version
-        self.session: str | None = None
-        self.ids = 0
-
-    async def open(self) -> dict[str, Any]:
-        if self.version == MODERN:
-            return await self.request("server/discover", {})
-        result = await self.request("initialize", {
-            "protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}})
-        await self.http.post(self.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
-                             headers=self._headers("notifications/initialized", {}))
-        return result
-
-    def _headers(self, method: str, params: dict[str, Any]) -> dict[str, str]:
-        headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": self.version}
-        if self.session:
-            headers["Mcp-Session-Id"] = self.session
-        if self.version == MODERN:
-            headers["Mcp-Method"] = method
-            name = params.get("name") or params.get("taskId")
-            if name:
-                headers["Mcp-Name"] = str(name)
-        return headers
-
-    async def request(self, method: str, params: dict[str, Any], *, tasks: bool = True) -> dict[str, Any]:
-        self.ids += 1
-        params = dict(params)
-        if self.version == MODERN:
-            extensions: dict[str, Any] = {"io.modelcontextprotocol/tasks": {}} if tasks else {}
-            params["_meta"] = {**params.get("_meta", {}),
-                               "io.modelcontextprotocol/protocolVersion": MODERN,
-                               "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
-                               "io.modelcontextprotocol/clientCapabilities": {"extensions": extensions}}
-        body = {"jsonrpc": "2.0", "id": self.ids, "method": method, "params": params}
-        response = await self.http.post(self.url, json=body, headers=self._headers(method, params))
-        if "mcp-session-id" in response.headers:
-            self.session = response.headers["mcp-session-id"]
-        message = _message(response.text, self.ids, response.headers.get("content-type", ""))
-        if "error" in message:
-            raise RpcError(message["error"])
-        result: dict[str, Any] = message["result"]
-        return result
-
-
-def _message(text: str, ident: int, content_type: str) -> dict[str, Any]:
-    if content_type.startswith("application/json"):
-        found: dict[str, Any] = json.loads(text)
-        return found
-    for line in text.splitlines():
-        if line.startswith("data:") and line[5:].strip():
-            data = json.loads(line[5:])
-            if data.get("id") == ident:
-                return dict(data)
-    raise AssertionError(f"no answer to request {ident} in {text!r}")
-
 
 @contextlib.asynccontextmanager
 async def gateway_for(env: Env, caller: Any) -> AsyncIterator[str]:
