@@ -13,6 +13,7 @@ names start with ``_`` are internal and may change). The code map, and the path 
     PostgreSQL ── caller_call ▶ messages ▶ NOTIFY ▶ worker_dequeue ──────────────────────────────────────┐
                    _worker, _consumer    the worker side: a Worker runs one Consumer per topic, which     │
                                          claims, runs the handler and answers (worker_respond)  ◀─────────┘
+                   _pulse                a worker process's one heartbeat and one fallback poll, all topics
                    _tools                tools as typed Python functions (ToolSet, ToolContext)
                    _content              rich results (Text, Image, Audio, Resource, ResourceLink, ToolResult)
                    _questions            a handler's questions to the client (ctx.elicit, ctx.sample), worker side
@@ -29,7 +30,6 @@ names start with ``_`` are internal and may change). The code map, and the path 
                    _identity, _identity_gateway, _role_engines, _audit, _quotas
                                          HTTP identities (issued tokens, OAuth JWTs), each served as its own
                                          caller role; their audit trail and quotas
-                   _pulse                a worker process's one heartbeat and one fallback poll, all topics
                    _embedded             the private PostgreSQL used when no DSN is given
                    _config, _logs, _metrics, _batching
 """
