@@ -101,6 +101,11 @@ class IdentityGateway(McpGateway):
     async def _closing(self, role: str, pool: Any) -> None:
         await self.audit.flush(role, pool)
 
+    def listing_engine(self, ctx: ServerRequestContext[Any, Any]) -> Engine | None:
+        """The identity's role's engine, if it runs (else the handler starts it: no cached listing then)."""
+        who = identity_of(ctx)
+        return self.engines.engine_of(who.role) if who is not None else None
+
     def _input_schema(self, name: str) -> dict[str, Any] | None:
         """For the SDK's check of ``Mcp-Param-*`` headers, before dispatch: the tool as this identity's role sees
         it, if its engine is up (otherwise the check is skipped; the engine checks the arguments anyway)."""
