@@ -171,3 +171,10 @@ class SchemaArguments(BaseModel):
 async def json_schema_tool(arguments: SchemaArguments) -> Text:
     """Accept arguments described by a JSON Schema 2020-12 document ($schema, $defs, additionalProperties)."""
     return Text(f"Received: {arguments.model_dump_json()}")
+
+
+@_tool("test_reconnection")
+async def reconnection() -> Text:
+    """Wait half a second, then answer: the SSE polling scenario reconnects to a call while it runs."""
+    await anyio.sleep(0.5)
+    return Text("Reconnection test completed.")
