@@ -183,9 +183,15 @@ async def _apply(conn: asyncpg.Connection, schema: str, lock_timeout: str) -> li
         refusal = _refusal(schema, recorded)
         if refusal:
             raise DatabaseError(refusal)
-        for m in migrations():
-            if m.version in recorded.migrations:
-                continue
+        pending = [m for m in migrations() if m.version not in recorded.migrations]
+        if pending and recorded.migrations:
+            # An upgrade alters these tables while calls may be flowing. Each index, constraint and column takes
+            # its own lock and keeps it to the commit, so a weaker lock taken first and a stronger one later
+            # deadlocked with a call that had read a table and then wrote it (003's index on messages, then
+            # 007's constraint). The strongest, on all of them, first: calls wait for the upgrade instead.
+            await conn.execute(f'LOCK TABLE "{schema}".messages, "{schema}".workers, "{schema}".tools '
+                               "IN ACCESS EXCLUSIVE MODE")
+        for m in pending:
             await conn.execute(f'SET LOCAL ROLE "{schema}_owner"')
             await conn.execute(render(m.sql, schema))
             await conn.execute("RESET ROLE")
