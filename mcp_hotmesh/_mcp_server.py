@@ -218,10 +218,12 @@ class McpGateway:
     async def _cached_listing(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         """``tools/list`` from its wire form, kept until the catalog changes. The SDK checks a handler's result
         against the protocol version's schema and dumps it again on every request, but sends a middleware's as it
-        is: at 1,000 tools over Streamable HTTP that check was 74 ms p50 of each listing (``python -m
-        benchmarks.sweep``)."""
+        is: at 1,000 tools over Streamable HTTP, 19.2 ms p50 a listing before and 6.2 ms after (``python -m
+        benchmarks.sweep``, a quiet machine)."""
+        if ctx.method != "tools/list" or (isinstance(ctx.params, dict) and ctx.params.get("cursor")):
+            return await call_next(ctx)
         engine = self.listing_engine(ctx)
-        if ctx.method != "tools/list" or engine is None or (isinstance(ctx.params, dict) and ctx.params.get("cursor")):
+        if engine is None:
             return await call_next(ctx)
         self._remember(ctx)
         version = engine.catalog_version  # read first: a listing made while the catalog changes is made again

@@ -281,6 +281,34 @@ async def test_a_task_belongs_to_its_identitys_role(team: Team) -> None:
         assert (await team.env.call_row(UUID(task_id)))["state"] == "cancelled"
 
 
+async def test_a_resumed_stream_is_served_as_its_identitys_role(team: Team) -> None:
+    """Reconnecting to a call's stream (``Last-Event-ID``) looks the call up as the token's own caller role:
+    another identity's role finds nothing, the owner's gets the stream."""
+    bob_token = await team.token("bob", team.ops)
+    alice_token = team.jwt(groups=["analysts"])
+    async with connected(team, alice_token) as alice, anyio.create_task_group() as tg:
+        tg.start_soon(alice.call_tool, "test_block", {})
+
+        async def alice_waiting() -> bool:
+            return bool(await team.env.admin.fetchval(
+                f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
+                "AND state IN ('ready', 'reserved')", team.analysts.role))
+
+        await wait_for(alice_waiting, 20)
+        call_id = await team.env.admin.fetchval(
+            f'SELECT call_id FROM "{team.env.schema}".messages WHERE owner = $1 AND call_id IS NOT NULL '
+            "ORDER BY id DESC LIMIT 1", team.analysts.role)
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": f"{call_id}:7", "MCP-Protocol-Version": LEGACY}
+        async with http_client(bob_token) as bob_http:
+            assert (await bob_http.get(team.resource, headers=headers)).status_code == 404
+        async with http_client(None) as anonymous:
+            assert (await anonymous.get(team.resource, headers=headers)).status_code == 401
+        async with http_client(alice_token) as alice_http, alice_http.stream(
+                "GET", team.resource, headers=headers) as resumed:
+            assert resumed.status_code == 200 and resumed.headers["content-type"].startswith("text/event-stream")
+        tg.cancel_scope.cancel()
+
+
 async def test_a_revoked_token_is_refused_at_once(team: Team) -> None:
     token = await team.token("dave", team.analysts)
     async with connected(team, token) as dave:
