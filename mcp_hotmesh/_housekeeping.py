@@ -7,12 +7,11 @@ hold a transaction open too long, or an advisory lock, are ended). Both go throu
 from __future__ import annotations
 
 import logging
-import random
 
 import anyio
 import anyio.lowlevel
 
-from ._retry import Backoff
+from ._retry import Backoff, jitter
 from ._streams import CallerAPI, WorkerAPI
 from .errors import HotMeshError
 
@@ -29,7 +28,7 @@ async def retention_loop(api: WorkerAPI | CallerAPI, *, interval: float = 60.0, 
     if interval <= 0:
         return
     backoff = Backoff()
-    await anyio.sleep(random.uniform(0, min(interval, 10.0)))
+    await anyio.sleep(jitter(min(interval, 10.0), 0.0, 1.0))
     while True:
         try:
             total = 0
@@ -45,14 +44,14 @@ async def retention_loop(api: WorkerAPI | CallerAPI, *, interval: float = 60.0, 
                 log.info("retention works again")
         except HotMeshError as exc:
             log.log(backoff.failed(exc)[1], "retention: purge failed: %s", exc)
-        await anyio.sleep(interval * random.uniform(0.8, 1.2))
+        await anyio.sleep(jitter(interval, 0.8, 1.2))
 
 
 async def watchdog_loop(api: WorkerAPI | CallerAPI, *, interval: float = WATCHDOG_INTERVAL) -> None:
     """Run the watchdog every ``interval`` seconds until cancelled; one log line per session it ends."""
     backoff = Backoff()
     while True:
-        await anyio.sleep(interval * random.uniform(0.8, 1.2))
+        await anyio.sleep(jitter(interval, 0.8, 1.2))
         try:
             for ended in await api.watchdog():
                 log.warning("watchdog: ended session %d of role %s: %s (transaction open %.1fs)",

@@ -15,12 +15,11 @@ new functions again, so a ``migrate`` while the worker runs switches it over.
 from __future__ import annotations
 
 import logging
-import random
 
 import anyio
 
 from ._consumer import LOGIN_GRACE, Consumer
-from ._retry import Backoff
+from ._retry import Backoff, jitter
 from ._streams import WorkerAPI
 from .errors import ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
 
@@ -82,7 +81,7 @@ class Pulse:
     async def run_heartbeats(self) -> None:
         backoff = Backoff()
         while True:
-            await anyio.sleep(self.heartbeat_interval * random.uniform(0.8, 1.0))  # never later than promised
+            await anyio.sleep(jitter(self.heartbeat_interval, 0.8, 1.0))  # never later than promised
             async with self._beat:
                 if self._gone:
                     return
@@ -100,7 +99,7 @@ class Pulse:
         backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
         refused_since: float | None = None
         while True:
-            delay = self.poll_interval * random.uniform(0.8, 1.2)
+            delay = jitter(self.poll_interval, 0.8, 1.2)
             try:
                 await self.poll()
                 refused_since = None

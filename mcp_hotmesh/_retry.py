@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -19,6 +20,16 @@ from ._postgres import is_transient
 from .errors import HotMeshError
 
 T = TypeVar("T")
+
+_random = random.Random()
+"""The package's own generator: drawing from the ``random`` module's shared one changes state that a caller's
+code (a property-based test generating data in a thread, say) relies on."""
+
+
+def jitter(seconds: float, low: float, high: float) -> float:
+    """``seconds`` times a random factor from ``low`` to ``high``: loops of many processes started together do not
+    stay in step."""
+    return seconds * _random.uniform(low, high)
 
 
 class Backoff:
