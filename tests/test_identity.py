@@ -110,6 +110,18 @@ class Team:
     async def token(self, name: str, role: ProvisionedRole) -> str:
         return await add_token(self.env.admin, name, role.role, schema=self.env.schema)
 
+    async def running_call(self, role: ProvisionedRole) -> UUID:
+        """The call of ``role`` that is queued or running, once there is one (a test started it in a task)."""
+        query = (f'SELECT call_id FROM "{self.env.schema}".messages WHERE owner = $1 AND call_id IS NOT NULL '
+                 "AND state IN ('ready', 'reserved') ORDER BY id DESC LIMIT 1")
+
+        async def one() -> bool:
+            return await self.env.admin.fetchval(query, role.role) is not None
+
+        await wait_for(one, 20)
+        call_id: UUID = await self.env.admin.fetchval(query, role.role)
+        return call_id
+
 
 @contextlib.asynccontextmanager
 async def team_for(env: Env, *, quotas: list[dict[str, Any]] | None = None,
@@ -233,16 +245,7 @@ async def test_identities_cannot_read_or_cancel_each_others_calls(team: Team) ->
         assert await tool_names(bob) != await tool_names(alice)
         async with anyio.create_task_group() as tg:
             tg.start_soon(alice.call_tool, "test_block", {})
-
-            async def alice_waiting() -> bool:
-                return bool(await team.env.admin.fetchval(
-                    f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
-                    "AND state IN ('ready', 'reserved')", team.analysts.role))
-
-            await wait_for(alice_waiting, 20)
-            call_id = await team.env.admin.fetchval(
-                f'SELECT call_id FROM "{team.env.schema}".messages WHERE owner = $1 AND call_id IS NOT NULL '
-                "ORDER BY id DESC LIMIT 1", team.analysts.role)
+            call_id = await team.running_call(team.analysts)
             bobs = team.gateway.engines.engine_of(team.ops.role)
             assert bobs is not None  # bob's engine: logged in as his role, as his requests are served
             with pytest.raises(NotFound):
@@ -288,16 +291,7 @@ async def test_a_resumed_stream_is_served_as_its_identitys_role(team: Team) -> N
     alice_token = team.jwt(groups=["analysts"])
     async with connected(team, alice_token) as alice, anyio.create_task_group() as tg:
         tg.start_soon(alice.call_tool, "test_block", {})
-
-        async def alice_waiting() -> bool:
-            return bool(await team.env.admin.fetchval(
-                f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
-                "AND state IN ('ready', 'reserved')", team.analysts.role))
-
-        await wait_for(alice_waiting, 20)
-        call_id = await team.env.admin.fetchval(
-            f'SELECT call_id FROM "{team.env.schema}".messages WHERE owner = $1 AND call_id IS NOT NULL '
-            "ORDER BY id DESC LIMIT 1", team.analysts.role)
+        call_id = await team.running_call(team.analysts)
         headers = {"Accept": "text/event-stream", "Last-Event-ID": f"{call_id}:7", "MCP-Protocol-Version": LEGACY}
         async with http_client(bob_token) as bob_http:
             assert (await bob_http.get(team.resource, headers=headers)).status_code == 404
@@ -430,13 +424,7 @@ async def test_role_engines_are_bounded_and_closed_when_idle(env: Env) -> None:
                 assert engines.engine_of(team.analysts.role) is None
                 async with anyio.create_task_group() as tg:  # bob's call in flight: his engine is busy
                     tg.start_soon(bob.call_tool, "test_block", {})
-
-                    async def bob_waiting() -> bool:
-                        return bool(await team.env.admin.fetchval(
-                            f"SELECT count(*) FROM \"{team.env.schema}\".messages WHERE owner = $1 "
-                            "AND state IN ('ready', 'reserved')", team.ops.role))
-
-                    await wait_for(bob_waiting, 20)
+                    await team.running_call(team.ops)
                     refused = await alice.call_tool("echo", {"text": "hi"})
                     assert refused.is_error and "too many roles at once" in text_of(refused)
                     tg.cancel_scope.cancel()
