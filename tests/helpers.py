@@ -332,6 +332,23 @@ async def http_server(gateway: McpGateway) -> AsyncIterator[str]:
         stop.set()
 
 
+@contextlib.asynccontextmanager
+async def http_gateway(env: Env, caller: ProvisionedRole, tools: ToolSet) -> AsyncIterator[str]:
+    """A gateway logged in as ``caller`` on Streamable HTTP, once every tool of ``tools`` has a live worker;
+    yields its base URL."""
+    engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
+                    timeout=30.0, recheck_interval=1.0)
+    async with engine:
+
+        async def listed() -> bool:
+            await engine.refresh()
+            return len([r for r in engine.tools() if r.live_workers]) == len(tools.tools)
+
+        await wait_for(listed, 30)
+        async with http_server(McpGateway(engine)) as url:
+            yield url
+
+
 def http_client(token: str | None) -> httpx2.AsyncClient:
     """An HTTP client sending ``token`` as a bearer token (none: no Authorization header)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}

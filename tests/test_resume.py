@@ -15,11 +15,10 @@ import anyio
 import httpx2
 import pytest
 
-from mcp_hotmesh._caller import Engine
-from mcp_hotmesh._mcp_server import McpGateway
+from mcp_hotmesh._roles import ProvisionedRole
 from mcp_hotmesh._tools import ToolSet
 
-from .helpers import TOKEN, Env, http_client, http_server, run_worker, wait_for
+from .helpers import TOKEN, Env, http_client, http_gateway, run_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -34,18 +33,10 @@ async def hold(seconds: float) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def gateway_for(env: Env, caller: Any) -> AsyncIterator[str]:
-    engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
-                    timeout=30.0, recheck_interval=1.0)
-    async with engine:
-
-        async def listed() -> bool:
-            await engine.refresh()
-            return any(r.live_workers for r in engine.tools())
-
-        await wait_for(listed, 30)
-        async with http_server(McpGateway(engine)) as url:
-            yield f"{url}/mcp"
+async def gateway_for(env: Env, caller: ProvisionedRole) -> AsyncIterator[str]:
+    """A gateway of ``caller`` on HTTP; yields its MCP endpoint."""
+    async with http_gateway(env, caller, TOOLS) as url:
+        yield f"{url}/mcp"
 
 
 async def initialize(http: httpx2.AsyncClient, url: str, version: str = "2025-11-25") -> str:

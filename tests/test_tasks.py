@@ -19,8 +19,6 @@ import httpx2
 import pytest
 
 from mcp_hotmesh import _admin as admin
-from mcp_hotmesh._caller import Engine
-from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._tools import ToolSet
 
 from .helpers import (
@@ -35,7 +33,7 @@ from .helpers import (
     cli_command,
     free_port,
     http_client,
-    http_server,
+    http_gateway,
     run_worker,
     wait_for,
 )
@@ -52,27 +50,11 @@ async def hold(seconds: float) -> dict[str, float]:
     return {"slept": seconds}
 
 @contextlib.asynccontextmanager
-async def gateway_for(env: Env, caller: Any) -> AsyncIterator[str]:
-    """A gateway logged in as ``caller``, on HTTP; yields its base URL."""
-    engine = Engine(await env.pool(caller), schema=env.schema, role=caller.role, listen_dsn=env.dsn(caller),
-                    timeout=30.0, recheck_interval=1.0)
-    async with engine:
-        await wait_for(lambda: _listed(engine), 30)
-        async with http_server(McpGateway(engine)) as url:
-            yield url
-
-
-async def _listed(engine: Engine) -> bool:
-    await engine.refresh()
-    return len([r for r in engine.tools() if r.live_workers]) == len(TOOLS.tools)
-
-
-@contextlib.asynccontextmanager
 async def served(env: Env) -> AsyncIterator[tuple[Any, str]]:
     """A worker for ``TOOLS`` and a gateway as a fresh caller role; yields the role and the gateway's URL."""
     worker = await env.provision(list(TOOLS.topics), "worker")
     caller = await env.provision(list(TOOLS.topics), "caller")
-    async with run_worker(env, worker, TOOLS), gateway_for(env, caller) as url:
+    async with run_worker(env, worker, TOOLS), http_gateway(env, caller, TOOLS) as url:
         yield caller, url
 
 
@@ -171,7 +153,8 @@ async def test_another_caller_role_cannot_see_or_cancel_a_task(env: Env) -> None
     worker = await env.provision(list(TOOLS.topics), "worker")
     owner = await env.provision(list(TOOLS.topics), "caller")
     stranger = await env.provision(list(TOOLS.topics), "caller")  # the same streams, another identity
-    async with run_worker(env, worker, TOOLS), gateway_for(env, owner) as mine, gateway_for(env, stranger) as theirs, \
+    async with run_worker(env, worker, TOOLS), http_gateway(env, owner, TOOLS) as mine, \
+            http_gateway(env, stranger, TOOLS) as theirs, \
             http_client(TOKEN) as http:
         victim = Raw(http, mine, LEGACY)
         await victim.open()
