@@ -31,6 +31,7 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
     QuotaExceeded,
+    SchemaOutdated,
     ServerTooOld,
 )
 
@@ -81,6 +82,8 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
             return PermissionDenied("permission denied: this role may not do that")
         if code == "55P03":  # lock_not_available: a scoped function's lock_timeout (SQL 003)
             return Busy("the database is busy with this request's rows (another session holds them); try again")
+        if code == "42883":  # undefined_function: a schema an earlier version made, not migrated yet
+            return SchemaOutdated("the database schema is older than this mcp-hotmesh: run mcp-hotmesh migrate")
         if code == "3D000":  # invalid_catalog_name, at login
             return ConnectionFailed(f"{exc}: check the database name in the DSN (the embedded server's is 'hotmesh')")
         if code == "3F000":  # invalid_schema_name

@@ -21,7 +21,7 @@ import anyio
 from ._consumer import LOGIN_GRACE, Consumer
 from ._retry import Backoff, jitter
 from ._streams import WorkerAPI
-from .errors import ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
+from .errors import HotMeshError, LoginRefused, SchemaOutdated
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ class Pulse:
         ttl_ms = int(self.heartbeat_interval * 3000)
         try:
             await self.api.alive(self.consumer_id, ttl_ms, self._streams, self._workflows)
-        except DatabaseError as exc:
-            if not await self._before_alive(exc):
-                raise
+        except SchemaOutdated:
             for start in range(0, len(self._streams), 1000):
                 await self.api.heartbeat(self._streams[start:start + 1000], self.consumer_id, ttl_ms)
 
@@ -56,21 +54,12 @@ class Pulse:
         """Wake the consumers whose streams have work now: one statement."""
         try:
             pending = await self.api.pending(self._streams)
-        except DatabaseError as exc:
-            if not await self._before_alive(exc):
-                raise
+        except SchemaOutdated:
             pending = self._streams
         for stream in pending:
             consumer = self.consumers.get(stream)
             if consumer is not None:
                 consumer.wake()
-
-    async def _before_alive(self, exc: DatabaseError) -> bool:
-        """Whether the schema predates ``worker_alive`` and ``worker_pending`` (a failure other than a lost
-        connection or a refusal is looked into; those are raised as they are)."""
-        if isinstance(exc, ConnectionFailed) or type(exc) is not DatabaseError:
-            return False
-        return await self.api.lacks("worker_pending(text[])")
 
     async def goodbye(self) -> None:
         """No more heartbeats; gateways stop counting these consumers at once (``worker_goodbye``)."""

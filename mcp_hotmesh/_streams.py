@@ -17,7 +17,7 @@ import asyncpg
 from ._common import JSON
 from ._config import check_schema
 from ._postgres import translated
-from .errors import DatabaseError
+from .errors import SchemaOutdated
 
 
 def worker_channel(schema: str, stream: str) -> str:
@@ -178,11 +178,6 @@ def _call_result(r: asyncpg.Record) -> CallResult:
 METADATA = ("title", "annotations", "icons", "meta", "timeout_ms")
 
 
-def _undefined_function(exc: DatabaseError) -> bool:
-    """Whether the database has no such function: a schema of an earlier version that is not migrated yet."""
-    return isinstance(exc.__cause__, asyncpg.UndefinedFunctionError)
-
-
 class _API:
     kind: str  # the prefix of this role kind's functions: worker_ or caller_
 
@@ -314,10 +309,7 @@ class WorkerAPI(_API):
             value: str = await self._val(
                 f"SELECT {self._s}.worker_register_definition($1, $2, $3)", stream, workflow_name, tool, stream=stream
             )
-        except DatabaseError as exc:
-            if not _undefined_function(exc):
-                raise
-            # a schema an earlier version made, not migrated yet (a rolling upgrade): the first form
+        except SchemaOutdated:  # a schema an earlier version made (a rolling upgrade): the first form
             return "live" if await self.register_tool(stream, workflow_name, tool) else "unchanged"
         return value
 
@@ -368,11 +360,6 @@ class WorkerAPI(_API):
         )
         return value
 
-    async def lacks(self, function: str) -> bool:
-        """Whether the schema lacks ``function`` (a signature such as ``worker_pending(text[])``): one migrated
-        by an earlier version."""
-        return bool(await self._val("SELECT to_regprocedure($1) IS NULL", f"{self._s}.{function}"))
-
     async def pending(self, streams: list[str]) -> list[str]:
         """Which of ``streams`` have work now: a due ready message or an expired lease (``worker_pending``)."""
         rows = await self._rows(f"SELECT * FROM {self._s}.worker_pending($1)", streams,
@@ -394,10 +381,7 @@ class CallerAPI(_API):
     async def tools(self) -> list[ToolRecord]:
         try:
             rows = await self._rows(f"SELECT * FROM {self._s}.caller_tool_definitions()")
-        except DatabaseError as exc:
-            if not _undefined_function(exc):
-                raise
-            # a schema an earlier version made, not migrated yet (a rolling upgrade): no metadata there
+        except SchemaOutdated:  # a schema an earlier version made (a rolling upgrade): no metadata there
             rows = await self._rows(f"SELECT * FROM {self._s}.caller_tools()")
         return [ToolRecord(r["stream"], r["workflow_name"], r["name"], r["description"], r["input_schema"],
                            r["output_schema"], r["live_workers"], *(r.get(k) for k in METADATA)) for r in rows]

@@ -48,7 +48,7 @@ from ._postgres import pools
 from ._pulse import Pulse
 from ._streams import WorkerAPI, consumer_channel, worker_channel
 from ._tools import Tool, ToolSet
-from .errors import ConfigError, Conflict, ConnectionFailed, DatabaseError, HotMeshError, LoginRefused
+from .errors import ConfigError, Conflict, HotMeshError, LoginRefused, SchemaOutdated
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +251,7 @@ class Worker:
                 chunk = tools[start:start + 500]
                 try:
                     states = await api.register_tools([(t.topic, t.workflow_name, t.registration()) for t in chunk])
-                except DatabaseError as exc:
-                    if isinstance(exc, ConnectionFailed) or type(exc) is not DatabaseError:
-                        raise
-                    if not await api.lacks("worker_register_tools(text[],text[],jsonb[])"):
-                        raise
+                except SchemaOutdated:
                     states = [await api.register_definition(t.topic, t.workflow_name, t.registration()) for t in chunk]
                 for tool, state in zip(chunk, states, strict=True):
                     if state == "pending":

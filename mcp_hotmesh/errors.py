@@ -22,6 +22,7 @@ Database errors are translated in one place, ``mcp_hotmesh._postgres.translate``
     │   ├── NotFound           no such call, role or message (for this role)
     │   ├── QuotaExceeded      the role's queue quota on a stream is used up (SQLSTATE HM006)
     │   ├── Busy               a lock wait timed out: a row is held by another session; try again
+    │   ├── SchemaOutdated     the schema lacks a function this version calls: not migrated yet (SQLSTATE 42883)
     │   └── ServerTooOld       PostgreSQL older than 15
     └── EmbeddedServerError    the embedded PostgreSQL could not be started or stopped
 
@@ -119,6 +120,10 @@ class QuotaExceeded(DatabaseError):
 
 class Busy(DatabaseError):
     """The database is busy with this row (another session holds it); try again shortly."""
+
+
+class SchemaOutdated(DatabaseError):
+    """The database schema is older than this mcp-hotmesh: run mcp-hotmesh migrate."""
 
 
 class ServerTooOld(DatabaseError):
