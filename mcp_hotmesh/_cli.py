@@ -304,6 +304,19 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _park_after(text: str) -> float | str:
+    """``--park-after``: seconds (not negative), or 'never'."""
+    if text.strip().lower() == "never":
+        return "never"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more) or 'never'")
+    return value
+
+
 async def cmd_worker(args: argparse.Namespace) -> int:
     """Serve a tool set until SIGTERM/SIGINT (a second signal stops at once)."""
     from ._tools import load_toolset
@@ -323,6 +336,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     }
     if args.readonly:
         options["readonly"] = True
+    if args.park_after is not None:
+        options["park_after"] = None if args.park_after == "never" else args.park_after
     schema = check_schema(args.schema)
     tools = load_toolset(args.tools)
     await run_worker(tools=tools, connection=args.dsn, credentials=credentials, schema=schema,
@@ -625,6 +640,11 @@ Each call is audited (mcp-hotmesh audit)."""
                    default=os.environ.get("HOTMESH_SHUTDOWN_GRACE"),
                    help="on SIGTERM, how long running handlers may finish before their calls are released "
                    "(default: $HOTMESH_SHUTDOWN_GRACE or 10)")
+    p.add_argument("--park-after", dest="park_after", type=_park_after, metavar="SECONDS",
+                   default=os.environ.get("HOTMESH_PARK_AFTER"),
+                   help="seconds idle before the process stops listening while others of its role serve its "
+                   "streams; it then polls each second and takes calls that waited one; 'never' to keep "
+                   "listening (default: $HOTMESH_PARK_AFTER or 5)")
     p.add_argument("--readonly", action="store_true",
                    help="never claim messages; only register the tools (and publish from Python)")
     _purge_interval(p)

@@ -149,6 +149,11 @@ class Consumer:
         self._handlers: anyio.abc.TaskGroup | None = None
         self._answers: Batcher[tuple[_Running, Answer], bool] = Batcher(self._send_answers)
 
+    @property
+    def busy(self) -> bool:
+        """Whether a handler runs: the process must hear its cancellations and answers (it may not park)."""
+        return bool(self._running)
+
     # ------------------------------------------------------------------------------------- wake-ups
 
     def wake(self) -> None:

@@ -25,6 +25,9 @@ class Listener:
     ``handler(channel, payload)`` runs for each notification. NOTIFY is only a hint to look again: any role
     can NOTIFY any channel, so a handler always re-reads through the API functions. After a reconnect the
     ``on_reconnect`` callback runs, because notifications sent while disconnected are lost.
+
+    ``pause`` stops hearing the channels and ``resume`` hears them again, keeping the connection (a parked worker
+    process, ``_pulse``): PostgreSQL 18 and earlier wake every listening session at each NOTIFY, heard or not.
     """
 
     def __init__(
@@ -43,6 +46,30 @@ class Listener:
         self._check_interval = check_interval
         self.connected = anyio.Event()
         self.reconnects = 0
+        self.paused = False
+        self._conn: asyncpg.Connection | None = None
+        self._using = anyio.Lock()  # one statement at a time on the connection
+
+    async def pause(self) -> None:
+        """Stop hearing the channels (``UNLISTEN *``); a reconnect keeps it so."""
+        self.paused = True
+        await self._apply()
+
+    async def resume(self) -> None:
+        """Hear the channels again: all of them in one round trip."""
+        self.paused = False
+        await self._apply()
+
+    async def _apply(self) -> None:
+        listen = "; ".join('LISTEN "{}"'.format(c.replace('"', '""')) for c in self._channels)
+        async with self._using:
+            if self._conn is None:
+                return  # applied when it connects
+            try:
+                await self._conn.execute("UNLISTEN *" if self.paused else listen)
+            except Exception as exc:  # a lost connection: the reconnect applies it
+                log.debug("LISTEN connection: %s failed (%s)", "pause" if self.paused else "resume",
+                          type(exc).__name__)
 
     async def run(self) -> None:
         """Listen until cancelled."""
@@ -56,6 +83,10 @@ class Listener:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 for channel in self._channels:
                     await conn.add_listener(channel, self._dispatch)
+                async with self._using:
+                    self._conn = conn
+                    if self.paused:
+                        await conn.execute("UNLISTEN *")
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
@@ -69,7 +100,8 @@ class Listener:
                         await lost.wait()
                     if not lost.is_set():  # a silently dead connection shows up here
                         with anyio.fail_after(self._check_interval):
-                            await conn.execute("SELECT 1")
+                            async with self._using:
+                                await conn.execute("SELECT 1")
                 raise ConnectionFailed("the server ended the LISTEN connection")
             except anyio.get_cancelled_exc_class():
                 raise
@@ -77,6 +109,7 @@ class Listener:
                 delay, level = backoff.failed(exc)
                 log.log(level, "LISTEN connection lost (%s); retrying in %.1fs", type(exc).__name__, delay)
             finally:
+                self._conn = None
                 self.connected = anyio.Event() if self.connected.is_set() else self.connected
                 if conn is not None:
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):

@@ -16,7 +16,7 @@ import asyncpg
 
 from ._common import JSON
 from ._config import check_schema
-from ._postgres import translated
+from ._postgres import room_of, translated
 from .errors import SchemaOutdated
 
 
@@ -199,11 +199,17 @@ class _API:
 
     async def _val(self, sql: str, *args: Any, stream: str | None = None) -> Any:
         with translated(stream=stream):
-            return await self.pool.fetchval(sql, *args)
+            if isinstance(self.pool, asyncpg.Connection):
+                return await self.pool.fetchval(sql, *args)
+            pool = self.pool
+            return await room_of(pool).run(lambda: pool.fetchval(sql, *args))
 
     async def _rows(self, sql: str, *args: Any, stream: str | None = None) -> list[asyncpg.Record]:
         with translated(stream=stream):
-            return await self.pool.fetch(sql, *args)
+            if isinstance(self.pool, asyncpg.Connection):
+                return await self.pool.fetch(sql, *args)
+            pool = self.pool
+            return await room_of(pool).run(lambda: pool.fetch(sql, *args))
 
 
 class WorkerAPI(_API):
@@ -358,6 +364,13 @@ class WorkerAPI(_API):
             f"SELECT {self._s}.worker_alive($1, $2, $3, $4)", consumer, ttl_ms, streams, workflows,
             stream=streams[0] if len(streams) == 1 else None,
         )
+        return value
+
+    async def park(self, consumer: str, streams: list[str], park: bool, capacity: int) -> bool:
+        """Stop listening (``park``) or listen again, for all of ``streams``, running ``capacity`` handlers at
+        once: whether the process is parked now (``worker_park`` refuses to park a process that is needed)."""
+        value: bool = await self._val(f"SELECT {self._s}.worker_park($1, $2, $3, $4)", consumer, streams, park,
+                                      capacity, stream=streams[0] if len(streams) == 1 else None)
         return value
 
     async def pending(self, streams: list[str]) -> list[str]:

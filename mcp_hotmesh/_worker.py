@@ -80,6 +80,10 @@ class Worker:
     ``pool_size``: most connections of the process's pool for a DSN (default 10; it holds one while idle). The
     pool is shared by every topic and by every ``Worker`` of the process on that DSN that names no task queue;
     the first to start sizes it. A worker process holds the pool's connections and one for LISTEN.
+    ``park_after``: seconds a process listens (after it starts, or listens again) before it may stop listening
+    while processes of its role before it have handlers enough for its streams' calls (default 5; ``None``:
+    never). PostgreSQL 18 and earlier wake every listening session at each call, so idle listeners cost every
+    call (``_pulse``); a parked process asks each second whether it is needed, and takes calls that waited.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class Worker:
         shutdown_grace: float = 10.0,
         purge_interval: float = 60.0,
         pool_size: int = 10,
+        park_after: float | None = 5.0,
     ) -> None:
         if not configs:
             raise ConfigError("a worker needs at least one WorkerConfig")
@@ -103,6 +108,8 @@ class Worker:
             raise ConfigError("pool_size must be at least 1")
         if min(poll_interval, heartbeat_interval) <= 0 or shutdown_grace < 0:
             raise ConfigError("poll_interval and heartbeat_interval must be positive, shutdown_grace not negative")
+        if park_after is not None and park_after < 0:
+            raise ConfigError("park_after must not be negative (None: never park)")
         self.schema = check_schema(schema)
         self.tools = tools
         self.concurrency = concurrency
@@ -111,6 +118,7 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.purge_interval = purge_interval
         self.pool_size = pool_size
+        self.park_after = park_after
         self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._groups = _group(configs)
         self._registrations = self._match_tools(tools)
@@ -211,8 +219,9 @@ class Worker:
                         poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval,
                     )
                     by_dsn.setdefault(group.dsn, (group.api, []))[1].append(group.consumer)
-            self._pulses = {dsn: Pulse(api, consumers, consumer_id=self.consumer_id,
-                                       poll_interval=self.poll_interval, heartbeat_interval=self.heartbeat_interval)
+            self._pulses = {dsn: Pulse(api, consumers, consumer_id=self.consumer_id, poll_interval=self.poll_interval,
+                                       heartbeat_interval=self.heartbeat_interval, park_after=self.park_after,
+                                       capacity=self.concurrency)
                             for dsn, (api, consumers) in by_dsn.items()}
             for pulse in self._pulses.values():
                 await pulse.heartbeat()
@@ -308,7 +317,8 @@ class Worker:
                     for consumer in by_channel.values():
                         consumer.wake()
 
-            listener = Listener(dsn, [own, *sorted(by_channel)], dispatch, on_reconnect=wake_all)
+            listener = self._pulses[dsn].listener = Listener(dsn, [own, *sorted(by_channel)], dispatch,
+                                                             on_reconnect=wake_all)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):

@@ -1828,12 +1828,12 @@ GRANT EXECUTE ON FUNCTION hotmesh.caller_identity(bytea), hotmesh.caller_audit(j
 -- ---------------------------------------------------------------------- scaling out: wake one worker, not all
 --
 -- A worker process announces all its streams in one statement (worker_alive) and looks for work missed by
--- NOTIFY in one statement (worker_pending), whatever the number of its topics. A new call wakes one live
--- consumer that serves its workflow (several calls, as many consumers), in turn, on the channel of that
--- consumer's process (_consumer_channel); the payload names the stream's channel. Only that process hears it.
--- Before, every worker on a stream heard every call and raced to claim it (measured: 4.7 claims per call with
--- 16 processes). Consumers that heartbeat the earlier way (worker_heartbeat: no workflows recorded) listen on
--- the stream's channel only, and are woken there, as before.
+-- NOTIFY in one statement (worker_pending), whatever the number of its topics. A new call wakes, of each role
+-- serving its stream and workflow, one live consumer that listens (not parked: see the parking section), in
+-- turn, on the channel of that consumer's process (_consumer_channel); the payload names the stream's channel.
+-- Only that process hears it. Before, every worker on a stream heard every call and raced to claim it
+-- (measured: 4.7 claims per call with 16 processes). Consumers that heartbeat the earlier way
+-- (worker_heartbeat: no workflows recorded) listen on the stream's channel only, and are woken there, as before.
 
 -- The channel one worker process (one consumer id) listens on for its wake-ups: a hash, as the id names a host.
 CREATE OR REPLACE FUNCTION hotmesh._wake_token(p_consumer text) RETURNS text
@@ -1844,11 +1844,12 @@ CREATE OR REPLACE FUNCTION hotmesh._consumer_channel(p_consumer text) RETURNS te
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 'hotmesh_c_' || hotmesh._wake_token(p_consumer) $$;
 
--- Wake the live consumers of p_stream that serve one of p_workflows for p_count new calls whose first id is
--- p_seed: consumers take turns, each woken for wake_batch consecutive calls (4), so that a busy stream's calls
--- spread over its workers while each still claims, and answers, several in one statement (one consumer per call
--- cost a claim and an answer each: 0.65x the calls per second of one process with 16 processes on two cores).
--- With none known, every listener is woken ('').
+-- Wake the live listening consumers of p_stream that serve one of p_workflows for p_count new calls whose first
+-- id is p_seed: the consumers of each role take turns, each woken for wake_batch consecutive calls (4), so that
+-- a busy stream's calls spread over its workers while each still claims, and answers, several in one statement
+-- (one consumer per call cost a claim and an answer each: 0.65x the calls per second of one process with 16
+-- processes on two cores). Each role's own turns: another role allowed the same stream cannot draw this role's
+-- wake-ups to a process that never claims. With none known, every listener is woken ('').
 -- A consumer woken for work it cannot take at once (all its handlers busy) claims it when one is free; one that
 -- died without saying goodbye is woken until its heartbeat expires, and the fallback poll of the others
 -- (worker_pending) finds its calls meanwhile.
@@ -1865,9 +1866,10 @@ DECLARE
 BEGIN
     WITH live AS (
         SELECT w.consumer, w.workflows IS NULL AS earlier,
-               row_number() OVER (ORDER BY w.consumer) - 1 AS i, count(*) OVER () AS n
+               row_number() OVER (PARTITION BY w.role_name ORDER BY w.consumer) - 1 AS i,
+               count(*) OVER (PARTITION BY w.role_name) AS n
         FROM hotmesh.workers w
-        WHERE w.stream = p_stream AND w.expires_at > now()
+        WHERE w.stream = p_stream AND w.expires_at > now() AND NOT w.parked
           AND (w.workflows IS NULL OR w.workflows && p_workflows)
     )
     SELECT count(CASE WHEN l.earlier THEN pg_catalog.pg_notify(v_channel, '')
@@ -2102,3 +2104,83 @@ GRANT EXECUTE ON FUNCTION
     hotmesh.caller_call_durable(text, text, jsonb, integer),
     hotmesh.caller_call_status(uuid)
 TO hotmesh_caller;
+
+-- ------------------------------------------------------------------- parking: idle processes stop listening
+--
+-- PostgreSQL 18 and earlier signal every session of the database that LISTENs at each commit that sent a
+-- NOTIFY, whatever the channel, and each signalled session runs a transaction to read the notification queue
+-- (PostgreSQL 19 signals only the sessions listening on the channel). Measured on 2 cores: 16 worker processes
+-- on one stream ran 5.9 transactions per call instead of 1.6 with one process, and 15 idle sessions listening
+-- on an unrelated channel alone cost a stream 0.62x of its calls per second. So a worker process that is not
+-- needed stops listening ("parks", worker_park, migration 009): new calls do not wake it (_wake_workers), and it
+-- asks again about every second whether it is needed. On each of its streams, a process is needed while the
+-- live listening consumers of its role with lower ids (serving every workflow it serves there) have fewer
+-- handlers (capacity) than twice the stream's calls waiting or running (once, for a parked one: it listens
+-- again when they have fewer than the calls), or none; and while a call has waited park_backlog_ms (1 s)
+-- without a worker, or a lease expired (a consumer that died without saying goodbye). So the first live
+-- consumer of each role always listens, and the processes that listen are the first ones, as many as the load
+-- needs twice over.
+
+-- A worker process parks (park: it stops listening) or listens again (not park), for all its streams at once,
+-- and says how many handlers it runs at once (capacity). Only its own rows change. Returns whether it is parked
+-- now: asked to park while it is needed (see above), it is told to listen.
+CREATE OR REPLACE FUNCTION hotmesh.worker_park(consumer text, streams text[], park boolean, capacity integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s' SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_backlog interval := make_interval(
+        secs => greatest(coalesce(hotmesh._setting('park_backlog_ms'), 1000), 0) / 1000.0);
+    v_capacity integer := least(greatest(coalesce(worker_park.capacity, 1), 1), 100000);
+    v_parked boolean := coalesce(worker_park.park, false);
+BEGIN
+    IF consumer IS NULL OR length(consumer) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+    IF coalesce(cardinality(streams), 0) > 10000 THEN
+        RAISE EXCEPTION 'too many streams' USING ERRCODE = 'HM002';
+    END IF;
+    PERFORM hotmesh._authorize_all(streams);
+    IF v_parked THEN
+        v_parked := EXISTS (
+            SELECT 1 FROM hotmesh.workers me
+            WHERE me.stream = ANY (worker_park.streams) AND me.consumer = worker_park.consumer
+              AND me.role_name = session_user
+        ) AND NOT EXISTS (
+            SELECT 1
+            FROM hotmesh.workers me
+            CROSS JOIN LATERAL (
+                SELECT (SELECT coalesce(sum(coalesce(o.capacity, 1)), 0) FROM hotmesh.workers o
+                        WHERE o.stream = me.stream AND o.role_name = session_user AND o.consumer < me.consumer
+                          AND o.expires_at > now() AND NOT o.parked AND o.workflows @> me.workflows) AS lower,
+                       (SELECT count(*) FROM (SELECT 1 FROM hotmesh.messages m
+                                              WHERE m.stream >= me.stream AND m.stream <= me.stream
+                                                AND m.state = 'ready' AND m.visible_at <= now()
+                                              LIMIT 10000) q)
+                     + (SELECT count(*) FROM (SELECT 1 FROM hotmesh.messages m
+                                              WHERE m.stream = me.stream AND m.state = 'reserved'
+                                              LIMIT 10000) q) AS load
+            ) x
+            WHERE me.stream = ANY (worker_park.streams) AND me.consumer = worker_park.consumer
+              AND me.role_name = session_user
+              AND (x.lower = 0 OR x.lower < x.load * CASE WHEN me.parked THEN 1 ELSE 2 END
+                   OR me.workflows IS NULL
+                   OR EXISTS (SELECT 1 FROM hotmesh.messages m
+                              WHERE m.stream >= me.stream AND m.stream <= me.stream AND m.state = 'ready'
+                                AND m.visible_at <= now() - v_backlog
+                                AND m.workflow_name = ANY (me.workflows))
+                   OR EXISTS (SELECT 1 FROM hotmesh.messages m
+                              WHERE m.stream = me.stream AND m.state = 'reserved' AND m.lease_expires_at <= now())));
+    END IF;
+    UPDATE hotmesh.workers w SET parked = v_parked, capacity = v_capacity
+    WHERE w.stream = ANY (worker_park.streams) AND w.consumer = worker_park.consumer
+      AND w.role_name = session_user
+      AND (w.parked <> v_parked OR w.capacity IS DISTINCT FROM v_capacity);
+    RETURN v_parked;
+END
+$$;
+
+REVOKE ALL ON FUNCTION hotmesh.worker_park(text, text[], boolean, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION hotmesh.worker_park(text, text[], boolean, integer) TO hotmesh_worker;

@@ -40,7 +40,7 @@ async def test_no_function_is_executable_by_public(env: Env) -> None:
         assert 0 not in [r["grantee"] for r in acl], fn["sig"]  # grantee 0 is PUBLIC
 
 
-HOT = {"worker_dequeue", "worker_respond_and_dequeue", "worker_pending", "caller_results"}
+HOT = {"worker_dequeue", "worker_respond_and_dequeue", "worker_pending", "worker_park", "caller_results"}
 
 
 async def test_functions_run_as_the_owner_with_a_pinned_search_path(env: Env) -> None:
