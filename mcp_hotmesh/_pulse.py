@@ -152,6 +152,15 @@ class Pulse:
                 except HotMeshError as exc:
                     log.log(backoff.failed(exc)[1], "heartbeat failed: %s", exc)
 
+    def _interval(self) -> float:
+        """Seconds to the next poll: ``poll_interval``; a parked process asks each second whether it is needed,
+        and one that may park asks no later than ``park_after`` (at least a second) after it may."""
+        if self.park_after is None or self.listener is None:
+            return self.poll_interval
+        if self.parked:
+            return min(self.poll_interval, PARKED_POLL)
+        return min(self.poll_interval, max(self.park_after, PARKED_POLL))
+
     async def run_polls(self) -> None:
         """Poll at once (what waited before the process started), then every ``poll_interval`` (jittered).
         PostgreSQL refusing the login (revoked, or the password rotated) for ``LOGIN_GRACE`` seconds raises
@@ -159,10 +168,9 @@ class Pulse:
         backoff = Backoff(base=0.2, cap=min(5.0, max(self.poll_interval, 0.2)))
         refused_since: float | None = None
         while True:
-            delay = jitter(self.poll_interval, 0.8, 1.2)
+            delay = jitter(self._interval(), 0.8, 1.2)
             try:
                 if self.parked:
-                    delay = jitter(min(self.poll_interval, PARKED_POLL), 0.8, 1.2)
                     await self.while_parked()
                 else:
                     await self.poll()

@@ -187,6 +187,8 @@ class RuntimeOptions(TypedDict, total=False):
     heartbeat_interval: float
     shutdown_grace: float
     purge_interval: float
+    park_after: float | None
+    pool_size: int
 
 
 class WorkerOptions(RuntimeOptions, total=False):

@@ -3,19 +3,23 @@
 - a call wakes one worker, not every worker on its stream: claims per call stay near one (counted by PostgreSQL
   itself, ``pg_stat_user_functions``);
 - a worker process serving 1,000 topics holds the pool's minimum and its LISTEN connection, and answers;
-- a role may be allowed 1,000 streams (more than the 8,000 characters of a role setting), and cannot widen them.
+- a role may be allowed 1,000 streams (more than the 8,000 characters of a role setting), and cannot widen them;
+- processes a stream does not need stop listening (parking) and come back for a burst; another role allowed the
+  same stream cannot draw this role's wake-ups, nor park its processes;
+- a pool refused connections by its role's connection limit shares the ones it has: no statement fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import anyio
 import asyncpg
 import pytest
 
-from mcp_hotmesh import PermissionDenied, ToolSet, Worker
-from mcp_hotmesh._roles import provision_role
+from mcp_hotmesh import PermissionDenied, ToolContext, ToolSet, Worker
+from mcp_hotmesh._roles import ProvisionedRole, provision_role
 from mcp_hotmesh._streams import CallerAPI, WorkerAPI
 from tests.helpers import Env, RuntimeOptions, finished, wait_for
 
@@ -23,6 +27,9 @@ pytestmark = pytest.mark.anyio
 
 QUIET: RuntimeOptions = {"poll_interval": 30.0, "heartbeat_interval": 5.0, "shutdown_grace": 0.5}
 """No fallback poll during the test: every claim counted is one a NOTIFY caused."""
+
+PARKING: RuntimeOptions = {**QUIET, "park_after": 0.0, "concurrency": 1}
+"""No fallback poll; a process may park as soon as it is not needed, and runs one handler at a time."""
 
 
 def many_topics(count: int) -> ToolSet:
@@ -131,3 +138,105 @@ async def test_a_role_may_be_allowed_1000_streams_and_cannot_widen_them(env: Env
     with pytest.raises(PermissionDenied):
         await worker_api.alive("w1", 10_000, [*streams, "svc.victim"], None)
     assert set(await worker_api.pending(streams)) == {streams[0], streams[-1]}
+
+
+async def parked(env: Env, role: ProvisionedRole) -> dict[str, bool]:
+    """Each consumer of ``role``: whether it is parked (not listening), as the database records it."""
+    rows = await env.admin.fetch(f'SELECT DISTINCT consumer, parked FROM "{env.schema}".workers WHERE role_name = $1',
+                                 role.role)
+    return {r["consumer"]: r["parked"] for r in rows}
+
+
+async def test_processes_not_needed_stop_listening_and_listen_again_for_a_burst(env: Env) -> None:
+    tools = ToolSet()
+    hold = False
+    running: set[str] = set()
+    all_running, release = anyio.Event(), anyio.Event()
+
+    @tools.tool(topic="parking")
+    async def work(n: int, ctx: ToolContext) -> int:
+        """Work on n."""
+        if hold:
+            running.add(ctx.call_id)
+            if len(running) == 3:
+                all_running.set()
+            await release.wait()
+        return n
+
+    role = await env.provision(["parking"], "worker")
+    _, caller = await env.caller(["parking"])
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(
+            Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema, **PARKING)) for _ in range(3)]
+        first = min(w.consumer_id for w in workers)
+
+        async def two_parked() -> bool:
+            return await parked(env, role) == {w.consumer_id: w.consumer_id != first for w in workers}
+
+        await wait_for(two_parked, 20)  # the first consumer of a role never parks; nothing needs the others
+        listening = {w.consumer_id: not all(p.parked and p.listener is not None and p.listener.paused
+                                            for p in w._pulses.values()) for w in workers}
+        assert listening == {w.consumer_id: w.consumer_id == first for w in workers}
+
+        # new calls wake the listening process (no fallback poll runs in this test)
+        for n in range(10):
+            assert (await finished(caller, await caller.call("parking", "", {"n": n}, 10_000))).result == {"result": n}
+
+        # three calls at once, one handler per process: the parked ones are needed, listen again and take them
+        hold = True
+        ids = [await caller.call("parking", "", {"n": n}, 30_000) for n in range(3)]
+        with anyio.fail_after(20):
+            await all_running.wait()
+        release.set()
+        for call_id in ids:
+            assert (await finished(caller, call_id)).finished
+        consumers = {(await env.call_row(call_id))["consumer"] for call_id in ids}
+        assert consumers == {w.consumer_id for w in workers}
+
+
+async def test_another_role_on_the_stream_cannot_draw_the_wake_ups_or_park_the_workers(env: Env) -> None:
+    tools = ToolSet()
+
+    @tools.tool(topic="shared")
+    async def work(n: int) -> int:
+        """Work on n."""
+        return n
+
+    victim = await env.provision(["shared"], "worker")
+    _, hostile = await env.worker(["shared"])  # the admin allowed a second role on the stream
+    _, caller = await env.caller(["shared"])
+    # the attacker announces a consumer that sorts before any other and never claims
+    await hostile.alive("0", 60_000, ["shared"], [[""]])
+    async with Worker.from_toolset(tools, connection=env.dsn(victim), schema=env.schema,
+                                   **{**QUIET, "park_after": None}) as worker:
+        # each call wakes a listening consumer of each role: the victim's takes every one (no poll runs)
+        for n in range(8):
+            assert (await finished(caller, await caller.call("shared", "", {"n": n}, 10_000))).result == {"result": n}
+        # the attacker cannot park the victim's process: only a role's own rows change
+        assert await hostile.park(worker.consumer_id, ["shared"], True, 1) is False
+        assert await parked(env, victim) == {worker.consumer_id: False}
+
+
+async def test_a_pool_at_its_roles_connection_limit_shares_its_connections(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    tools = ToolSet()
+
+    @tools.tool(topic="narrow")
+    async def work(n: int, ctx: ToolContext) -> int:
+        """Work on n, saying how far it got."""
+        for step in range(3):  # each a statement of its own: the handlers want more connections than there are
+            await ctx.report_progress(step, 3)
+        return n
+
+    role = await env.provision(["narrow"], "worker")
+    await env.admin.execute(f'ALTER ROLE "{role.role}" CONNECTION LIMIT 3')  # LISTEN and two for the pool
+    _, caller = await env.caller(["narrow"])
+    caplog.set_level(logging.WARNING, logger="mcp_hotmesh")
+    async with Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema,
+                                   **{**QUIET, "concurrency": 8, "pool_size": 10}):
+        ids = [await caller.call("narrow", "", {"n": n}, 30_000) for n in range(24)]
+        results = [await finished(caller, call_id, 30) for call_id in ids]
+    assert [r.result for r in results] == [{"result": n} for n in range(24)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("refused this process another connection" in w for w in warnings), warnings
+    assert not [w for w in warnings if "failed" in w], warnings  # no claim, answer or progress failed for it
