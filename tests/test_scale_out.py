@@ -31,6 +31,12 @@ QUIET: RuntimeOptions = {"poll_interval": 30.0, "heartbeat_interval": 5.0, "shut
 PARKING: RuntimeOptions = {**QUIET, "park_after": 0.0, "concurrency": 1}
 """No fallback poll; a process may park as soon as it is not needed, and runs one handler at a time."""
 
+LISTENING: RuntimeOptions = {**QUIET, "park_after": None}
+"""No fallback poll, and no parking."""
+
+NARROW: RuntimeOptions = {**QUIET, "concurrency": 8, "pool_size": 10}
+"""No fallback poll; eight handlers at once, and a pool that may grow to ten connections."""
+
 
 def many_topics(count: int) -> ToolSet:
     tools = ToolSet()
@@ -208,7 +214,7 @@ async def test_another_role_on_the_stream_cannot_draw_the_wake_ups_or_park_the_w
     # the attacker announces a consumer that sorts before any other and never claims
     await hostile.alive("0", 60_000, ["shared"], [[""]])
     async with Worker.from_toolset(tools, connection=env.dsn(victim), schema=env.schema,
-                                   **{**QUIET, "park_after": None}) as worker:
+                                   **LISTENING) as worker:
         # each call wakes a listening consumer of each role: the victim's takes every one (no poll runs)
         for n in range(8):
             assert (await finished(caller, await caller.call("shared", "", {"n": n}, 10_000))).result == {"result": n}
@@ -233,7 +239,7 @@ async def test_a_pool_at_its_roles_connection_limit_shares_its_connections(
     _, caller = await env.caller(["narrow"])
     caplog.set_level(logging.WARNING, logger="mcp_hotmesh")
     async with Worker.from_toolset(tools, connection=env.dsn(role), schema=env.schema,
-                                   **{**QUIET, "concurrency": 8, "pool_size": 10}):
+                                   **NARROW):
         ids = [await caller.call("narrow", "", {"n": n}, 30_000) for n in range(24)]
         results = [await finished(caller, call_id, 30) for call_id in ids]
     assert [r.result for r in results] == [{"result": n} for n in range(24)]
