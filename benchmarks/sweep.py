@@ -6,7 +6,10 @@ Two axes, each step as a ratio to the first:
   it announced them all, connections it holds, and, idle, its CPU (% of a core) and the statements per second
   PostgreSQL runs (transactions committed in the database; nothing else runs meanwhile);
 - worker processes on one stream (1 → 4 → 16), 16 concurrent calls through a gateway's ``Engine``: calls per
-  second, p50, and claims per call (``_claim`` calls, counted by PostgreSQL with ``track_functions``).
+  second, p50, claims per call (``_claim`` calls, counted by PostgreSQL with ``track_functions``) and how many
+  processes listen once the load has run ``--settle`` seconds (the others park: ``_pulse``). The worker role may
+  hold ``--connection-limit`` sessions (16 processes of the README's busy case, 5 each); its default, 32, leaves
+  16 processes one pooled connection each, which they share (``_postgres.Room``).
 
 It also times ``tools/list`` through the MCP client at the largest topic step's number of tools.
 """
@@ -52,11 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", default="1,4,16", help="worker processes on one stream, comma-separated")
     p.add_argument("--idle", type=float, default=10.0, help="seconds idle measured at each topic step (10)")
     p.add_argument("--seconds", type=float, default=5.0, help="seconds of calls at each process step (5)")
+    p.add_argument("--settle", type=float, default=12.0,
+                   help="seconds of calls before a step of several processes is measured: some park (12)")
+    p.add_argument("--connection-limit", type=int, default=80,
+                   help="the worker role's CONNECTION LIMIT in the process steps (80)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--out", type=Path, default=RESULTS, help="where sweep.json goes (benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
-        args.topics, args.processes, args.idle, args.seconds = "3,12", "1,2", 1.0, 0.5
+        args.topics, args.processes, args.idle, args.seconds, args.settle = "3,12", "1,2", 1.0, 0.5, 1.0
     args.topic_steps = [int(s) for s in str(args.topics).split(",") if s.strip()]
     args.process_steps = [int(s) for s in str(args.processes).split(",") if s.strip()]
     return args
@@ -137,7 +144,7 @@ async def claims(admin: asyncpg.Connection) -> int:
 
 
 async def process_step(db: Database, admin: asyncpg.Connection, worker: ProvisionedRole, caller: ProvisionedRole,
-                       count: int, seconds: float) -> dict[str, Any]:
+                       count: int, seconds: float, settle: float) -> dict[str, Any]:
     before = await claims(admin)
     caller_dsn = db.role_dsn(caller.role, caller.password)
     async with workers(db, worker, count, 1, "sweep.herd"):
@@ -154,7 +161,11 @@ async def process_step(db: Database, admin: asyncpg.Connection, worker: Provisio
                     if outcome.kind != "ok":
                         raise RuntimeError(f"the call failed: {outcome}")
 
-                done, elapsed, lat = await closed_loop(op, 16, seconds=seconds, warmup=min(1.0, seconds))
+                warmup = settle if count > 1 else min(1.0, seconds)  # the processes not needed park meanwhile
+                done, elapsed, lat = await closed_loop(op, 16, seconds=seconds, warmup=warmup)
+                listening = int(await admin.fetchval(
+                    f"SELECT count(DISTINCT consumer) FILTER (WHERE NOT parked) FROM {SCHEMA}.workers "
+                    "WHERE role_name = $1 AND expires_at > now()", worker.role))
         finally:
             await pool.close()
     calls = int(await admin.fetchval(f"SELECT count(*) FROM {SCHEMA}.messages WHERE stream = 'sweep.herd_0000'"))
@@ -162,7 +173,7 @@ async def process_step(db: Database, admin: asyncpg.Connection, worker: Provisio
     await asyncio.sleep(1.5)  # the workers' sessions ended; their counts reach the statistics
     made = await claims(admin) - before
     return {"processes": count, "calls_per_s": done / elapsed, "p50_ms": percentile(lat, 0.5),
-            "claims_per_call": made / max(calls, 1), "calls": calls}
+            "claims_per_call": made / max(calls, 1), "calls": calls, "listening": listening}
 
 
 async def tools_list(db: Database, admin: asyncpg.Connection, n: int, samples: int) -> dict[str, Any]:
@@ -233,7 +244,8 @@ async def main(argv: list[str] | None = None) -> int:
             worker = await provision_role(admin, ["sweep.herd_0000"], "worker", schema=SCHEMA)
             caller = await provision_role(admin, ["sweep.herd_0000"], "caller", schema=SCHEMA)
             await admin.execute(f"ALTER ROLE \"{worker.role}\" SET track_functions = 'pl'")
-            process_rows = [await process_step(db, admin, worker, caller, p, args.seconds)
+            await admin.execute(f"ALTER ROLE \"{worker.role}\" CONNECTION LIMIT {int(args.connection_limit)}")
+            process_rows = [await process_step(db, admin, worker, caller, p, args.seconds, args.settle)
                             for p in args.process_steps]
         finally:
             await admin.close()
@@ -246,11 +258,12 @@ async def main(argv: list[str] | None = None) -> int:
     print(f"tools/list with {listing['tools']} tools: over HTTP p50 {listing['http_p50_ms']:.1f} ms, "
           f"p99 {listing['http_p99_ms']:.1f} ms ({listing['http_bytes']:,} bytes); through the mcp client in-process "
           f"(parsing included) p50 {listing['sdk_p50_ms']:.1f} ms")
-    print("worker processes on one stream, 16 concurrent calls")
-    print(f"{'processes':>9} {'calls/s':>18} {'p50 ms':>16} {'claims/call':>16}")
+    print(f"worker processes on one stream, 16 concurrent calls (worker role's connection limit "
+          f"{args.connection_limit})")
+    print(f"{'processes':>9} {'calls/s':>18} {'p50 ms':>16} {'claims/call':>16} {'listening':>10}")
     for row, r, p, c in zip(process_rows, ratio(process_rows, "calls_per_s"), ratio(process_rows, "p50_ms"),
                             ratio(process_rows, "claims_per_call"), strict=True):
-        print(f"{row['processes']:>9} {r:>18} {p:>16} {c:>16}")
+        print(f"{row['processes']:>9} {r:>18} {p:>16} {c:>16} {row['listening']:>10}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps(
         {"topics": topic_rows, "tools_list": listing, "processes": process_rows, "database": db.description},
