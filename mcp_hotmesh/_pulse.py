@@ -10,12 +10,12 @@ poll per topic, about one with these (``python -m benchmarks.sweep``).
 Parking. PostgreSQL 18 and earlier wake every listening session of the database at each commit that sent a
 NOTIFY, heard or not, and each woken session runs a transaction (measured on 2 cores: 16 processes on one stream
 ran 5.9 transactions per call instead of 1.6 with one; ``sql/functions.sql``, parking). So at each poll, a
-process that has listened ``park_after`` seconds and runs no handler asks to park (``worker_park``). Unless it
-is needed (the processes of its role before it lack the handlers for twice the calls waiting and running, or a
-call waited a second), it stops listening (``Listener.pause``), new calls stop waking it, and instead of the poll
-it asks about every second whether it is needed again. When it is, or when one of its handlers runs (a retry came
-due), it listens again before it claims: nothing sent from then on is missed, and what was sent before is
-claimed.
+process that has listened ``park_after`` seconds asks to park (``worker_park``). Unless it is needed (the
+processes of its role before it lack the handlers for twice the calls waiting and running, or a call waited
+a second), new calls stop waking it, and it stops listening (``Listener.pause``) once its running handlers are
+done (until then it hears their cancellations). Instead of the poll it asks every second whether it is needed
+again; when it is, it listens again before it claims: nothing sent from then on is missed, and what was sent
+before is claimed.
 
 A schema not yet migrated to these functions (a worker upgraded before its database) is served the earlier way:
 ``worker_heartbeat`` in chunks of 1,000 streams, a poll that wakes every consumer, and no parking; the next round
@@ -83,11 +83,6 @@ class Pulse:
     def _busy(self) -> bool:
         return any(c.busy for c in self.consumers.values())
 
-    def _may_park(self) -> bool:
-        if self.park_after is None or self.listener is None or self.parked or self._busy():
-            return False
-        return anyio.current_time() - self._listening_since >= self.park_after
-
     async def _park(self, park: bool) -> bool | None:
         """``worker_park`` for all the streams: whether parked now; None after the goodbye."""
         async with self._beat:
@@ -96,10 +91,10 @@ class Pulse:
             return await self.api.park(self.consumer_id, self._streams, park, self.capacity)
 
     async def maybe_park(self) -> None:
-        """Stop listening if no handler runs, the process has listened ``park_after`` seconds and is not needed."""
-        if not self._may_park():
+        """Park if the process has listened ``park_after`` seconds and is not needed."""
+        if (self.park_after is None or self.listener is None or self.parked
+                or anyio.current_time() - self._listening_since < self.park_after):
             return
-        assert self.listener is not None
         try:
             parked = await self._park(True)
         except SchemaOutdated:  # a schema without worker_park: listen, as before
@@ -108,26 +103,30 @@ class Pulse:
         if not parked:  # needed: ask again after another park_after
             self._listening_since = anyio.current_time()
             return
-        await self.listener.pause()
         self.parked = True
-        log.debug("parked: not listening while other processes serve %d stream(s)", len(self._streams))
-        if self._busy():  # a wake-up came before the pause
-            await self.unpark(told=False)
+        log.debug("parked: no new calls while other processes serve %d stream(s)", len(self._streams))
+        await self._hear_only_own()
 
     async def while_parked(self) -> None:
-        """Whether the parked process is needed again (or runs a handler): then it listens, and claims."""
-        if not self._busy() and await self._park(True) is not False:
-            return
-        await self.unpark(told=not self._busy())
+        """Listen again and claim if the database says the process is needed; else hear only its own calls."""
+        if await self._park(True) is False:
+            await self.unpark()
+        else:
+            await self._hear_only_own()
 
-    async def unpark(self, *, told: bool) -> None:
-        """Listen again, then say so (unless ``worker_park`` ``told`` us to), then claim what waits."""
+    async def _hear_only_own(self) -> None:
+        """A parked process gets no new calls; it listens only while a handler of its runs (one that ran when it
+        parked, or a retry come due), for that call's cancellation and answers."""
+        assert self.listener is not None
+        if self._busy() == self.listener.paused:
+            await (self.listener.resume() if self._busy() else self.listener.pause())
+
+    async def unpark(self) -> None:
+        """Listen again (``worker_park`` has said so in the database), then claim what waits."""
         assert self.listener is not None
         await self.listener.resume()
         self.parked = False
         self._listening_since = anyio.current_time()
-        if not told:
-            await self._park(False)
         log.debug("listening again")
         for consumer in self.consumers.values():
             consumer.wake()
