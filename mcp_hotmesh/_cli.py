@@ -548,6 +548,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=args.token, no_worker=args.no_worker, timeout=args.timeout,
         max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval, keepalive=args.keepalive,
         identity_config=args.identity_config, allowed_hosts=tuple(args.allowed_host or ()),
+        listen_dsn=args.listen_dsn, pooler=args.pooler,
     ))
     return 0
 
@@ -612,6 +613,7 @@ Each call is audited (mcp-hotmesh audit)."""
                    help="a client that asked for progress hears from a call quiet this long: where it is in its "
                         "queue, or how long it has run (default: 15)")
     _purge_interval(p)
+    _pooling(p, serve=True)
 
     p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")
     _common(p, data_dir=False)
