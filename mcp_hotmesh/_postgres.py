@@ -95,6 +95,11 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
             return DatabaseError(f"{exc}: run mcp-hotmesh migrate for it, or give the right --schema")
         if code in ("28P01", "28000"):
             return LoginRefused("PostgreSQL refused the login: wrong user or password, or the role may not log in")
+        if code == "08P01" and "authentication failed" in str(exc):
+            # PgBouncer refuses a login as a protocol violation: "SASL authentication failed", "password
+            # authentication failed"
+            return LoginRefused("the connection pooler refused the login: wrong user or password, or the role may "
+                                "not log in")
         if code == "22P05" or code.startswith("22"):
             return InvalidInput("the database refused a value (for example a \\u0000 character in a string)")
         if isinstance(exc, _CONNECTION_ERRORS):

@@ -33,7 +33,7 @@ import asyncpg
 import pytest
 from mcp import Client
 
-from mcp_hotmesh import ConfigError, Worker
+from mcp_hotmesh import ConfigError, LoginRefused, Worker
 from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._config import Pooler, dsn_user
 from mcp_hotmesh._mcp_server import McpGateway
@@ -314,6 +314,14 @@ async def test_statements_stand_alone_behind_a_transaction_pooler(env: Env, pgbo
     assert await failures("transaction") == 0
     if pgbouncer.version < (1, 21):  # PgBouncer keeps no prepared statement before 1.21 (max_prepared_statements)
         assert await failures(None) > 0
+
+
+async def test_a_login_pgbouncer_refuses_is_a_refused_login(env: Env, pgbouncer: PgBouncer) -> None:
+    # PgBouncer refuses a wrong password as a protocol violation (08P01), not as PostgreSQL's 28P01: still the
+    # refused login a worker stops on, not a database error it retries
+    role = await env.provision(STREAMS, "worker")
+    with pytest.raises(LoginRefused, match="pooler refused the login"):
+        await create_pool(pgbouncer.dsn(role.role, "not-its-password"), pooler="transaction")
 
 
 async def test_a_transaction_pooler_needs_a_listen_dsn() -> None:
