@@ -32,12 +32,14 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
+from pydantic import SecretStr
 
 from mcp_hotmesh import ConfigError, LoginRefused, Worker
 from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._config import Pooler, dsn_user
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._role_engines import RoleEngines
 from mcp_hotmesh._serve import ServeOptions, running_gateway
 from tests.helpers import GATEWAY_TOOLS, Env, WorkerProcs, free_port, text_of, wait_for
 
@@ -284,6 +286,26 @@ async def test_serve_with_an_admin_dsn_through_pgbouncer(env: Env, pgbouncer: Pg
         assert answers == {i: {"text": f"hello {i}", "length": len(f"hello {i}")} for i in range(20)}
         await sessions_come_from_pgbouncer(env, pgbouncer, f"{env.schema}_c_gateway")
         await sessions_come_from_pgbouncer(env, pgbouncer, f"{env.schema}_w_gateway")
+
+
+async def test_an_identity_gateways_role_engines_go_the_same_way(env: Env, pgbouncer: PgBouncer) -> None:
+    # the engine serve --identity-config makes for an identity's caller role: its pool through PgBouncer, its
+    # LISTEN connection straight to PostgreSQL, as the gateway's own
+    gateway, identity = await env.provision(STREAMS, "caller"), await env.provision(STREAMS, "caller")
+    pool = await create_pool(pgbouncer.dsn(gateway.role, gateway.password), pooler="transaction")
+    engine = Engine(pool, schema=env.schema, role=gateway.role, listen_dsn=env.dsn(gateway),
+                    pool_dsn=pgbouncer.dsn(gateway.role, gateway.password), pooler="transaction")
+    engines = RoleEngines(engine, engine.dsn, {identity.role: SecretStr(identity.password)})
+    try:
+        async with engine, anyio.create_task_group() as tg:
+            await tg.start(engines.run)
+            async with engines.use(identity.role) as acting:
+                assert acting.pooler == "transaction" and acting.listener.connected.is_set()
+                await acting.refresh()
+                await sessions_come_from_pgbouncer(env, pgbouncer, identity.role)
+            tg.cancel_scope.cancel()
+    finally:
+        await pool.close()
 
 
 async def test_statements_stand_alone_behind_a_transaction_pooler(env: Env, pgbouncer: PgBouncer) -> None:
