@@ -36,6 +36,7 @@ from jsonschema.exceptions import ValidationError, relevance
 from . import _schemas as schemas
 from ._batching import Batcher
 from ._common import JSON, ProgressReport, clip
+from ._config import Pooler
 from ._listener import Listener
 from ._postgres import JsonText
 from ._question_line import Asker, QuestionLine
@@ -213,7 +214,10 @@ refreshes at once)."""
 
 
 class Engine:
-    """The caller-role side of every tool call; one per gateway process."""
+    """The caller-role side of every tool call; one per gateway process.
+
+    ``listen_dsn``: its LISTEN connection's DSN. ``pool_dsn`` (default: ``listen_dsn``) and ``pooler`` say how
+    ``pool`` was made, so that the engines an identity gateway makes for other caller roles connect alike."""
 
     def __init__(
         self,
@@ -222,13 +226,17 @@ class Engine:
         schema: str,
         role: str,
         listen_dsn: str,
+        pool_dsn: str | None = None,
+        pooler: Pooler | None = None,
         timeout: float = 60.0,
         max_args_bytes: int = 1 << 20,
         recheck_interval: float = 5.0,
         refresh_interval: float = 30.0,
     ) -> None:
         self.api = CallerAPI(pool, schema)
-        self.dsn = listen_dsn
+        self.dsn = pool_dsn or listen_dsn
+        self.listen_dsn = listen_dsn
+        self.pooler = pooler
         self.schema = schema
         self.role = role
         self.timeout = timeout

@@ -331,7 +331,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         credentials = WorkerCredentials(user=args.user, password=args.password)
     options: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("reclaim_delay", "reclaim_count", "task_queue", "poll_interval", "shutdown_grace", "pool_size")
+        for name in ("reclaim_delay", "reclaim_count", "task_queue", "poll_interval", "shutdown_grace", "pool_size",
+                     "listen_dsn", "pooler")
         if getattr(args, name) is not None
     }
     if args.readonly:
@@ -547,6 +548,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, token=args.token, no_worker=args.no_worker, timeout=args.timeout,
         max_args_bytes=args.max_args_bytes, purge_interval=args.purge_interval, keepalive=args.keepalive,
         identity_config=args.identity_config, allowed_hosts=tuple(args.allowed_host or ()),
+        listen_dsn=args.listen_dsn, pooler=args.pooler,
     ))
     return 0
 
@@ -611,6 +613,7 @@ Each call is audited (mcp-hotmesh audit)."""
                    help="a client that asked for progress hears from a call quiet this long: where it is in its "
                         "queue, or how long it has run (default: 15)")
     _purge_interval(p)
+    _pooling(p, serve=True)
 
     p = add("worker", cmd_worker, "Run a secured worker for a tool set; it needs only a worker role's login.")
     _common(p, data_dir=False)
@@ -648,6 +651,7 @@ Each call is audited (mcp-hotmesh audit)."""
     p.add_argument("--readonly", action="store_true",
                    help="never claim messages; only register the tools (and publish from Python)")
     _purge_interval(p)
+    _pooling(p, serve=False)
 
     p = add("migrate", cmd_migrate, "Create or update the schema, its owner role and its functions.")
     _common(p)
@@ -809,6 +813,18 @@ def _purge_interval(p: argparse.ArgumentParser) -> None:
                    default=float(os.environ.get("HOTMESH_PURGE_INTERVAL", "60")),
                    help="how often this process purges finished calls of its streams past the retention period "
                    "(default: $HOTMESH_PURGE_INTERVAL or 60; 0: never)")
+
+
+def _pooling(p: argparse.ArgumentParser, *, serve: bool) -> None:
+    login = ("with the same login as --dsn; an admin DSN's work (migrate) goes there too" if serve
+             else "--user and --password replace its login too")
+    p.add_argument("--listen-dsn", dest="listen_dsn", metavar="DSN", default=os.environ.get("HOTMESH_LISTEN_DSN"),
+                   help="where LISTEN connects when --dsn goes through a transaction pooler: PostgreSQL itself or a "
+                   f"session-mode pool; {login} (default: $HOTMESH_LISTEN_DSN, else --dsn)")
+    p.add_argument("--pooler", choices=["transaction"], default=os.environ.get("HOTMESH_POOLER") or None,
+                   help="transaction: --dsn goes through a pooler in transaction mode (PgBouncer's pool_mode = "
+                   "transaction); statements are then not kept prepared, and --listen-dsn is required (default: "
+                   "$HOTMESH_POOLER)")
 
 
 def main(argv: list[str] | None = None) -> None:

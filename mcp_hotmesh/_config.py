@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -101,6 +101,25 @@ def connection_dsn(connection: Connection, credentials: WorkerCredentials | None
     userinfo = quote(credentials.user, safe="") + ":" + quote(credentials.password.get_secret_value(), safe="")
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("user", "password")]
     return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, urlencode(query), parts.fragment))
+
+
+Pooler = Literal["transaction"]
+"""A pooler between a component and PostgreSQL that it must know of: ``"transaction"``, one in transaction mode
+(PgBouncer's ``pool_mode = transaction``), which lends each transaction whichever server connection is free."""
+
+
+def check_pooler(pooler: object, listen: object) -> Pooler | None:
+    """``pooler`` (``None`` or ``"transaction"``), checked against ``listen``, the LISTEN connection's DSN if one
+    is given: a transaction pooler cannot carry LISTEN (the server session that ran it goes back to the pooler's
+    pool when the statement ends, so what it hears is not the listener's), so it needs one."""
+    if pooler is None:
+        return None
+    if pooler != "transaction":
+        raise ConfigError(f"unknown pooler {pooler!r}: the one a worker or gateway must be told of is 'transaction'")
+    if listen is None:
+        raise ConfigError("behind a transaction pooler LISTEN needs a session of its own: give listen_dsn "
+                          "(--listen-dsn), PostgreSQL's own address or a session-mode pool's")
+    return "transaction"
 
 
 def dsn_user(dsn: str) -> str | None:

@@ -17,7 +17,7 @@ import anyio
 import asyncpg
 
 from ._common import clip
-from ._config import redact
+from ._config import Pooler, redact
 from .errors import (
     Busy,
     ConfigError,
@@ -95,6 +95,11 @@ def translate(exc: BaseException, *, stream: str | None = None) -> HotMeshError:
             return DatabaseError(f"{exc}: run mcp-hotmesh migrate for it, or give the right --schema")
         if code in ("28P01", "28000"):
             return LoginRefused("PostgreSQL refused the login: wrong user or password, or the role may not log in")
+        if code == "08P01" and "authentication failed" in str(exc):
+            # PgBouncer refuses a login as a protocol violation: "SASL authentication failed", "password
+            # authentication failed"
+            return LoginRefused("the connection pooler refused the login: wrong user or password, or the role may "
+                                "not log in")
         if code == "22P05" or code.startswith("22"):
             return InvalidInput("the database refused a value (for example a \\u0000 character in a string)")
         if isinstance(exc, _CONNECTION_ERRORS):
@@ -278,7 +283,8 @@ def room_of(pool: asyncpg.Pool) -> Room:
     return room
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, pooler: Pooler | None = None) -> asyncpg.Pool:
+    """A pool for ``dsn``; ``pooler="transaction"`` when ``dsn`` goes through a transaction pooler."""
     try:
         with _connecting(dsn):
             pool = await asyncpg.create_pool(
@@ -290,6 +296,12 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
                 init=init_connection,
                 reset=_keep_session,
                 server_settings={"application_name": APPLICATION_NAME},
+                # A transaction pooler runs each transaction on whichever server connection is free, where a
+                # statement asyncpg prepared under a name on another one does not exist (PgBouncer keeps none
+                # before 1.21). With no cache asyncpg's statements are unnamed and parsed again in the same
+                # message sequence that binds and executes them, so each stands alone; it costs one more round
+                # trip per statement (Parse and Describe first).
+                statement_cache_size=0 if pooler == "transaction" else 100,
             )
     except (ValueError, TypeError) as exc:  # the DSN itself could not be read
         raise ConfigError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
@@ -310,17 +322,20 @@ class PoolRegistry:
     ``acquire(task_queue, dsn)`` returns the same pool for the same pair; the pool closes when its last user
     releases it. Components that name no task queue share the process's pool for their DSN (task queue ``None``):
     one pool per process and DSN, however many topics it serves. Naming a task queue asks for a pool of its own,
-    shared only with the components that name the same. The first user's ``max_size`` sizes the pool.
+    shared only with the components that name the same. The first user's ``max_size`` sizes the pool; its
+    ``pooler`` says whether the DSN goes through a transaction pooler, which all users of a DSN agree on.
     """
 
     _pools: dict[tuple[str | None, str], _Shared] = field(default_factory=dict)
     _lock: anyio.Lock = field(default_factory=anyio.Lock)
 
-    async def acquire(self, task_queue: str | None, dsn: str, *, max_size: int = 10) -> asyncpg.Pool:
+    async def acquire(self, task_queue: str | None, dsn: str, *, max_size: int = 10,
+                      pooler: Pooler | None = None) -> asyncpg.Pool:
         async with self._lock:
             shared = self._pools.get((task_queue, dsn))
             if shared is None:
-                shared = self._pools[(task_queue, dsn)] = _Shared(await create_pool(dsn, max_size=max_size))
+                pool = await create_pool(dsn, max_size=max_size, pooler=pooler)
+                shared = self._pools[(task_queue, dsn)] = _Shared(pool)
             shared.users += 1
             return shared.pool
 

@@ -128,15 +128,17 @@ class RoleEngines:
     async def _host(self, slot: _Slot) -> None:
         credentials = WorkerCredentials(user=slot.role, password=self.logins[slot.role])
         dsn = connection_dsn(self.base_dsn, credentials)
+        listen_dsn = connection_dsn(self.base.listen_dsn, credentials)
         try:
             try:
-                pool = await create_pool(dsn, min_size=1, max_size=self.pool_size)
+                pool = await create_pool(dsn, min_size=1, max_size=self.pool_size, pooler=self.base.pooler)
             except HotMeshError as exc:
                 raise RoleUnavailable(str(exc)) from None
             slot.pool = pool
             try:
-                engine = Engine(pool, schema=self.base.schema, role=slot.role, listen_dsn=dsn,
-                                timeout=self.base.timeout, max_args_bytes=self.base.max_args_bytes)
+                engine = Engine(pool, schema=self.base.schema, role=slot.role, listen_dsn=listen_dsn, pool_dsn=dsn,
+                                pooler=self.base.pooler, timeout=self.base.timeout,
+                                max_args_bytes=self.base.max_args_bytes)
                 engine.on_tools_changed = self.on_tools_changed
                 try:
                     await engine.__aenter__()

@@ -11,6 +11,10 @@ Three modes, chosen by the DSN (``--dsn`` / ``HOTMESH_DSN``):
   worker role's pool, each logged in with its own password, as a process on another machine would be;
 * any other DSN: a caller role's login. The gateway only serves (workers run elsewhere).
 
+Behind a transaction pooler (``--pooler transaction``) the DSN names the pooler and ``--listen-dsn`` PostgreSQL
+itself (or a session-mode pool), with the same login: the pools go through the pooler, LISTEN and, with an admin
+DSN, the admin's work (migrate, the advisory lock below) go to ``--listen-dsn``, as they need a session.
+
 A second ``serve`` on the same schema must not take over the roles of a first one that is still running (a
 new password would lock the first one out of new connections), so a role already logged in is skipped for
 ``<schema>_c_gateway_2``, ``_3``, ... under an advisory lock.
@@ -33,7 +37,7 @@ from pydantic import SecretStr
 from . import _approvals as approvals
 from . import _embedded as embedded
 from ._caller import Engine
-from ._config import DEFAULT_SCHEMA, WorkerCredentials, check_schema, connection_dsn
+from ._config import DEFAULT_SCHEMA, Pooler, WorkerCredentials, check_pooler, check_schema, connection_dsn
 from ._housekeeping import retention_loop, watchdog_loop
 from ._http import check_http_token, check_port_free, run_http, transport_security
 from ._identity import load_config
@@ -57,6 +61,8 @@ class ServeOptions:
 
     tools: str = "mcp_hotmesh.examples:toolset"  # MODULE:ATTR or path/file.py:ATTR
     dsn: str | None = None  # none: the embedded server in data_dir
+    listen_dsn: str | None = None  # LISTEN (and an admin's work) when dsn goes through a transaction pooler
+    pooler: Pooler | None = None  # "transaction": dsn goes through a pooler in transaction mode
     data_dir: Path | None = None
     schema: str = DEFAULT_SCHEMA
     transport: Literal["stdio", "http"] = "stdio"
@@ -116,12 +122,14 @@ async def _free_suffix(conn: asyncpg.Connection, schema: str, with_worker: bool)
 
 @contextlib.asynccontextmanager
 async def _attached_worker(
-    toolset: ToolSet, dsn: str, credentials: WorkerCredentials, schema: str
+    toolset: ToolSet, dsn: str, credentials: WorkerCredentials, schema: str, *, listen_dsn: str | None,
+    pooler: Pooler | None,
 ) -> AsyncIterator[None]:
     from ._worker import Worker  # the worker runtime
 
     # the gateway's own retention loop purges these streams already (its caller role may)
-    async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema, purge_interval=0):
+    async with Worker.from_toolset(toolset, connection=dsn, credentials=credentials, schema=schema, purge_interval=0,
+                                   listen_dsn=listen_dsn, pooler=pooler):
         yield
 
 
@@ -153,6 +161,9 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
     max_args = int(args.max_args_bytes)
     if timeout <= 0 or max_args <= 0:
         raise ConfigError("--timeout and --max-args-bytes must be positive")
+    if args.listen_dsn and not args.dsn:
+        raise ConfigError("--listen-dsn goes with --dsn: the embedded server is reached directly")
+    pooler = check_pooler(args.pooler, args.listen_dsn)
     async with contextlib.AsyncExitStack() as stack:
         server: embedded.EmbeddedServer | None = None
         dsn = args.dsn
@@ -164,7 +175,7 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
         worker_dsn: str | None = None
         worker_credentials: WorkerCredentials | None = None
         toolset: ToolSet | None = None
-        admin = await connect(dsn)
+        admin = await connect(args.listen_dsn or dsn)  # a session: the admin's work takes session locks
         try:
             if await is_admin(admin, schema):
                 toolset = load_toolset(args.tools)
@@ -180,6 +191,7 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
                 base = server.role_dsn(caller.role, caller.password) if server is not None else dsn
                 caller_login = WorkerCredentials(user=caller.role, password=SecretStr(caller.password))
                 caller_dsn = connection_dsn(base, caller_login)
+                listen_dsn = connection_dsn(args.listen_dsn or base, caller_login)
                 if not args.no_worker:
                     worker = await ensure_role(admin, f"{schema}_w_gateway{suffix}", streams, "worker", schema=schema)
                     # The admin runs this tool set's code itself: its definitions are approved as they are
@@ -189,10 +201,11 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
                     worker_dsn = connection_dsn(base, worker_credentials)
                 log.info("serving as caller role %s%s", caller.role,
                          f" with an attached worker as {worker_credentials.user}" if worker_credentials else "")
-                pool = await create_pool(caller_dsn, min_size=1, max_size=10)  # logged in: the names are now busy
+                # logged in: the names are now busy
+                pool = await create_pool(caller_dsn, min_size=1, max_size=10, pooler=pooler)
             else:
-                caller_dsn = dsn
-                pool = await create_pool(caller_dsn, min_size=1, max_size=10)
+                caller_dsn, listen_dsn = dsn, args.listen_dsn or dsn
+                pool = await create_pool(caller_dsn, min_size=1, max_size=10, pooler=pooler)
         finally:
             await admin.close()  # the admin's part ends here (and the advisory lock with it)
         stack.push_async_callback(pool.close)
@@ -200,9 +213,10 @@ async def running_gateway(args: ServeOptions) -> AsyncIterator[Engine]:
             role = str(await pool.fetchval("SELECT session_user"))
         if toolset is not None and worker_dsn is not None and worker_credentials is not None:
             # the attached worker first: its tools are registered and live before the first tools/list
-            await stack.enter_async_context(_attached_worker(toolset, worker_dsn, worker_credentials, schema))
-        engine = Engine(pool, schema=schema, role=role, listen_dsn=caller_dsn, timeout=timeout,
-                        max_args_bytes=max_args)
+            await stack.enter_async_context(_attached_worker(toolset, worker_dsn, worker_credentials, schema,
+                                                             listen_dsn=args.listen_dsn, pooler=pooler))
+        engine = Engine(pool, schema=schema, role=role, listen_dsn=listen_dsn, pool_dsn=caller_dsn, pooler=pooler,
+                        timeout=timeout, max_args_bytes=max_args)
         try:
             await stack.enter_async_context(engine)
         except PermissionDenied:

@@ -40,7 +40,17 @@ import anyio
 import anyio.abc
 import pydantic
 
-from ._config import DEFAULT_SCHEMA, Connection, RetryPolicy, WorkerConfig, WorkerCredentials, check_schema
+from ._config import (
+    DEFAULT_SCHEMA,
+    Connection,
+    Pooler,
+    RetryPolicy,
+    WorkerConfig,
+    WorkerCredentials,
+    check_pooler,
+    check_schema,
+    connection_dsn,
+)
 from ._consumer import ANSWER_TIMEOUT, Consumer, Slots
 from ._housekeeping import retention_loop, watchdog_loop
 from ._listener import Listener
@@ -84,6 +94,11 @@ class Worker:
     while processes of its role before it have handlers enough for its streams' calls (default 5; ``None``:
     never). PostgreSQL 18 and earlier wake every listening session at each call, so idle listeners cost every
     call (``_pulse``); a parked process asks each second whether it is needed, and takes calls that waited.
+    ``listen_dsn``: where the LISTEN connection goes instead of the configs' connection (default: the same), for a
+    connection through a transaction pooler: PostgreSQL's own address, or a session-mode pool's; each config's
+    ``worker_credentials`` replace its login too. ``pooler``: ``"transaction"`` when the configs' connection goes
+    through a transaction pooler (PgBouncer's ``pool_mode = transaction``): the pool then keeps no prepared
+    statements; it needs ``listen_dsn``.
     """
 
     def __init__(
@@ -99,6 +114,8 @@ class Worker:
         purge_interval: float = 60.0,
         pool_size: int = 10,
         park_after: float | None = 5.0,
+        listen_dsn: Connection | None = None,
+        pooler: Pooler | None = None,
     ) -> None:
         if not configs:
             raise ConfigError("a worker needs at least one WorkerConfig")
@@ -119,8 +136,12 @@ class Worker:
         self.purge_interval = purge_interval
         self.pool_size = pool_size
         self.park_after = park_after
+        self.pooler = check_pooler(pooler, listen_dsn)
         self.consumer_id = f"{socket.gethostname()[:100]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._groups = _group(configs)
+        # by the pool's DSN: the DSN its LISTEN connection logs in with
+        self._listen_dsns = {g.dsn: g.dsn if listen_dsn is None else
+                             connection_dsn(listen_dsn, g.configs[0].worker_credentials) for g in self._groups}
         self._registrations = self._match_tools(tools)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -205,7 +226,8 @@ class Worker:
         self._hurry, self._drained = anyio.Event(), None
         try:
             for group in self._groups:
-                pool = await pools.acquire(group.configs[0].task_queue, group.dsn, max_size=self.pool_size)
+                pool = await pools.acquire(group.configs[0].task_queue, group.dsn, max_size=self.pool_size,
+                                           pooler=self.pooler)
                 stack.push_async_callback(_release, pool)
                 group.api = WorkerAPI(pool, self.schema)
             await self._register()
@@ -317,8 +339,8 @@ class Worker:
                     for consumer in by_channel.values():
                         consumer.wake()
 
-            listener = self._pulses[dsn].listener = Listener(dsn, [own, *sorted(by_channel)], dispatch,
-                                                             on_reconnect=wake_all)
+            listener = self._pulses[dsn].listener = Listener(self._listen_dsns[dsn], [own, *sorted(by_channel)],
+                                                             dispatch, on_reconnect=wake_all)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):
