@@ -45,15 +45,13 @@ import anyio.abc
 from ._batching import Batcher
 from ._config import WorkerConfig
 from ._questions import Questions
-from ._retry import Backoff, retry_transient
+from ._retry import LOGIN_GRACE, Backoff, retry_transient
 from ._streams import Answer, Claimed, WorkerAPI
 from ._tools import ToolContext
 from .errors import HotMeshError, InvalidInput, LoginRefused, PayloadTooLarge, ToolError
 
 log = logging.getLogger(__name__)
 
-LOGIN_GRACE = 10.0
-"""Seconds a worker goes on after PostgreSQL starts refusing its login, before it stops with that error."""
 ANSWER_TIMEOUT = 30.0
 """Seconds a worker keeps trying to write an answer through connection errors (a restarting server)."""
 

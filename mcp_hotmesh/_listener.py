@@ -11,8 +11,8 @@ import anyio
 import asyncpg
 
 from ._postgres import connect
-from ._retry import Backoff
-from .errors import ConnectionFailed
+from ._retry import LOGIN_GRACE, Backoff
+from .errors import ConnectionFailed, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ class Listener:
 
     ``handler(channel, payload)`` runs for each notification. NOTIFY is only a hint to look again: any role
     can NOTIFY any channel, so a handler always re-reads through the API functions. After a reconnect the
-    ``on_reconnect`` callback runs, because notifications sent while disconnected are lost.
+    ``on_reconnect`` callback runs, because notifications sent while disconnected are lost. Given ``on_refused``,
+    a login PostgreSQL refuses for ``LOGIN_GRACE`` seconds ends the listener, and ``on_refused`` is told why.
 
     ``pause`` stops hearing the channels and ``resume`` hears them again, keeping the connection (a parked worker
     process, ``_pulse``): PostgreSQL 18 and earlier wake every listening session at each NOTIFY, heard or not.
@@ -37,9 +38,11 @@ class Listener:
         handler: Handler,
         *,
         on_reconnect: Callable[[], Awaitable[None]] | None = None,
+        on_refused: Callable[[LoginRefused], None] | None = None,
         check_interval: float = 5.0,
     ) -> None:
         self._dsn = dsn
+        self._on_refused = on_refused
         self._channels = list(channels)
         self._handler = handler
         self._on_reconnect = on_reconnect
@@ -75,6 +78,7 @@ class Listener:
         """Listen until cancelled."""
         backoff = Backoff()
         first = True
+        refused_since: float | None = None
         while True:
             conn: asyncpg.Connection | None = None
             try:
@@ -94,6 +98,7 @@ class Listener:
                     if self._on_reconnect is not None:
                         await self._on_reconnect()
                 first = False
+                refused_since = None
                 backoff.succeeded()
                 while not lost.is_set():
                     with anyio.move_on_after(self._check_interval):
@@ -106,6 +111,13 @@ class Listener:
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:  # reconnect on anything: the listener must outlive the server
+                if isinstance(exc, LoginRefused) and self._on_refused is not None:
+                    # revoked, or its password rotated: after the grace, the owner stops (a worker behind a
+                    # transaction pooler learns it here first: the pooler keeps its server connections)
+                    refused_since = anyio.current_time() if refused_since is None else refused_since
+                    if anyio.current_time() - refused_since >= LOGIN_GRACE:
+                        self._on_refused(exc)
+                        return
                 delay, level = backoff.failed(exc)
                 log.log(level, "LISTEN connection lost (%s); retrying in %.1fs", type(exc).__name__, delay)
             finally:

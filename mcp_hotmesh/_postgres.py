@@ -348,11 +348,25 @@ class PoolRegistry:
                         return
                     del self._pools[key]
                     break
-        with contextlib.suppress(Exception):
-            await pool.close()
+        await close_pool(pool)
 
     def __len__(self) -> int:
         return len(self._pools)
+
+
+POOL_CLOSE_TIMEOUT = 5.0
+"""Seconds a closing pool waits for its connections in use before it drops them: a statement a transaction pooler
+holds in its queue (PgBouncer's ``query_wait_timeout``, 120 s, for a role that may no longer log in) would hold a
+stopping worker that long."""
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, or after ``POOL_CLOSE_TIMEOUT`` seconds drop what is still in use."""
+    with contextlib.suppress(Exception):
+        with anyio.move_on_after(POOL_CLOSE_TIMEOUT):
+            await pool.close()
+            return
+        pool.terminate()
 
 
 pools = PoolRegistry()

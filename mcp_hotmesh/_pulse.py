@@ -28,9 +28,9 @@ import logging
 
 import anyio
 
-from ._consumer import LOGIN_GRACE, Consumer
+from ._consumer import Consumer
 from ._listener import Listener
-from ._retry import Backoff, jitter
+from ._retry import LOGIN_GRACE, Backoff, jitter
 from ._streams import WorkerAPI
 from .errors import HotMeshError, LoginRefused, SchemaOutdated
 

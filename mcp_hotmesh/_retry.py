@@ -21,6 +21,10 @@ from .errors import HotMeshError
 
 T = TypeVar("T")
 
+LOGIN_GRACE = 10.0
+"""Seconds a worker goes on after PostgreSQL starts refusing its login, before it stops with that error (a
+password rotation may be followed by a restart with the new one)."""
+
 _random = random.Random()
 """The package's own generator: drawing from the ``random`` module's shared one changes state that a caller's
 code (a property-based test generating data in a thread, say) relies on."""

@@ -340,7 +340,8 @@ class Worker:
                         consumer.wake()
 
             listener = self._pulses[dsn].listener = Listener(self._listen_dsns[dsn], [own, *sorted(by_channel)],
-                                                             dispatch, on_reconnect=wake_all)
+                                                             dispatch, on_reconnect=wake_all,
+                                                             on_refused=self._refused)
             tg.start_soon(listener.run)
             listeners.append(listener)
         with anyio.move_on_after(5):

@@ -34,12 +34,14 @@ import pytest
 from mcp import Client
 from pydantic import SecretStr
 
-from mcp_hotmesh import ConfigError, LoginRefused, Worker
+from mcp_hotmesh import ConfigError, LoginRefused, ToolSet, Worker
 from mcp_hotmesh._caller import Engine
 from mcp_hotmesh._config import Pooler, dsn_user
 from mcp_hotmesh._mcp_server import McpGateway
 from mcp_hotmesh._postgres import create_pool
+from mcp_hotmesh._retry import LOGIN_GRACE
 from mcp_hotmesh._role_engines import RoleEngines
+from mcp_hotmesh._roles import revoke
 from mcp_hotmesh._serve import ServeOptions, running_gateway
 from tests.helpers import GATEWAY_TOOLS, Env, WorkerProcs, free_port, text_of, wait_for
 
@@ -354,3 +356,23 @@ async def test_a_transaction_pooler_needs_a_listen_dsn() -> None:
     with pytest.raises(ConfigError, match="LISTEN needs a session of its own"):
         async with running_gateway(ServeOptions(dsn=pooled, pooler="transaction")):
             pass
+
+
+async def test_a_revoked_worker_behind_pgbouncer_stops(env: Env, pgbouncer: PgBouncer) -> None:
+    tools = ToolSet()
+
+    @tools.tool(topic="pooled.echo", name="pooled_echo")
+    async def echo(text: str) -> dict[str, str]:
+        """Return the text."""
+        return {"text": text}
+
+    role = await env.provision(["pooled.echo"], "worker")
+    async with Worker.from_toolset(tools, connection=pgbouncer.dsn(role.role, role.password), schema=env.schema,
+                                   listen_dsn=env.dsn(role), pooler="transaction", poll_interval=60.0,
+                                   shutdown_grace=0.5) as worker:
+        await revoke(env.admin, role.role, schema=env.schema)
+        # PgBouncer keeps its server connections and makes statements wait (query_wait_timeout, 120 s); the
+        # LISTEN connection, straight to PostgreSQL, is refused at its next login: after the grace the worker stops
+        with anyio.fail_after(LOGIN_GRACE + 20):
+            await worker.failed.wait()
+        assert isinstance(worker.error, LoginRefused)
