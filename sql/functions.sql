@@ -1908,6 +1908,21 @@ BEGIN
 END
 $$;
 
+-- What a worker process names itself by in one statement for all its streams: a consumer id of 1 to 200
+-- characters and at most 10,000 streams.
+CREATE OR REPLACE FUNCTION hotmesh._check_process(p_consumer text, p_streams text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_consumer IS NULL OR length(p_consumer) NOT BETWEEN 1 AND 200 THEN
+        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
+    END IF;
+    IF coalesce(cardinality(p_streams), 0) > 10000 THEN
+        RAISE EXCEPTION 'too many streams' USING ERRCODE = 'HM002';
+    END IF;
+END
+$$;
+
 -- A worker process says it is live, for every stream it consumes, in one statement: streams[i] served with the
 -- workflow names workflows[i] (a JSON array of arrays of strings; NULL: any). Otherwise as worker_heartbeat:
 -- gateways count live workers per stream, a role announces at most max_consumers_per_stream consumers per
@@ -1923,12 +1938,7 @@ DECLARE
     v_max bigint := hotmesh._setting('max_consumers_per_stream');
     v_new text[];
 BEGIN
-    IF consumer IS NULL OR length(consumer) NOT BETWEEN 1 AND 200 THEN
-        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
-    END IF;
-    IF coalesce(cardinality(streams), 0) > 10000 THEN
-        RAISE EXCEPTION 'too many streams' USING ERRCODE = 'HM002';
-    END IF;
+    PERFORM hotmesh._check_process(consumer, streams);
     IF workflows IS NOT NULL AND (jsonb_typeof(workflows) <> 'array'
                                   OR jsonb_array_length(workflows) <> coalesce(cardinality(streams), 0)
                                   OR octet_length(workflows::text) > hotmesh._setting('max_payload_bytes')) THEN
@@ -2018,6 +2028,7 @@ END
 $$;
 
 REVOKE ALL ON FUNCTION
+    hotmesh._check_process(text, text[]),
     hotmesh._wake_token(text),
     hotmesh._consumer_channel(text),
     hotmesh._wake_workers(text, text[], bigint, bigint),
@@ -2137,12 +2148,7 @@ DECLARE
     v_capacity integer := least(greatest(coalesce(worker_park.capacity, 1), 1), 100000);
     v_parked boolean := coalesce(worker_park.park, false);
 BEGIN
-    IF consumer IS NULL OR length(consumer) NOT BETWEEN 1 AND 200 THEN
-        RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'HM002';
-    END IF;
-    IF coalesce(cardinality(streams), 0) > 10000 THEN
-        RAISE EXCEPTION 'too many streams' USING ERRCODE = 'HM002';
-    END IF;
+    PERFORM hotmesh._check_process(consumer, streams);
     PERFORM hotmesh._authorize_all(streams);
     IF v_parked THEN
         v_parked := EXISTS (
