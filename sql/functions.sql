@@ -663,6 +663,20 @@ BEGIN
 END
 $$;
 
+-- Rows of consumers whose heartbeat expired an hour ago, 100 at a time, skipping rows another session holds:
+-- each heartbeat cleans up a little after processes that died without saying goodbye.
+CREATE OR REPLACE FUNCTION hotmesh._forget_expired_workers() RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM hotmesh.workers w
+    WHERE (w.stream, w.consumer) IN (
+        SELECT o.stream, o.consumer FROM hotmesh.workers o
+        WHERE o.expires_at < now() - interval '1 hour'
+        LIMIT 100
+        FOR UPDATE SKIP LOCKED)
+$$;
+REVOKE ALL ON FUNCTION hotmesh._forget_expired_workers() FROM PUBLIC;
+
 -- A live worker says so for each stream it consumes; gateways count live workers per stream. A role announces
 -- at most max_consumers_per_stream consumers per stream. The cleanup of long-expired rows (any role's) skips
 -- rows another session holds: a stranger who keeps a heartbeat's transaction open must not stall every other
@@ -704,12 +718,7 @@ BEGIN
             PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
         END IF;
     END LOOP;
-    DELETE FROM hotmesh.workers w
-    WHERE (w.stream, w.consumer) IN (
-        SELECT o.stream, o.consumer FROM hotmesh.workers o
-        WHERE o.expires_at < now() - interval '1 hour'
-        LIMIT 100
-        FOR UPDATE SKIP LOCKED);
+    PERFORM hotmesh._forget_expired_workers();
     RETURN coalesce(cardinality(streams), 0);
 END
 $$;
@@ -1970,12 +1979,7 @@ BEGIN
         END IF;
         PERFORM pg_catalog.pg_notify('hotmesh_tools', '');
     END IF;
-    DELETE FROM hotmesh.workers w
-    WHERE (w.stream, w.consumer) IN (
-        SELECT o.stream, o.consumer FROM hotmesh.workers o
-        WHERE o.expires_at < now() - interval '1 hour'
-        LIMIT 100
-        FOR UPDATE SKIP LOCKED);
+    PERFORM hotmesh._forget_expired_workers();
     RETURN coalesce(cardinality(streams), 0);
 END
 $$;
@@ -2158,17 +2162,17 @@ BEGIN
         ) AND NOT EXISTS (
             SELECT 1
             FROM hotmesh.workers me
-            CROSS JOIN LATERAL (
+            CROSS JOIN LATERAL (  -- calls counted up to 1,000 each way: a role's statement stays bounded
                 SELECT (SELECT coalesce(sum(coalesce(o.capacity, 1)), 0) FROM hotmesh.workers o
                         WHERE o.stream = me.stream AND o.role_name = session_user AND o.consumer < me.consumer
                           AND o.expires_at > now() AND NOT o.parked AND o.workflows @> me.workflows) AS lower,
                        (SELECT count(*) FROM (SELECT 1 FROM hotmesh.messages m
                                               WHERE m.stream >= me.stream AND m.stream <= me.stream
                                                 AND m.state = 'ready' AND m.visible_at <= now()
-                                              LIMIT 10000) q)
+                                              LIMIT 1000) q)
                      + (SELECT count(*) FROM (SELECT 1 FROM hotmesh.messages m
                                               WHERE m.stream = me.stream AND m.state = 'reserved'
-                                              LIMIT 10000) q) AS load
+                                              LIMIT 1000) q) AS load
             ) x
             WHERE me.stream = ANY (worker_park.streams) AND me.consumer = worker_park.consumer
               AND me.role_name = session_user
